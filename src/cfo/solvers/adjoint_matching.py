@@ -1,0 +1,224 @@
+"""Adjoint Matching (Domingo-Enrich, Drozdzal, Karrer, Chen; arXiv 2409.08861), the first-order inner solver.
+
+Target: ``p*(x) ~ p_ref(x) exp(f(x)/alpha)``.  One iteration:
+
+1. Roll out ``batch_size`` trajectories of the memoryless SDE ``dX = (2 v_theta - kappa_t X) dt + sigma_t dW`` with the
+   *fine-tuned* model (no gradients), ``sigma_t = sqrt(2 eta_t)``.
+2. Terminal lean adjoint ``a_1 = -grad f(X_1) / alpha``.
+3. Integrate the lean adjoint backwards with the *frozen reference* drift ``b_ref = 2 v_ref - kappa_t x``:
+   ``da/dt = -(d b_ref/dx)^T a``, in the scaled variable ``z = a/alpha_t`` where it is regular at ``t = 0``
+   (``dz/dt = -2 J_{v_ref}^T z``), with Heun's method (see :func:`lean_adjoint`).
+4. Regress on interior grid times (``0 < t < 1``, so ``sigma_t`` is finite and non-zero):
+
+       L(theta) = mean_{t, batch} || (2/sigma_t) (v_theta(X_t, t) - v_ref(X_t, t)) + sigma_t a_t ||^2,
+
+   whose minimiser is ``v_theta = v_ref - (sigma_t^2/2) E[a_t | X_t]``: near ``t = 1`` the velocity moves along
+   ``+grad f``, towards higher reward.
+5. Adam step with gradient-norm clipping (the loss itself is never clamped).
+
+A step whose loss or terminal gradient is non-finite is skipped, counted and logged; more than ``max_skip_fraction``
+of skipped steps raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from cfo.flows.model import FlowModel
+from cfo.flows.sampling import Trajectory, sample_memoryless_sde
+from cfo.solvers.base import FinetuneStats, TerminalReward
+from cfo.validation import NonFiniteValueError, check_batch_values
+
+__all__ = ["AdjointMatchingConfig", "AdjointMatching", "terminal_adjoint", "lean_adjoint", "adjoint_matching_loss"]
+
+log = logging.getLogger(__name__)
+
+
+class AdjointMatchingConfig(BaseModel):
+    """Hyperparameters of :class:`AdjointMatching`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(256, ge=1, description="trajectories per iteration")
+    rollout_steps: int = Field(40, ge=2, description="memoryless SDE steps on a uniform grid of [0, 1]")
+    loss_times: int | None = Field(
+        None, ge=1, description="interior grid times used in the loss per iteration (random subset); None = all"
+    )
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm of the fine-tuned parameters")
+    terminal_grad_clip: float | None = Field(
+        None, gt=0, description="max per-sample norm of grad f(X_1) (None: no clipping)"
+    )
+    max_skip_fraction: float = Field(0.1, ge=0, le=1, description="raise when more steps than this are skipped")
+
+
+def terminal_adjoint(reward: TerminalReward, x1: torch.Tensor, alpha: float, clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a_1 = -grad f(X_1) / alpha`` and the reward values ``f(X_1)``; optional per-sample norm clipping of ``grad f``."""
+    x = x1.detach().requires_grad_(True)
+    with torch.enable_grad():
+        values = check_batch_values(reward(x), x.shape[0], "reward")
+        (grad,) = torch.autograd.grad(values.sum(), x)
+    if not torch.isfinite(grad).all():
+        raise NonFiniteValueError(f"grad of the reward is non-finite for {int((~torch.isfinite(grad)).flatten(1).any(1).sum())} samples")
+    if clip is not None:
+        norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+        grad = grad * (clip / norms).clamp(max=1.0).reshape(-1, *([1] * (grad.dim() - 1)))
+    return -grad / alpha, values.detach()
+
+
+def lean_adjoint(reference: FlowModel, traj: Trajectory, a1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integrate the lean adjoint backwards along ``traj`` with the reference drift ``b_ref = 2 v_ref - kappa_t x``.
+
+    The lean adjoint ODE ``da/dt = -(d b_ref/dx)^T a = kappa_t a - 2 J^T a`` (``J = d v_ref/dx``) is singular at
+    ``t = 0`` through ``kappa_t``.  In the scaled variable ``z_t = a_t / alpha_t`` it becomes the regular linear ODE
+
+        dz/dt = -2 J(X_t, t)^T z,        z_1 = a_1  (alpha_1 = 1),
+
+    which we integrate with Heun's method (second order; two vector-Jacobian products per step, one forward pass per
+    grid point), then return ``a_t = alpha_t z_t``.  On a Gaussian reference with a linear reward the second order
+    matters: first-order schemes bias the fine-tuned mean by a few percent at 40 steps.
+
+    Returns ``(adjoints, v_ref)``, both ``[n + 1, batch, *data_shape]``: ``adjoints[j] = a_{t_j}`` and
+    ``v_ref[j] = v_ref(X_{t_j}, t_j)``.
+    """
+    times = traj.times.tolist()
+    n = len(times) - 1
+    sched = reference.scheduler
+    adjoints = torch.empty_like(traj.states)
+    v_ref = torch.empty_like(traj.states)
+    z = reference.project_tangent(a1)  # z_1 = a_1 / alpha_1
+    adjoints[n] = z * sched.alpha(times[n])
+    x = traj.states[n].detach().requires_grad_(True)
+    with torch.enable_grad():
+        v = reference(x, times[n])
+        (jz,) = torch.autograd.grad(v, x, grad_outputs=z)  # J_t^T z_t
+    v_ref[n] = v.detach()
+    for j in range(n - 1, -1, -1):
+        h = times[j + 1] - times[j]
+        k1 = 2.0 * jz
+        z_pred = z + h * k1
+        x = traj.states[j].detach().requires_grad_(True)
+        with torch.enable_grad():
+            v = reference(x, times[j])
+            (j_pred,) = torch.autograd.grad(v, x, grad_outputs=z_pred, retain_graph=j > 0)
+            z = reference.project_tangent(z + 0.5 * h * (k1 + 2.0 * j_pred))
+            if j > 0:
+                (jz,) = torch.autograd.grad(v, x, grad_outputs=z)
+        v_ref[j] = v.detach()
+        adjoints[j] = z * sched.alpha(times[j])
+    return adjoints, v_ref
+
+
+def adjoint_matching_loss(
+    model: FlowModel,
+    traj: Trajectory,
+    adjoints: torch.Tensor,
+    v_ref: torch.Tensor,
+    time_indices: list[int],
+) -> torch.Tensor:
+    """``mean_{t in subset, batch} || (2/sigma_t)(v_theta - v_ref) + sigma_t a_t ||^2`` (sum over data dimensions).
+
+    ``time_indices`` must be interior grid indices (``0 < t < 1``), where ``sigma_t`` is finite and non-zero.
+    """
+    times = traj.times.tolist()
+    sched = model.scheduler
+    batch = traj.states.shape[1]
+    idx = torch.tensor(time_indices, dtype=torch.long)
+    if any(not (0.0 < times[j] < 1.0) for j in time_indices):
+        raise ValueError("adjoint matching loss times must be interior grid points (0 < t < 1)")
+    sigma = torch.tensor([sched.memoryless_sigma(times[j]) for j in time_indices], dtype=traj.states.dtype, device=traj.states.device)
+    x = traj.states[idx].flatten(0, 1)
+    t = torch.tensor([times[j] for j in time_indices], dtype=traj.states.dtype, device=x.device).repeat_interleave(batch)
+    v = model(x, t).reshape(len(time_indices), batch, *traj.states.shape[2:])
+    shape = (-1, 1) + (1,) * (traj.states.dim() - 2)
+    sig = sigma.reshape(shape)
+    residual = (2.0 / sig) * (v - v_ref[idx]) + sig * adjoints[idx]
+    return residual.pow(2).flatten(2).sum(-1).mean()
+
+
+class AdjointMatching:
+    """Adjoint Matching inner solver (first order: needs a differentiable reward).
+
+    Example::
+
+        solver = AdjointMatching(AdjointMatchingConfig(lr=1e-3))
+        model = solver.finetune(model, reward, alpha=1.0, steps=300, reference=pre)
+    """
+
+    name = "am"
+    requires_gradients = True
+
+    def __init__(self, config: AdjointMatchingConfig | None = None) -> None:
+        self.config = config if config is not None else AdjointMatchingConfig()
+        self.last_stats: FinetuneStats | None = None
+
+    def finetune(
+        self,
+        model: FlowModel,
+        reward: TerminalReward,
+        alpha: float,
+        steps: int,
+        *,
+        reference: FlowModel,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> FlowModel:
+        """Run ``steps`` AM iterations on ``model`` (in place, fresh Adam) towards ``reference * exp(f/alpha)``."""
+        if not getattr(reward, "differentiable", False):
+            raise ValueError("Adjoint Matching needs a differentiable reward; use a zero-order solver such as DiffusionNFT")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive, got {alpha}")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        cfg = self.config
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        stats = FinetuneStats()
+        self.last_stats = stats
+        interior = list(range(1, cfg.rollout_steps))
+        bar = tqdm(range(steps), desc="adjoint matching", disable=not progress, leave=False)
+        for step in bar:
+            model.eval()
+            traj = sample_memoryless_sde(model, cfg.batch_size, cfg.rollout_steps, generator=generator)
+            try:
+                a1, values = terminal_adjoint(reward, traj.final, alpha, cfg.terminal_grad_clip)
+            except NonFiniteValueError as err:
+                self._skip(stats, step, steps, f"terminal: {err}")
+                continue
+            adjoints, v_ref = lean_adjoint(reference, traj, a1)
+            subset = self._time_subset(interior, generator)
+            model.train()
+            loss = adjoint_matching_loss(model, traj, adjoints, v_ref, subset)
+            if not torch.isfinite(loss):
+                self._skip(stats, step, steps, f"loss is {loss.item()}")
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            opt.step()
+            stats.losses.append(loss.item())
+            stats.reward_means.append(values.mean().item())
+            if progress and step % 10 == 0:
+                bar.set_postfix(loss=f"{stats.losses[-1]:.3g}", reward=f"{stats.reward_means[-1]:.3g}")
+        model.eval()
+        return model
+
+    def _time_subset(self, interior: list[int], generator: torch.Generator | None) -> list[int]:
+        k = self.config.loss_times
+        if k is None or k >= len(interior):
+            return interior
+        perm = torch.randperm(len(interior), generator=generator, device=generator.device if generator is not None else "cpu")
+        return sorted(interior[i] for i in perm[:k].tolist())
+
+    def _skip(self, stats: FinetuneStats, step: int, steps: int, reason: str) -> None:
+        stats.skipped_steps += 1
+        stats.skip_reasons.append(f"step {step}: {reason}")
+        log.warning("adjoint matching: skipped step %d (%s)", step, reason)
+        if stats.skipped_steps > max(1, math.floor(self.config.max_skip_fraction * steps)):
+            raise NonFiniteValueError(
+                f"adjoint matching skipped {stats.skipped_steps} of {steps} steps; last reason: {reason}"
+            )

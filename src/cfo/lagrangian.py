@@ -102,7 +102,8 @@ def update_penalty(
 
     * ``"paper"``: keep ``rho`` at the first round (``v_prev is None``) or where ``V_k <= tau * V_{k-1}``;
       otherwise ``rho_{k+1} = eta * rho_k``.  No absolute value: a constraint satisfied ever more strongly
-      (``G_k`` increasingly negative) *does* count as progress, a stable negative ``V`` does not.
+      (``V_k`` increasingly negative) counts as progress, while a satisfied constraint whose margin shrinks
+      (``V`` from -1 to -0.5, say) grows ``rho`` although ``|V|`` contracted.
     * ``"classical"``: keep where ``|V_k| <= tau * |V_{k-1}|``, else multiply by ``eta``.
 
     ``rho`` never decreases (``eta >= 1``).

@@ -143,10 +143,11 @@ class GaussianVelocity(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         d = self.mean.shape[0]
         eye = torch.eye(d, dtype=torch.float64, device=x.device)
-        tt = t.to(torch.float64)[:, None, None]
+        times, inverse = torch.unique(t.to(torch.float64), return_inverse=True)  # few distinct times per call
+        tt = times[:, None, None]
         c = tt**2 * self.cov + (1 - tt) ** 2 * eye
         a = tt * self.cov - (1 - tt) * eye
-        gain = a @ torch.linalg.inv(c)  # [batch, d, d]
+        gain = (a @ torch.linalg.inv(c))[inverse]  # [batch, d, d]
         centred = x.to(torch.float64) - t.to(torch.float64)[:, None] * self.mean
         v = self.mean + (gain @ centred[:, :, None])[:, :, 0]
         return v.to(x.dtype)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +50,9 @@ class AdjointMatchingConfig(BaseModel):
     rollout_steps: int = Field(40, ge=2, description="memoryless SDE steps on a uniform grid of [0, 1]")
     loss_times: int | None = Field(
         None, ge=1, description="interior grid times used in the loss per iteration (random subset); None = all"
+    )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning rate within one finetune call: constant, or cosine decay to lr/10"
     )
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm of the fine-tuned parameters")
     terminal_grad_clip: float | None = Field(
@@ -182,6 +186,9 @@ class AdjointMatching:
         interior = list(range(1, cfg.rollout_steps))
         bar = tqdm(range(steps), desc="adjoint matching", disable=not progress, leave=False)
         for step in bar:
+            if cfg.lr_schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
             model.eval()
             traj = sample_memoryless_sde(model, cfg.batch_size, cfg.rollout_steps, generator=generator)
             try:

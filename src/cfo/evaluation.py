@@ -1,0 +1,80 @@
+"""Monte-Carlo estimates of ``E[r]``, ``E[c_i]`` and per-sample feasibility for a flow model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from cfo.flows.model import FlowModel
+from cfo.flows.sampling import sample_ode
+from cfo.problem import ConstrainedProblem
+
+__all__ = ["Evaluation", "Sampler", "default_sampler", "evaluate_samples", "evaluate_model"]
+
+Sampler = Callable[[FlowModel, int, torch.Generator | None], torch.Tensor]
+
+
+def default_sampler(steps: int = 100) -> Sampler:
+    """ODE sampling (midpoint rule, ``steps`` steps): ``sampler(model, n, generator) -> [n, *data_shape]``."""
+
+    def sampler(model: FlowModel, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        return sample_ode(model, n, steps=steps, generator=generator)
+
+    return sampler
+
+
+@dataclass
+class Evaluation:
+    """Sample statistics of one model. Lists run over constraints."""
+
+    n: int
+    reward_mean: float
+    reward_std: float
+    constraint_mean: list[float]
+    constraint_std: list[float]
+    feasible_fraction: float  # fraction of samples with c_i(x) <= B_i for every i
+
+    def gap(self, problem: ConstrainedProblem) -> torch.Tensor:
+        """``G = E[c] - B``, shape ``[m]``."""
+        return torch.tensor(self.constraint_mean) - problem.bounds()
+
+    def satisfied(self, problem: ConstrainedProblem) -> bool:
+        """``E[c_i] <= B_i`` for every constraint (on this Monte-Carlo estimate)."""
+        return bool((self.gap(problem) <= 0).all())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate_samples(problem: ConstrainedProblem, x: torch.Tensor) -> Evaluation:
+    """Statistics of ``r`` and ``c`` on given samples ``x`` (values are validated: shape ``[batch]``, finite)."""
+    r = problem.reward_values(x).double()
+    c = problem.constraint_values(x).double()
+    bounds = problem.bounds(device=x.device).double()
+    n = x.shape[0]
+    std = (lambda v: v.std(dim=0, unbiased=True)) if n > 1 else (lambda v: torch.zeros_like(v[0]))
+    return Evaluation(
+        n=n,
+        reward_mean=float(r.mean()),
+        reward_std=float(std(r)),
+        constraint_mean=c.mean(dim=0).tolist(),
+        constraint_std=std(c).reshape(-1).tolist(),
+        feasible_fraction=float((c <= bounds).all(dim=1).double().mean()),
+    )
+
+
+def evaluate_model(
+    model: FlowModel,
+    problem: ConstrainedProblem,
+    n: int,
+    generator: torch.Generator | None = None,
+    sampler: Sampler | None = None,
+) -> tuple[Evaluation, torch.Tensor]:
+    """Draw ``n`` fresh samples of ``model`` and return their :class:`Evaluation` and the samples."""
+    sampler = sampler if sampler is not None else default_sampler()
+    model.eval()
+    x = sampler(model, n, generator)
+    return evaluate_samples(problem, x), x

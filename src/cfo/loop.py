@@ -1,0 +1,299 @@
+"""CFO, Algorithm 1: an augmented-Lagrangian outer loop around any KL-regularised inner solver.
+
+    lambda_1 = 0, rho_1 = rho_init
+    for k = 1..K:
+        f_k(x)  = r(x) - sum_i rho_i/2 max(0, c_i(x) - B_i - lambda_i/rho_i)^2        (or the expectation form)
+        pi_k    = Solver(f_k, init = pi_{k-1}, reference = pre, N steps, fresh optimiser)
+        G_k     = E_{pi_k}[c] - B                                                    (fresh Monte-Carlo samples)
+        V_k     = min(G_k, -lambda_k/rho_k)                                           (pre-update lambda_k, rho_k)
+        lambda_{k+1} = clip(lambda_k - rho_k G_k, lambda_min, 0)
+        rho_{k+1}    = rho_k if k = 1 or V_k <= tau V_{k-1} else eta rho_k
+
+The loop knows only :class:`~cfo.problem.ConstrainedProblem` and the :class:`~cfo.solvers.base.InnerSolver` protocol.
+It writes a checkpoint after every round and resumes from it; randomness comes from one generator per round seeded by
+``(seed, k)``, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
+
+from cfo.evaluation import Evaluation, Sampler, default_sampler, evaluate_model
+from cfo.flows.model import FlowModel, frozen_copy
+from cfo.lagrangian import (
+    PenaltyForm,
+    RhoRule,
+    augmented_reward,
+    check_penalty_parameters,
+    contraction_statistic,
+    expectation_penalty_reward,
+    update_multiplier,
+    update_penalty,
+)
+from cfo.problem import ConstrainedProblem
+from cfo.solvers.base import InnerSolver
+
+__all__ = ["CFOConfig", "AugmentedReward", "RoundRecord", "CFOResult", "CFO", "CheckpointMismatchError", "round_generator"]
+
+log = logging.getLogger(__name__)
+CHECKPOINT_NAME = "cfo_checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+class CFOConfig(BaseModel):
+    """Outer-loop settings of CFO (Algorithm 1). Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rounds: int = Field(20, ge=1, description="K, number of augmented-Lagrangian rounds")
+    steps_per_round: int = Field(300, ge=1, description="N, inner-solver iterations per round (budget M = K*N)")
+    rho_init: float = Field(1.0, description="rho_1 > 0")
+    eta: float = Field(1.25, description="penalty growth factor eta >= 1")
+    tau: float = Field(0.99, description="required contraction 0 < tau < 1 of V_k")
+    lambda_min: float = Field(-50.0, description="safeguard lambda_min < 0 of the projected multiplier")
+    penalty: PenaltyForm = Field("per_sample", description="'per_sample' (Algorithm 1) or 'expectation' (authors' code)")
+    rho_rule: RhoRule = Field("paper", description="'paper' (V_k <= tau V_{k-1}) or 'classical' (|V| test)")
+    eval_samples: int = Field(1000, ge=2, description="fresh samples to estimate G_k = E[c] - B")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "CFOConfig":
+        check_penalty_parameters(self.rho_init, self.eta, self.tau, self.lambda_min)
+        return self
+
+    @property
+    def budget(self) -> int:
+        """``M = K * N``."""
+        return self.rounds * self.steps_per_round
+
+
+class AugmentedReward:
+    """The round-``k`` reward handed to the inner solver: ``f_k`` with fixed ``lambda_k``, ``rho_k``.
+
+    ``form="per_sample"`` is Algorithm 1's ``f_k``; ``form="expectation"`` the surrogate of the batch-mean penalty
+    (see :func:`cfo.lagrangian.expectation_penalty_reward`).
+    """
+
+    def __init__(self, problem: ConstrainedProblem, lam: torch.Tensor, rho: torch.Tensor, form: PenaltyForm = "per_sample") -> None:
+        if form not in ("per_sample", "expectation"):
+            raise ValueError(f"unknown penalty form {form!r}; use 'per_sample' or 'expectation'")
+        self.problem, self.lam, self.rho, self.form = problem, lam, rho, form
+        self.differentiable = problem.differentiable
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.problem.reward_values(x)
+        c = self.problem.constraint_values(x)
+        args = (self.problem.bounds(x.device).to(c.dtype), self.lam.to(c), self.rho.to(c))
+        if self.form == "per_sample":
+            return augmented_reward(r, c, *args)
+        return expectation_penalty_reward(r, c, *args)
+
+
+@dataclass
+class RoundRecord:
+    """One history row. Lists run over constraints; ``lambda_k``/``rho_k`` are the values used in round ``k``."""
+
+    k: int
+    lambda_k: list[float]
+    rho_k: list[float]
+    gap: list[float]  # G_k
+    v: list[float]  # V_k
+    lambda_next: list[float]
+    rho_next: list[float]
+    reward_mean: float
+    reward_std: float
+    constraint_mean: list[float]
+    constraint_std: list[float]
+    feasible_fraction: float
+    steps: int
+    skipped_steps: int
+    seconds: float
+
+
+@dataclass
+class CFOResult:
+    model: FlowModel
+    history: list[RoundRecord]
+    final: Evaluation | None = None
+    lam: list[float] = field(default_factory=list)
+    rho: list[float] = field(default_factory=list)
+
+    @property
+    def completed(self) -> bool:
+        return self.final is not None
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint belongs to another problem, config or solver."""
+
+
+def round_generator(seed: int, k: int, device: torch.device | str) -> torch.Generator:
+    """The random generator of round ``k``: seeded by ``(seed, k)`` so a resumed run draws the same numbers."""
+    return torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(k))
+
+
+class CFO:
+    """Constrained Flow Optimization around an inner solver.
+
+    Args:
+        problem: reward, constraints and KL weight ``alpha``.
+        solver: any :class:`~cfo.solvers.base.InnerSolver`.
+        pretrained: the pre-trained model ``pre``; it is copied, never modified, and is the KL reference of every round.
+        config: outer-loop settings.
+        checkpoint_dir: where to save and resume (``None``: no checkpoints).
+        sampler: draws the samples that estimate ``G_k`` (default: 100-step midpoint ODE).
+
+    Example::
+
+        result = CFO(problem, AdjointMatching(), pre, CFOConfig(rounds=20, steps_per_round=300)).run()
+    """
+
+    def __init__(
+        self,
+        problem: ConstrainedProblem,
+        solver: InnerSolver,
+        pretrained: FlowModel,
+        config: CFOConfig | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        sampler: Sampler | None = None,
+    ) -> None:
+        self.problem = problem
+        self.solver = solver
+        self.config = config if config is not None else CFOConfig()
+        if getattr(solver, "requires_gradients", False) and not problem.differentiable:
+            raise ValueError(f"solver {solver.name!r} needs gradients but the problem has a non-differentiable reward or constraint")
+        self.reference = frozen_copy(pretrained)
+        self.pretrained = pretrained
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.sampler = sampler if sampler is not None else default_sampler()
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        return {"problem": self.problem.fingerprint(), "config": self.config.model_dump(), "solver": self.solver.name}
+
+    def _checkpoint_path(self) -> Path | None:
+        return None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT_NAME
+
+    def _save(self, model: FlowModel, k: int, lam: torch.Tensor, rho: torch.Tensor, v_prev: torch.Tensor | None, history: list[RoundRecord]) -> None:
+        path = self._checkpoint_path()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "identity": self._identity(),
+            "k": k,
+            "lam": lam.cpu(),
+            "rho": rho.cpu(),
+            "v_prev": None if v_prev is None else v_prev.cpu(),
+            "model": {n: t.detach().cpu() for n, t in model.state_dict().items()},
+            "history": [asdict(h) for h in history],
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _load(self) -> dict | None:
+        path = self._checkpoint_path()
+        if path is None or not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise CheckpointMismatchError(f"cannot read checkpoint {path}: {err}") from err
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointMismatchError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        mine, theirs = self._identity(), state.get("identity", {})
+        for key in ("problem", "solver", "config"):
+            if mine[key] != theirs.get(key):
+                raise CheckpointMismatchError(
+                    f"checkpoint {path} belongs to another {key}: saved {theirs.get(key)!r}, this run {mine[key]!r}. "
+                    "Use another output folder or delete the checkpoint."
+                )
+        return state
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def run(self, max_rounds: int | None = None, progress: bool = True) -> CFOResult:
+        """Run (or resume) the rounds; ``max_rounds`` stops early after that many new rounds (resume later)."""
+        cfg = self.config
+        device = self.pretrained.device
+        m = self.problem.num_constraints
+        model = frozen_copy(self.pretrained)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        lam = torch.zeros(m)
+        rho = torch.full((m,), float(cfg.rho_init))
+        v_prev: torch.Tensor | None = None
+        history: list[RoundRecord] = []
+        start = 1
+        state = self._load()
+        if state is not None:
+            model.load_state_dict(state["model"], strict=True)
+            lam, rho, v_prev = state["lam"], state["rho"], state["v_prev"]
+            history = [RoundRecord(**h) for h in state["history"]]
+            start = int(state["k"]) + 1
+            log.info("resuming CFO from round %d of %d", start, cfg.rounds)
+        bounds = self.problem.bounds()
+        last = cfg.rounds if max_rounds is None else min(cfg.rounds, start - 1 + max_rounds)
+        bar = tqdm(range(start, last + 1), desc=f"CFO[{self.solver.name}]", disable=not progress, initial=start - 1, total=cfg.rounds)
+        for k in bar:
+            t0 = time.perf_counter()
+            gen = round_generator(cfg.seed, k, device)
+            reward_k = AugmentedReward(self.problem, lam.to(device), rho.to(device), cfg.penalty)
+            model = self.solver.finetune(
+                model, reward_k, self.problem.alpha, cfg.steps_per_round, reference=self.reference, generator=gen, progress=progress
+            )
+            evaluation, _ = evaluate_model(model, self.problem, cfg.eval_samples, generator=gen, sampler=self.sampler)
+            gap = torch.tensor(evaluation.constraint_mean, dtype=torch.float32) - bounds
+            v = contraction_statistic(gap, lam, rho, cfg.rho_rule)
+            lam_next = update_multiplier(lam, rho, gap, cfg.lambda_min)
+            rho_next = update_penalty(rho, v, v_prev, cfg.eta, cfg.tau, cfg.rho_rule)
+            stats = self.solver.last_stats
+            history.append(
+                RoundRecord(
+                    k=k,
+                    lambda_k=lam.tolist(),
+                    rho_k=rho.tolist(),
+                    gap=gap.tolist(),
+                    v=v.tolist(),
+                    lambda_next=lam_next.tolist(),
+                    rho_next=rho_next.tolist(),
+                    reward_mean=evaluation.reward_mean,
+                    reward_std=evaluation.reward_std,
+                    constraint_mean=evaluation.constraint_mean,
+                    constraint_std=evaluation.constraint_std,
+                    feasible_fraction=evaluation.feasible_fraction,
+                    steps=stats.steps_done if stats is not None else cfg.steps_per_round,
+                    skipped_steps=stats.skipped_steps if stats is not None else 0,
+                    seconds=time.perf_counter() - t0,
+                )
+            )
+            lam, rho, v_prev = lam_next, rho_next, v
+            self._save(model, k, lam, rho, v_prev, history)
+            bar.set_postfix(lam=_fmt(lam), rho=_fmt(rho), G=_fmt(gap), r=f"{evaluation.reward_mean:.3g}")
+            log.info("round %d: lambda=%s rho=%s G=%s E[r]=%.4g", k, lam.tolist(), rho.tolist(), gap.tolist(), evaluation.reward_mean)
+        result = CFOResult(model=model, history=history, lam=lam.tolist(), rho=rho.tolist())
+        if history and history[-1].k == cfg.rounds:
+            result.final = Evaluation(
+                n=cfg.eval_samples,
+                reward_mean=history[-1].reward_mean,
+                reward_std=history[-1].reward_std,
+                constraint_mean=history[-1].constraint_mean,
+                constraint_std=history[-1].constraint_std,
+                feasible_fraction=history[-1].feasible_fraction,
+            )
+        return result
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return ",".join(f"{v:.3g}" for v in t.tolist())

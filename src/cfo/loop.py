@@ -62,6 +62,13 @@ class CFOConfig(BaseModel):
     penalty: PenaltyForm = Field("per_sample", description="'per_sample' (Algorithm 1) or 'expectation' (authors' code)")
     rho_rule: RhoRule = Field("paper", description="'paper' (V_k <= tau V_{k-1}) or 'classical' (|V| test)")
     eval_samples: int = Field(1000, ge=2, description="fresh samples to estimate G_k = E[c] - B")
+    target_margin: float = Field(
+        0.0,
+        ge=0.0,
+        description="constraint tightening: drive E[c_i] to B_i - margin (0 = Algorithm 1 exactly); the final iterate "
+        "of an augmented Lagrangian sits at its target up to solver and Monte-Carlo noise, so a margin of a few noise "
+        "widths keeps that noise on the feasible side of B",
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -82,16 +89,24 @@ class AugmentedReward:
     (see :func:`cfo.lagrangian.expectation_penalty_reward`).
     """
 
-    def __init__(self, problem: ConstrainedProblem, lam: torch.Tensor, rho: torch.Tensor, form: PenaltyForm = "per_sample") -> None:
+    def __init__(
+        self,
+        problem: ConstrainedProblem,
+        lam: torch.Tensor,
+        rho: torch.Tensor,
+        form: PenaltyForm = "per_sample",
+        margin: float = 0.0,
+    ) -> None:
         if form not in ("per_sample", "expectation"):
             raise ValueError(f"unknown penalty form {form!r}; use 'per_sample' or 'expectation'")
-        self.problem, self.lam, self.rho, self.form = problem, lam, rho, form
+        self.problem, self.lam, self.rho, self.form, self.margin = problem, lam, rho, form, margin
         self.differentiable = problem.differentiable
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         r = self.problem.reward_values(x)
         c = self.problem.constraint_values(x)
-        args = (self.problem.bounds(x.device).to(c.dtype), self.lam.to(c), self.rho.to(c))
+        target = self.problem.bounds(x.device).to(c.dtype) - self.margin
+        args = (target, self.lam.to(c), self.rho.to(c))
         if self.form == "per_sample":
             return augmented_reward(r, c, *args)
         return expectation_penalty_reward(r, c, *args)
@@ -104,7 +119,7 @@ class RoundRecord:
     k: int
     lambda_k: list[float]
     rho_k: list[float]
-    gap: list[float]  # G_k
+    gap: list[float]  # G_k = E[c] - B (minus target_margin when one is set)
     v: list[float]  # V_k
     lambda_next: list[float]
     rho_next: list[float]
@@ -243,18 +258,18 @@ class CFO:
             history = [RoundRecord(**h) for h in state["history"]]
             start = int(state["k"]) + 1
             log.info("resuming CFO from round %d of %d", start, cfg.rounds)
-        bounds = self.problem.bounds()
+        target = self.problem.bounds() - cfg.target_margin  # B (minus the optional tightening margin)
         last = cfg.rounds if max_rounds is None else min(cfg.rounds, start - 1 + max_rounds)
         bar = tqdm(range(start, last + 1), desc=f"CFO[{self.solver.name}]", disable=not progress, initial=start - 1, total=cfg.rounds)
         for k in bar:
             t0 = time.perf_counter()
             gen = round_generator(cfg.seed, k, device)
-            reward_k = AugmentedReward(self.problem, lam.to(device), rho.to(device), cfg.penalty)
+            reward_k = AugmentedReward(self.problem, lam.to(device), rho.to(device), cfg.penalty, cfg.target_margin)
             model = self.solver.finetune(
                 model, reward_k, self.problem.alpha, cfg.steps_per_round, reference=self.reference, generator=gen, progress=progress
             )
             evaluation, _ = evaluate_model(model, self.problem, cfg.eval_samples, generator=gen, sampler=self.sampler)
-            gap = torch.tensor(evaluation.constraint_mean, dtype=torch.float32) - bounds
+            gap = torch.tensor(evaluation.constraint_mean, dtype=torch.float32) - target
             v = contraction_statistic(gap, lam, rho, cfg.rho_rule)
             lam_next = update_multiplier(lam, rho, gap, cfg.lambda_min)
             rho_next = update_penalty(rho, v, v_prev, cfg.eta, cfg.tau, cfg.rho_rule)

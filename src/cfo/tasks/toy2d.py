@@ -180,3 +180,59 @@ def pretrain_toy(
         out,
     )
     return summary
+
+
+def plot_samples(
+    samples: dict[str, torch.Tensor],
+    path: str | Path,
+    bound: float | None = None,
+    geometry: ToyGeometry = ToyGeometry(),
+    title: str = "",
+    max_points: int = 3000,
+) -> Path:
+    """Scatter each method's samples over the landscape: red triangles (c = 0), contours of ``c`` and of the reward,
+    and the target as a white cross."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Polygon
+
+    problem = make_problem(geometry)
+    lim = geometry.radius + 2.3
+    g = torch.linspace(-lim, lim, 300)
+    gx, gy = torch.meshgrid(g, g, indexing="xy")
+    grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+    c = problem.constraint_values(grid)[:, 0].reshape(gx.shape)
+    r = problem.reward_values(grid).reshape(gx.shape)
+    n = len(samples)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.4), squeeze=False)
+    for ax, (name, x) in zip(axes[0], samples.items()):
+        ax.set_facecolor("#20242c")
+        ax.contour(gx, gy, r, levels=[-16, -9, -4, -1], colors="white", alpha=0.25, linewidths=0.7)
+        ax.contour(gx, gy, c, levels=[0.5, 1.0, 2.0], colors="#ff8080", alpha=0.35, linewidths=0.7)
+        for tri in geometry.triangles():
+            ax.add_patch(Polygon(tri.numpy(), closed=True, facecolor="#d62728", alpha=0.35, edgecolor="#ff4040"))
+        pts = x[:max_points].cpu()
+        cx = problem.constraint_values(pts)[:, 0]
+        inside = cx <= 0
+        ax.scatter(pts[inside, 0], pts[inside, 1], s=2, c="#7fd4ff", alpha=0.6, label="c(x) = 0")
+        ax.scatter(pts[~inside, 0], pts[~inside, 1], s=2, c="#ffd27f", alpha=0.6, label="c(x) > 0")
+        ax.plot(*geometry.target, marker="x", color="white", ms=12, mew=3)
+        er, ec = problem.reward_values(x).mean().item(), problem.constraint_values(x)[:, 0].mean().item()
+        sub = f"E[r] = {er:.2f}, E[c] = {ec:.2f}" + (f" (B = {bound:g})" if bound is not None else "")
+        ax.set_title(f"{name}\n{sub}", fontsize=10)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][0].legend(loc="lower left", fontsize=7, markerscale=4)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,105 @@
+"""Result rows shared by every task: ``results.json`` (a list of rows), ``results.csv``, and the printed table.
+
+Row schema (one row per method, aggregated over seeds; ``results_per_seed.json`` has the same fields per seed):
+
+==================  ==========================================================================================
+``method``          e.g. ``PRE``, ``AM``, ``CFO_AM``
+``solver``          inner solver name (``am``, ``nft``) or ``none`` for the pre-trained model
+``n_seeds``         number of seeds aggregated (1 in per-seed rows, where ``seed`` is also set)
+``reward_mean``     mean over seeds of the Monte-Carlo ``E[r]``
+``reward_std``      standard deviation of ``E[r]`` across seeds (one seed: the Monte-Carlo standard error)
+``constraint_mean`` mean over seeds of ``E[c]`` for the first constraint
+``constraint_std``  standard deviation of ``E[c]`` across seeds (one seed: the Monte-Carlo standard error)
+``bound``           the bound ``B`` of the first constraint
+``satisfied``       ``constraint_mean <= bound`` for every constraint
+``feasible_fraction`` mean fraction of samples with ``c_i(x) <= B_i`` for all ``i``
+``constraints``     list of ``{name, mean, std, bound}`` for every constraint
+``wall_s``          mean wall time of one seed's run of this method, seconds
+==================  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["ROW_FIELDS", "aggregate_rows", "write_results", "format_table"]
+
+ROW_FIELDS = [
+    "method", "solver", "n_seeds", "reward_mean", "reward_std", "constraint_mean", "constraint_std", "bound",
+    "satisfied", "feasible_fraction", "wall_s",
+]
+
+
+def _mean(v: Sequence[float]) -> float:
+    return sum(v) / len(v)
+
+
+def _std(v: Sequence[float]) -> float:
+    if len(v) < 2:
+        return 0.0
+    m = _mean(v)
+    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+def aggregate_rows(per_seed: list[dict]) -> list[dict]:
+    """Aggregate per-seed rows into one row per method (order of first appearance)."""
+    methods: dict[str, list[dict]] = {}
+    for row in per_seed:
+        methods.setdefault(row["method"], []).append(row)
+    out = []
+    for method, rows in methods.items():
+        n_con = len(rows[0]["constraints"])
+        cons = []
+        for i in range(n_con):
+            vals = [r["constraints"][i]["mean"] for r in rows]
+            std = _std(vals) if len(rows) > 1 else rows[0]["constraints"][i]["std"]
+            cons.append({"name": rows[0]["constraints"][i]["name"], "mean": _mean(vals), "std": std, "bound": rows[0]["constraints"][i]["bound"]})
+        rewards = [r["reward_mean"] for r in rows]
+        out.append(
+            {
+                "method": method,
+                "solver": rows[0]["solver"],
+                "n_seeds": len(rows),
+                "reward_mean": _mean(rewards),
+                "reward_std": _std(rewards) if len(rows) > 1 else rows[0]["reward_std"],
+                "constraint_mean": cons[0]["mean"],
+                "constraint_std": cons[0]["std"],
+                "bound": cons[0]["bound"],
+                "satisfied": all(c["mean"] <= c["bound"] for c in cons),
+                "feasible_fraction": _mean([r["feasible_fraction"] for r in rows]),
+                "constraints": cons,
+                "wall_s": _mean([r["wall_s"] for r in rows]),
+            }
+        )
+    return out
+
+
+def write_results(out_dir: Path, per_seed: list[dict]) -> list[dict]:
+    """Write ``results.json``, ``results.csv`` and ``results_per_seed.json``; return the aggregated rows."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = aggregate_rows(per_seed)
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
+    (out_dir / "results_per_seed.json").write_text(json.dumps(per_seed, indent=2))
+    with open(out_dir / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def format_table(rows: list[dict], reward_name: str = "E[r]", constraint_name: str = "E[c]") -> str:
+    """A Markdown table: method, E[r] +- std, E[c] +- std, satisfied?, feasible fraction, wall time."""
+    lines = [
+        f"| method | {reward_name} | {constraint_name} (B = {rows[0]['bound']:g}) | satisfied | per-sample feasible | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['reward_mean']:.2f} ± {r['reward_std']:.2f} | {r['constraint_mean']:.2f} ± {r['constraint_std']:.2f} "
+            f"| {'yes' if r['satisfied'] else 'no'} | {100 * r['feasible_fraction']:.0f}% | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""The CFO loop against the closed-form KKT point of a Gaussian model, plus resume and bad-input checks."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from cfo import CFO, CFOConfig, CheckpointMismatchError, ConstrainedProblem, Constraint, Reward
+from cfo.flows import sample_ode
+from cfo.solvers import AdjointMatching, AdjointMatchingConfig
+from conftest import COV, MEAN, gaussian_finetunable
+
+A = torch.tensor([1.0, 0.5])  # reward a.x
+Bvec = torch.tensor([1.0, 0.0])  # constraint b.x <= B
+ALPHA = 1.0
+UNCONSTRAINED_MEAN = MEAN + COV @ A / ALPHA  # (1.65, 0.05), b.mean = 1.65
+
+
+def _problem(bound: float) -> ConstrainedProblem:
+    return ConstrainedProblem(Reward(lambda x: x @ A, name="a.x"), Constraint(lambda x: x @ Bvec, bound, name="b.x"), alpha=ALPHA)
+
+
+def _kkt(bound: float) -> tuple[torch.Tensor, float]:
+    """Mean of the optimum N(m + S(a - nu b)/alpha, S) of max E[a.x] - alpha KL s.t. E[b.x] <= B, and nu."""
+    nu = max(0.0, float((UNCONSTRAINED_MEAN @ Bvec - bound) * ALPHA / (Bvec @ COV @ Bvec)))
+    return MEAN + COV @ (A - nu * Bvec) / ALPHA, nu
+
+
+def _solver() -> AdjointMatching:
+    return AdjointMatching(AdjointMatchingConfig(lr=3e-3, lr_schedule="cosine", batch_size=256, rollout_steps=20))
+
+
+def _final_samples(model, n=40_000):
+    return sample_ode(model, n, steps=40, generator=torch.Generator().manual_seed(123))
+
+
+def test_expectation_form_reaches_kkt_point():
+    bound = 1.0
+    kkt_mean, nu = _kkt(bound)  # nu = 0.65, mean (1.0, -0.145)
+    cfg = CFOConfig(rounds=7, steps_per_round=80, rho_init=2.0, penalty="expectation", eval_samples=4000)
+    result = CFO(_problem(bound), _solver(), gaussian_finetunable(), cfg).run(progress=False)
+    x = _final_samples(result.model)
+    assert torch.allclose(x.mean(0), kkt_mean, atol=0.05), (x.mean(0), kkt_mean)
+    assert abs((x @ Bvec).mean().item() - bound) < 0.04
+    lam_used = result.history[-1].lambda_k[0]
+    assert abs(-lam_used - nu) < 0.15, (lam_used, nu)
+    assert torch.allclose(torch.cov(x.T), COV, atol=0.06)
+
+
+def test_per_sample_form_meets_bound_and_not_above_kkt_reward():
+    bound = 1.0
+    kkt_mean, _ = _kkt(bound)
+    cfg = CFOConfig(rounds=7, steps_per_round=80, rho_init=2.0, penalty="per_sample", eval_samples=4000)
+    result = CFO(_problem(bound), _solver(), gaussian_finetunable(), cfg).run(progress=False)
+    x = _final_samples(result.model)
+    assert abs((x @ Bvec).mean().item() - bound) < 0.05
+    # the KKT point is the optimum among all laws with E[b.x] <= B; per-sample penalties cannot beat its reward
+    assert (x @ A).mean().item() <= float(kkt_mean @ A) + 0.03
+    # and the path of multipliers obeyed the rules
+    for h in result.history:
+        assert -50.0 <= h.lambda_next[0] <= 0.0 and h.rho_next[0] >= h.rho_k[0] > 0
+
+
+def test_inactive_constraint_returns_unconstrained_tilt():
+    bound = 3.0  # unconstrained optimum has E[b.x] = 1.65 < 3
+    cfg = CFOConfig(rounds=3, steps_per_round=100, rho_init=2.0, penalty="expectation", eval_samples=4000)
+    result = CFO(_problem(bound), _solver(), gaussian_finetunable(), cfg).run(progress=False)
+    assert all(h.lambda_next == [0.0] for h in result.history)
+    x = _final_samples(result.model)
+    assert torch.allclose(x.mean(0), UNCONSTRAINED_MEAN, atol=0.03), x.mean(0)
+
+
+def _tiny(tmp_path, bound=1.0, rounds=3):
+    cfg = CFOConfig(rounds=rounds, steps_per_round=4, rho_init=1.0, eval_samples=64, seed=7)
+    solver = AdjointMatching(AdjointMatchingConfig(batch_size=16, rollout_steps=6))
+    return CFO(_problem(bound), solver, gaussian_finetunable(), cfg, checkpoint_dir=tmp_path)
+
+
+def _strip(history):
+    return [{k: v for k, v in h.__dict__.items() if k != "seconds"} for h in history]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+    full = _tiny(tmp_path / "full").run(progress=False)
+    first = _tiny(tmp_path / "resumed").run(max_rounds=2, progress=False)  # "killed" after round 2
+    assert len(first.history) == 2 and first.final is None
+    resumed = _tiny(tmp_path / "resumed").run(progress=False)  # a new process would do exactly this
+    assert _strip(resumed.history) == _strip(full.history)
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_from_another_problem_is_refused(tmp_path):
+    _tiny(tmp_path, bound=1.0, rounds=1).run(progress=False)
+    with pytest.raises(CheckpointMismatchError, match="another problem"):
+        _tiny(tmp_path, bound=0.5, rounds=1).run(progress=False)
+    with pytest.raises(CheckpointMismatchError, match="another config"):
+        _tiny(tmp_path, bound=1.0, rounds=2).run(progress=False)
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    (tmp_path / "cfo_checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointMismatchError, match="cannot read"):
+        _tiny(tmp_path).run(progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rho_init=0.0), "rho_init"),
+        (dict(rho_init=-2.0), "rho_init"),
+        (dict(tau=1.5), "tau"),
+        (dict(tau=0.0), "tau"),
+        (dict(eta=0.5), "eta"),
+        (dict(lambda_min=1.0), "lambda_min"),
+        (dict(penalty="huber"), "penalty"),
+        (dict(rounds=0), "rounds"),
+        (dict(not_a_key=1), "not_a_key"),
+    ],
+)
+def test_bad_config_rejected(kwargs, match):
+    with pytest.raises(ValidationError, match=match):
+        CFOConfig(**kwargs)
+
+
+def test_first_order_solver_refuses_black_box_problem():
+    problem = ConstrainedProblem(Reward(lambda x: x.sum(1), differentiable=False), Constraint(lambda x: x[:, 0], 0.0))
+    with pytest.raises(ValueError, match="needs gradients"):
+        CFO(problem, AdjointMatching(), gaussian_finetunable())
+
+
+def test_problem_validation():
+    c = Constraint(lambda x: x[:, 0], 0.0, name="c")
+    with pytest.raises(ValueError, match="alpha"):
+        ConstrainedProblem(None, c, alpha=0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        ConstrainedProblem(None, [])
+    with pytest.raises(ValueError, match="unique"):
+        ConstrainedProblem(None, [c, c])
+    with pytest.raises(ValueError, match="finite"):
+        Constraint(lambda x: x[:, 0], float("nan"))
+    problem = ConstrainedProblem(Reward(lambda x: x), c)  # reward returns [batch, 2]
+    with pytest.raises(ValueError, match=r"shape \[batch\]"):
+        problem.reward_values(torch.zeros(5, 2))
+    bad = ConstrainedProblem(None, Constraint(lambda x: x[:, 0] / 0.0, 0.0))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        bad.constraint_values(torch.zeros(3, 2))
+    assert torch.equal(ConstrainedProblem(None, c).reward_values(torch.ones(4, 2)), torch.zeros(4))
+
+
+def test_vector_constraints_get_one_multiplier_each(tmp_path):
+    problem = ConstrainedProblem(
+        Reward(lambda x: x @ A),
+        [Constraint(lambda x: x[:, 0], 1.0, name="x0"), Constraint(lambda x: -x[:, 1], 10.0, name="slack")],
+        alpha=ALPHA,
+    )
+    cfg = CFOConfig(rounds=2, steps_per_round=30, rho_init=1.0, eval_samples=500)
+    result = CFO(problem, AdjointMatching(AdjointMatchingConfig(batch_size=64, rollout_steps=10)), gaussian_finetunable(), cfg).run(progress=False)
+    h = result.history[0]
+    assert len(h.lambda_next) == 2 and len(h.gap) == 2
+    assert h.lambda_next[0] < 0.0  # violated: E[x0] > 1 after round 1
+    assert h.lambda_next[1] == 0.0  # far from active

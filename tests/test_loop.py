@@ -47,17 +47,31 @@ def test_expectation_form_reaches_kkt_point():
 
 
 def test_per_sample_form_meets_bound_and_not_above_kkt_reward():
+    """Algorithm 1's per-sample penalty: with a moderate rho the multiplier stays active (lambda < 0) and E[b.x] ends at
+    B; its fixed point is not the KKT point (lambda differs from -nu), and its reward cannot beat the KKT optimum's."""
     bound = 1.0
-    kkt_mean, _ = _kkt(bound)
-    cfg = CFOConfig(rounds=7, steps_per_round=80, rho_init=2.0, penalty="per_sample", eval_samples=4000)
+    kkt_mean, nu = _kkt(bound)
+    cfg = CFOConfig(rounds=9, steps_per_round=80, rho_init=1.0, penalty="per_sample", eval_samples=4000)
     result = CFO(_problem(bound), _solver(), gaussian_finetunable(), cfg).run(progress=False)
     x = _final_samples(result.model)
     assert abs((x @ Bvec).mean().item() - bound) < 0.05
+    assert result.lam[0] < -0.2  # still active at the end
     # the KKT point is the optimum among all laws with E[b.x] <= B; per-sample penalties cannot beat its reward
     assert (x @ A).mean().item() <= float(kkt_mean @ A) + 0.03
-    # and the path of multipliers obeyed the rules
-    for h in result.history:
+    for h in result.history:  # and the multipliers obeyed the rules
         assert -50.0 <= h.lambda_next[0] <= 0.0 and h.rho_next[0] >= h.rho_k[0] > 0
+
+
+def test_per_sample_form_with_stiff_penalty_over_satisfies():
+    """Jensen: E[max(0, c - B)^2] >= max(0, E[c] - B)^2, so a stiff per-sample penalty already pushes E[c] below B at
+    lambda = 0; the projection keeps lambda at 0 and the constraint ends strictly satisfied, unlike the expectation
+    form, which would return exactly to E[c] = B."""
+    bound = 1.0
+    cfg = CFOConfig(rounds=4, steps_per_round=80, rho_init=4.0, eta=1.0, penalty="per_sample", eval_samples=4000)
+    result = CFO(_problem(bound), _solver(), gaussian_finetunable(), cfg).run(progress=False)
+    x = _final_samples(result.model)
+    assert result.lam == [0.0]
+    assert (x @ Bvec).mean().item() < bound - 0.03
 
 
 def test_inactive_constraint_returns_unconstrained_tilt():

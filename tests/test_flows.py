@@ -138,3 +138,16 @@ def test_flow_matching_training_reduces_loss():
     with torch.no_grad():
         after = sum(flow_matching_loss(model, data(4096), gen).item() for _ in range(5)) / 5
     assert after < 0.8 * before
+
+
+def test_trainable_copy_keeps_frozen_parts_frozen():
+    from cfo.flows import ResidualVelocity, frozen_copy, trainable_copy
+
+    base = FlowModel(VelocityMLP(2, hidden=8, depth=1), (2,))
+    residual = FlowModel(ResidualVelocity(VelocityMLP(2, hidden=8, depth=1), VelocityMLP(2, hidden=8, depth=1)), (2,))
+    copy_ = trainable_copy(residual)
+    flags = {n: p.requires_grad for n, p in copy_.named_parameters()}
+    assert not any(v for n, v in flags.items() if n.startswith("network.base"))
+    assert all(v for n, v in flags.items() if n.startswith("network.correction"))
+    assert all(p.requires_grad for p in trainable_copy(frozen_copy(base)).parameters())
+    assert not any(p.requires_grad for p in frozen_copy(base).parameters())

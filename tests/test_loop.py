@@ -173,3 +173,12 @@ def test_vector_constraints_get_one_multiplier_each(tmp_path):
     assert len(h.lambda_next) == 2 and len(h.gap) == 2
     assert h.lambda_next[0] < 0.0  # violated: E[x0] >= 0.5 > 0.2 after round 1
     assert h.lambda_next[1] == 0.0  # far from active
+
+
+def test_public_api():
+    import cfo
+    from cfo import CFO as _CFO, ConstrainedProblem as _CP  # noqa: F401
+    from cfo.solvers import AdjointMatching as _AM, InnerSolver  # noqa: F401
+
+    assert isinstance(_AM(), InnerSolver)
+    assert cfo.__version__

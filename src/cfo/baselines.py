@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cfo.flows.model import FlowModel, frozen_copy
+from cfo.flows.model import FlowModel, frozen_copy, trainable_copy
 from cfo.loop import round_generator
 from cfo.problem import ConstrainedProblem
 from cfo.solvers.base import InnerSolver
@@ -55,9 +55,7 @@ def finetune_fixed_weight(
 ) -> FlowModel:
     """Fine-tune a copy of ``pretrained`` on ``r - mu . c`` for ``steps`` solver iterations (KL reference: ``pre``)."""
     reward = FixedWeightReward(problem, mu)
-    model = frozen_copy(pretrained)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model = trainable_copy(pretrained)
     reference = frozen_copy(pretrained)
     gen = round_generator(seed, 0, pretrained.device)
     return solver.finetune(model, reward, problem.alpha, steps, reference=reference, generator=gen, progress=progress)

@@ -10,7 +10,8 @@
         rho_{k+1}    = rho_k if k = 1 or V_k <= tau V_{k-1} else eta rho_k
 
 The loop knows only :class:`~cfo.problem.ConstrainedProblem` and the :class:`~cfo.solvers.base.InnerSolver` protocol.
-It writes a checkpoint after every round and resumes from it; randomness comes from one generator per round seeded by
+An optional ``target_margin`` tightens every bound to ``B - margin`` (constraint tightening; 0 by default, i.e.
+Algorithm 1 as published).  It writes a checkpoint after every round and resumes from it; randomness comes from one generator per round seeded by
 ``(seed, k)``, so a resumed run repeats an uninterrupted one exactly.
 """
 
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from cfo.evaluation import Evaluation, Sampler, default_sampler, evaluate_model
-from cfo.flows.model import FlowModel, frozen_copy
+from cfo.flows.model import FlowModel, frozen_copy, trainable_copy
 from cfo.lagrangian import (
     PenaltyForm,
     RhoRule,
@@ -241,11 +242,7 @@ class CFO:
         cfg = self.config
         device = self.pretrained.device
         m = self.problem.num_constraints
-        model = frozen_copy(self.pretrained)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        for p in self.reference.parameters():
-            p.requires_grad_(False)
+        model = trainable_copy(self.pretrained)
         lam = torch.zeros(m)
         rho = torch.full((m,), float(cfg.rho_init))
         v_prev: torch.Tensor | None = None

@@ -23,7 +23,7 @@ from torch import nn
 
 from cfo.flows.schedulers import LinearScheduler, Scheduler
 
-__all__ = ["FlowModel", "VelocityMLP", "GaussianVelocity", "ResidualVelocity", "frozen_copy"]
+__all__ = ["FlowModel", "VelocityMLP", "GaussianVelocity", "ResidualVelocity", "frozen_copy", "trainable_copy"]
 
 
 class FlowModel(nn.Module):
@@ -173,3 +173,16 @@ def frozen_copy(model: FlowModel) -> FlowModel:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+def trainable_copy(model: FlowModel) -> FlowModel:
+    """A deep copy of ``model`` to fine-tune: parameters that were trainable in ``model`` stay trainable, parameters it
+    froze (e.g. the base of a :class:`ResidualVelocity`) stay frozen.  A model with no trainable parameter at all (a
+    frozen reference) becomes fully trainable."""
+    flags = [p.requires_grad for p in model.parameters()]
+    copy_ = copy.deepcopy(model)
+    if not any(flags):
+        flags = [True] * len(flags)
+    for p, flag in zip(copy_.parameters(), flags):
+        p.requires_grad_(flag)
+    return copy_

@@ -46,10 +46,12 @@ class ToyRunConfig(BaseModel):
     methods: list[str] = Field(default_factory=lambda: ["PRE", "AM", "CFO_AM"])
     cfo: CFOConfig = Field(
         default_factory=lambda: CFOConfig(
-            rounds=10, steps_per_round=100, rho_init=2.0, eta=1.25, tau=0.99, lambda_min=-50.0, eval_samples=4000, target_margin=0.05
+            rounds=12, steps_per_round=100, rho_init=4.0, eta=1.25, tau=0.99, lambda_min=-50.0, eval_samples=4000, target_margin=0.05
         )
     )
-    solver: AdjointMatchingConfig = Field(default_factory=lambda: AdjointMatchingConfig(lr=2e-3, batch_size=128, rollout_steps=20))
+    solver: AdjointMatchingConfig = Field(
+        default_factory=lambda: AdjointMatchingConfig(lr=3e-3, lr_schedule="cosine", batch_size=128, rollout_steps=20)
+    )
     eval_samples: int = Field(5000, ge=2, description="fresh samples of each final model for the table")
     eval_ode_steps: int = Field(100, ge=1)
     bound: float = Field(toy2d.ToyGeometry().bound, description="B of the triangle constraint")
@@ -75,8 +77,8 @@ def quick_config() -> ToyRunConfig:
     """A smoke-run configuration (one seed, tiny budget; well under 2 minutes on 2 cores)."""
     return ToyRunConfig(
         seeds=[0],
-        cfo=CFOConfig(rounds=4, steps_per_round=25, rho_init=2.0, eval_samples=1000, target_margin=0.05),
-        solver=AdjointMatchingConfig(lr=2e-3, batch_size=64, rollout_steps=20),
+        cfo=CFOConfig(rounds=4, steps_per_round=25, rho_init=4.0, eval_samples=1000, target_margin=0.05),
+        solver=AdjointMatchingConfig(lr=3e-3, lr_schedule="cosine", batch_size=64, rollout_steps=20),
         eval_samples=2000,
         workers=1,
     )

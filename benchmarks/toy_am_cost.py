@@ -7,6 +7,7 @@ Prints
    unconstrained AM run of the same budget M = K * N.
 
 Usage: python benchmarks/toy_am_cost.py [--device cpu] [--threads 1] [--batch 128] [--rollout-steps 20]
+       [--rounds 12 --steps-per-round 100]   (the demo's K and N)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--rollout-steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps-per-round", type=int, default=40)
+    ap.add_argument("--eval-samples", type=int, default=4000, help="fresh samples per round for G_k (demo: 4000)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pre = load_pretrained(device=args.device)
@@ -69,7 +71,7 @@ def main() -> None:
     finetune_unconstrained(problem, AdjointMatching(cfg), pre, m, seed=0)
     t_am = time.perf_counter() - t0
     t0 = time.perf_counter()
-    CFO(problem, AdjointMatching(cfg), pre, CFOConfig(rounds=args.rounds, steps_per_round=args.steps_per_round, eval_samples=2000)).run(progress=False)
+    CFO(problem, AdjointMatching(cfg), pre, CFOConfig(rounds=args.rounds, steps_per_round=args.steps_per_round, eval_samples=args.eval_samples)).run(progress=False)
     t_cfo = time.perf_counter() - t0
     print(f"unconstrained AM, M = {m}:        {t_am:8.2f} s")
     print(f"CFO_AM, K = {args.rounds}, N = {args.steps_per_round} (M = {m}): {t_cfo:8.2f} s   overhead = {100 * (t_cfo / t_am - 1):+.1f}%")

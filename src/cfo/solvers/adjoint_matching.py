@@ -180,7 +180,10 @@ class AdjointMatching:
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         cfg = self.config
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model to fine-tune has no trainable parameter")
+        opt = torch.optim.Adam(params, lr=cfg.lr)
         stats = FinetuneStats()
         self.last_stats = stats
         interior = list(range(1, cfg.rollout_steps))
@@ -205,7 +208,7 @@ class AdjointMatching:
                 continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             stats.losses.append(loss.item())
             stats.reward_means.append(values.mean().item())

@@ -2,5 +2,6 @@
 
 from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from cfo.solvers.base import FinetuneStats, InnerSolver, TerminalReward
+from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 
-__all__ = ["AdjointMatching", "AdjointMatchingConfig", "FinetuneStats", "InnerSolver", "TerminalReward"]
+__all__ = ["AdjointMatching", "AdjointMatchingConfig", "DiffusionNFT", "DiffusionNFTConfig", "FinetuneStats", "InnerSolver", "TerminalReward"]

@@ -1,0 +1,193 @@
+"""DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117), the zero-order inner solver: it needs reward *values* only.
+
+Our convention (t = 0 noise, t = 1 data, ``x_t = t x_1 + (1 - t) x_0``, target velocity ``u = x_1 - x_0``).  One
+iteration:
+
+1. **Collect** ``batch_size`` samples ``x_1`` from the *sampling policy* ``theta_old`` (ODE, no gradients) and their
+   reward values ``f(x_1)`` (any black box).
+2. **Optimality probability** from the advantage ``A = (f - mean f) / alpha`` (temperature ``alpha``, *not* divided by
+   the batch std), clipped to ``[-A_max, A_max]``: ``r = 1/2 + A / (2 A_max)``.
+3. **Forward-process loss** at ``times_per_sample`` random times with fresh noise, with the implicit policies
+   ``v+ = beta v_theta + (1 - beta) v_old`` and ``v- = (1 + beta) v_old - beta v_theta``:
+
+       L = A_max / beta * mean[ r ||v+ - u||^2 + (1 - r) ||v- - u||^2 ]  +  mean ||v_theta - v_ref||^2.
+
+4. Adam step on ``theta``; then ``theta_old <- d theta_old + (1 - d) theta`` with the decay schedule ``d(step)``.
+
+**How alpha enters (our design decision).** The official code z-scores rewards, which erases their scale and with it
+the KL trade-off.  We keep the scale: writing ``v_theta = v_old + delta``, the loss is minimised at
+``delta = (Cov(clip(A), u | x_t) - (v_old - v_ref)) / (beta / A_max + 1)`` (per point ``x_t``), so an on-policy fixed
+point satisfies ``v* - v_ref = Cov(A, u | x_t)`` while no advantage is clipped.  That is the linear response of the
+KL-regularised optimum ``p_ref exp(f/alpha)``, and it is *exact* for a Gaussian reference with a linear reward (the
+conditional covariance of a Gaussian is exact), which the tests check.  ``beta`` and the decay schedule set only how
+fast the iteration moves, not where it stops.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from cfo.flows.model import FlowModel
+from cfo.flows.sampling import sample_ode
+from cfo.solvers.base import FinetuneStats, TerminalReward
+from cfo.validation import NonFiniteValueError, check_batch_values
+
+__all__ = ["DiffusionNFTConfig", "DiffusionNFT", "optimality_probability", "nft_loss", "old_policy_decay"]
+
+log = logging.getLogger(__name__)
+
+
+class DiffusionNFTConfig(BaseModel):
+    """Hyperparameters of :class:`DiffusionNFT`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(256, ge=2, description="samples collected per iteration")
+    sample_steps: int = Field(20, ge=1, description="ODE steps (midpoint) to collect samples with theta_old")
+    times_per_sample: int = Field(4, ge=1, description="random times t per sample in the loss")
+    beta: float = Field(1.0, gt=0, description="mixing of the implicit policies v+ / v-")
+    adv_clip: float = Field(5.0, gt=0, description="A_max, clip of the advantage (f - mean f)/alpha")
+    decay: Literal[0, 1, 2] = Field(0, description="theta_old EMA schedule: 0 on-policy; 1 min(1e-3 k, 0.5); 2 delayed")
+    grad_clip: float = Field(1.0, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="within one finetune call")
+    t_min: float = Field(0.0, ge=0, lt=1, description="times are drawn from U(t_min, 1)")
+    max_skip_fraction: float = Field(0.1, ge=0, le=1)
+
+
+def old_policy_decay(step: int, kind: int) -> float:
+    """EMA decay ``d`` of the sampling policy after optimiser step ``step`` (DiffusionNFT's three schedules).
+
+    * 0: ``d = 0`` (fully on-policy);  * 1: ``d = min(0.001 step, 0.5)``;
+    * 2: ``d = 0`` for the first 75 steps, then ``min(0.0075 (step - 75), 0.999)``.
+    """
+    if kind == 0:
+        return 0.0
+    if kind == 1:
+        return min(0.001 * step, 0.5)
+    if kind == 2:
+        return 0.0 if step < 75 else min(0.0075 * (step - 75), 0.999)
+    raise ValueError(f"unknown decay schedule {kind}; use 0, 1 or 2")
+
+
+def optimality_probability(values: torch.Tensor, alpha: float, adv_clip: float) -> torch.Tensor:
+    """``r = 1/2 + clip((f - mean f)/alpha, -A_max, A_max) / (2 A_max)`` in ``[0, 1]``."""
+    adv = ((values - values.mean()) / alpha).clamp(-adv_clip, adv_clip)
+    return 0.5 + adv / (2.0 * adv_clip)
+
+
+def nft_loss(
+    v_theta: torch.Tensor,
+    v_old: torch.Tensor,
+    v_ref: torch.Tensor,
+    target: torch.Tensor,
+    r: torch.Tensor,
+    beta: float,
+    adv_clip: float,
+) -> torch.Tensor:
+    """``A_max/beta * mean[r ||v+ - u||^2 + (1 - r) ||v- - u||^2] + mean ||v_theta - v_ref||^2`` (sum over dims).
+
+    ``r`` has one entry per row of ``v_theta``.
+    """
+    v_pos = beta * v_theta + (1.0 - beta) * v_old
+    v_neg = (1.0 + beta) * v_old - beta * v_theta
+    err_pos = (v_pos - target).pow(2).flatten(1).sum(1)
+    err_neg = (v_neg - target).pow(2).flatten(1).sum(1)
+    policy = (r * err_pos + (1.0 - r) * err_neg).mean()
+    kl = (v_theta - v_ref).pow(2).flatten(1).sum(1).mean()
+    return adv_clip / beta * policy + kl
+
+
+class DiffusionNFT:
+    """DiffusionNFT inner solver (zero order: works with black-box, non-differentiable rewards)."""
+
+    name = "nft"
+    requires_gradients = False
+
+    def __init__(self, config: DiffusionNFTConfig | None = None) -> None:
+        self.config = config if config is not None else DiffusionNFTConfig()
+        self.last_stats: FinetuneStats | None = None
+
+    def finetune(
+        self,
+        model: FlowModel,
+        reward: TerminalReward,
+        alpha: float,
+        steps: int,
+        *,
+        reference: FlowModel,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> FlowModel:
+        """Run ``steps`` NFT iterations on ``model`` (in place; fresh Adam; ``theta_old`` starts at ``model``)."""
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive, got {alpha}")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        cfg = self.config
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model to fine-tune has no trainable parameter")
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        old = copy.deepcopy(model).eval()
+        for p in old.parameters():
+            p.requires_grad_(False)
+        stats = FinetuneStats()
+        self.last_stats = stats
+        dev = model.device
+        bar = tqdm(range(steps), desc="diffusion nft", disable=not progress, leave=False)
+        for step in bar:
+            if cfg.lr_schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
+            x1 = sample_ode(old, cfg.batch_size, steps=cfg.sample_steps, generator=generator)
+            try:
+                with torch.no_grad():
+                    values = check_batch_values(reward(x1), x1.shape[0], "reward")
+            except NonFiniteValueError as err:
+                self._skip(stats, step, steps, str(err))
+                continue
+            r = optimality_probability(values.to(x1.dtype), alpha, cfg.adv_clip)
+            n = cfg.batch_size * cfg.times_per_sample
+            x1_rep = x1.repeat_interleave(cfg.times_per_sample, dim=0)
+            r_rep = r.repeat_interleave(cfg.times_per_sample)
+            x0 = model.sample_prior(n, generator=generator, device=dev)
+            t = cfg.t_min + (1.0 - cfg.t_min) * torch.rand(n, generator=generator, device=dev, dtype=x1.dtype)
+            xt = model.scheduler.interpolate(x0, x1_rep, t)
+            target = model.scheduler.target_velocity(x0, x1_rep, t)
+            with torch.no_grad():
+                v_old = old(xt, t)
+                v_ref = reference(xt, t)
+            model.train()
+            loss = nft_loss(model(xt, t), v_old, v_ref, target, r_rep, cfg.beta, cfg.adv_clip)
+            if not torch.isfinite(loss):
+                self._skip(stats, step, steps, f"loss is {loss.item()}")
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            d = old_policy_decay(step + 1, cfg.decay)
+            with torch.no_grad():
+                for p_old, p in zip(old.parameters(), model.parameters()):
+                    p_old.mul_(d).add_(p.detach(), alpha=1.0 - d)
+            stats.losses.append(loss.item())
+            stats.reward_means.append(values.mean().item())
+            if progress and step % 10 == 0:
+                bar.set_postfix(loss=f"{stats.losses[-1]:.3g}", reward=f"{stats.reward_means[-1]:.3g}")
+        model.eval()
+        return model
+
+    def _skip(self, stats: FinetuneStats, step: int, steps: int, reason: str) -> None:
+        stats.skipped_steps += 1
+        stats.skip_reasons.append(f"step {step}: {reason}")
+        log.warning("diffusion nft: skipped step %d (%s)", step, reason)
+        if stats.skipped_steps > max(1, math.floor(self.config.max_skip_fraction * steps)):
+            raise NonFiniteValueError(f"diffusion nft skipped {stats.skipped_steps} of {steps} steps; last reason: {reason}")

@@ -101,3 +101,21 @@ def test_cli_refuses_unavailable_cuda(tmp_path):
         pytest.skip("CUDA present")
     res = CliRunner().invoke(app, ["toy", "--quick", "--device", "cuda", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "CUDA" in res.output
+
+
+def test_cli_toy_quick_with_nft_solver(tmp_path):
+    out = tmp_path / "nft"
+    res = CliRunner().invoke(app, ["toy", "--quick", "--solver", "nft", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {"PRE", "NFT", "CFO_NFT"}
+    assert rows["NFT"]["solver"] == "nft" and rows["CFO_NFT"]["solver"] == "nft"
+    assert rows["NFT"]["reward_mean"] > rows["PRE"]["reward_mean"] + 2.0
+    assert rows["NFT"]["constraint_mean"] > rows["NFT"]["bound"]
+    assert rows["CFO_NFT"]["constraint_mean"] < rows["NFT"]["constraint_mean"]
+    assert (out / "cfo_rounds_nft.png").exists() and (out / "history_nft.json").exists()
+
+
+def test_cli_toy_rejects_unknown_solver(tmp_path):
+    res = CliRunner().invoke(app, ["toy", "--quick", "--solver", "sgd", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "unknown solver" in res.output

@@ -49,12 +49,13 @@ def toy(
     seed: Optional[list[int]] = typer.Option(None, "--seed", help="seed(s); repeat the option for several"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (overrides the config)"),
     quick: bool = typer.Option(False, "--quick", help="tiny budget smoke run (one seed, under 2 minutes)"),
+    solver: Optional[str] = typer.Option(None, "--solver", help="inner solver: am (default), nft or both; sets the methods (nft on the toy is experimental: see docs/toy.md)"),
     workers: Optional[int] = typer.Option(None, help="parallel processes (overrides the config)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """PRE vs unconstrained AM vs CFO_AM on the 2D toy task: table, results.json/.csv and plots in --out."""
+    """PRE vs unconstrained fine-tuning vs CFO on the 2D toy task: table, results.json/.csv and plots in --out."""
     _setup_logging(verbose)
-    from cfo.tasks.toy_experiment import PAPER_TOY_TABLE, ToyRunConfig, load_toy_config, quick_config, run_toy
+    from cfo.tasks.toy_experiment import PAPER_TOY_TABLE, ToyRunConfig, load_toy_config, methods_for_solver, quick_config, run_toy
 
     try:
         cfg = load_toy_config(config) if config is not None else (quick_config() if quick else ToyRunConfig())
@@ -67,6 +68,8 @@ def toy(
             update["device"] = device
         if workers is not None:
             update["workers"] = workers
+        if solver is not None:
+            update["methods"] = methods_for_solver(solver)
         if update:
             cfg = ToyRunConfig.model_validate({**cfg.model_dump(), **update})
         _check_device(cfg.device)
@@ -85,7 +88,7 @@ def toy(
     typer.echo(format_table(rows))
     typer.echo("")
     typer.echo("paper (Table 1, mean ± CI): " + "; ".join(f"{m} {r[0]:.2f}/{c[0]:.2f}" for m, (r, c) in PAPER_TOY_TABLE.items() if m in cfg.methods))
-    typer.echo(f"wrote {out}/results.json, results.csv, table.md, samples.png" + (", cfo_rounds.png" if "CFO_AM" in cfg.methods else ""))
+    typer.echo(f"wrote {out}/results.json, results.csv, table.md, samples.png and the per-round plots cfo_rounds*.png")
 
 
 def _check_device(device: str) -> None:

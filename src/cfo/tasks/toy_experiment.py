@@ -1,4 +1,7 @@
-"""``cfo toy``: PRE, unconstrained AM and CFO_AM on the 2D toy task, same budget ``M = K * N``, several seeds.
+"""``cfo toy``: PRE, unconstrained fine-tuning and CFO on the 2D toy task, same budget ``M = K * N``, several seeds.
+
+Methods: ``PRE``; ``AM`` and ``CFO_AM`` (Adjoint Matching inside); ``NFT`` and ``CFO_NFT`` (DiffusionNFT inside, which
+sees only reward values).
 
 Each (method, seed) is one job; finished jobs are stored under ``OUT/jobs`` and skipped when the command is run
 again, and CFO checkpoints every round under ``OUT/checkpoints``, so an interrupted run resumes where it stopped.
@@ -23,9 +26,20 @@ from cfo.loop import CFO, CFOConfig, round_generator
 from cfo.plots import plot_history
 from cfo.results import format_table, write_results
 from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from cfo.tasks import toy2d
 
-__all__ = ["ToyRunConfig", "load_toy_config", "quick_config", "run_toy", "PAPER_TOY_TABLE"]
+__all__ = ["ToyRunConfig", "load_toy_config", "quick_config", "run_toy", "PAPER_TOY_TABLE", "METHODS", "methods_for_solver"]
+
+METHODS = ("PRE", "AM", "CFO_AM", "NFT", "CFO_NFT")
+
+
+def methods_for_solver(solver: str) -> list[str]:
+    """The methods ``cfo toy --solver`` runs: ``am``, ``nft`` or ``both``."""
+    table = {"am": ["PRE", "AM", "CFO_AM"], "nft": ["PRE", "NFT", "CFO_NFT"], "both": ["PRE", "AM", "CFO_AM", "NFT", "CFO_NFT"]}
+    if solver not in table:
+        raise ValueError(f"unknown solver {solver!r}; use am, nft or both")
+    return table[solver]
 
 # Table 1 of the paper (2D MoG, mean +- CI): (E[r], E[c]).
 PAPER_TOY_TABLE = {
@@ -52,6 +66,9 @@ class ToyRunConfig(BaseModel):
     solver: AdjointMatchingConfig = Field(
         default_factory=lambda: AdjointMatchingConfig(lr=3e-3, lr_schedule="cosine", batch_size=128, rollout_steps=20)
     )
+    nft: DiffusionNFTConfig = Field(
+        default_factory=lambda: DiffusionNFTConfig(lr=3e-3, lr_schedule="cosine", batch_size=256, sample_steps=20, adv_clip=20.0)
+    )
     eval_samples: int = Field(5000, ge=2, description="fresh samples of each final model for the table")
     eval_ode_steps: int = Field(100, ge=1)
     bound: float = Field(toy2d.ToyGeometry().bound, description="B of the triangle constraint")
@@ -61,9 +78,9 @@ class ToyRunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ToyRunConfig":
-        unknown = set(self.methods) - {"PRE", "AM", "CFO_AM"}
+        unknown = set(self.methods) - set(METHODS)
         if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; choose from PRE, AM, CFO_AM")
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
         return self
@@ -79,6 +96,7 @@ def quick_config() -> ToyRunConfig:
         seeds=[0],
         cfo=CFOConfig(rounds=4, steps_per_round=25, rho_init=4.0, eval_samples=1000, target_margin=0.05),
         solver=AdjointMatchingConfig(lr=3e-3, lr_schedule="cosine", batch_size=64, rollout_steps=20),
+        nft=DiffusionNFTConfig(lr=3e-3, lr_schedule="cosine", batch_size=64, sample_steps=10, adv_clip=20.0),
         eval_samples=2000,
         workers=1,
     )
@@ -139,14 +157,13 @@ def _run_job(args: tuple) -> str:
     sampler = default_sampler(cfg.eval_ode_steps)
     t0 = time.perf_counter()
     history = None
+    solver = DiffusionNFT(cfg.nft) if method.endswith("NFT") else AdjointMatching(cfg.solver)
     if method == "PRE":
         model, solver_name = pre, "none"
-    elif method == "AM":
-        solver = AdjointMatching(cfg.solver)
+    elif method in ("AM", "NFT"):
         model = finetune_unconstrained(problem, solver, pre, cfg.budget, seed=seed, progress=progress)
         solver_name = solver.name
     else:
-        solver = AdjointMatching(cfg.solver)
         loop = CFO(problem, solver, pre, cfg.cfo.model_copy(update={"seed": seed}), checkpoint_dir=out / "checkpoints" / _job_name(method, seed), sampler=sampler)
         result = loop.run(progress=progress)
         model, solver_name = result.model, solver.name
@@ -175,7 +192,7 @@ def run_toy(cfg: ToyRunConfig, out_dir: str | Path, progress: bool = True) -> li
             raise ValueError(f"{out} holds a run with another configuration; use another --out or the same --config {cfg_file}")
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     # CFO jobs first: they are the longest
-    order = sorted(((m, s) for s in cfg.seeds for m in cfg.methods), key=lambda ms: {"CFO_AM": 0, "AM": 1, "PRE": 2}[ms[0]])
+    order = sorted(((m, s) for s in cfg.seeds for m in cfg.methods), key=lambda ms: {"CFO_AM": 0, "CFO_NFT": 1, "AM": 2, "NFT": 3, "PRE": 4}[ms[0]])
     todo = [(m, s) for m, s in order if not (out / "jobs" / f"{_job_name(m, s)}.json").exists()]
     workers = min(cfg.workers, max(1, len(todo)))
     args = [(m, s, cfg.model_dump(), str(out), 1 if workers > 1 else torch.get_num_threads(), progress and workers == 1) for m, s in todo]
@@ -199,8 +216,9 @@ def run_toy(cfg: ToyRunConfig, out_dir: str | Path, progress: bool = True) -> li
     seed0 = cfg.seeds[0]
     samples = {m: torch.load(out / "samples" / f"{_job_name(m, seed0)}.pt", weights_only=True) for m in cfg.methods}
     toy2d.plot_samples(samples, out / "samples.png", bound=cfg.bound, title=f"toy task, seed {seed0}")
-    if "CFO_AM" in cfg.methods:
-        histories = {f"seed {s}": jobs[("CFO_AM", s)]["history"] for s in cfg.seeds}
-        (out / "history.json").write_text(json.dumps(histories, indent=2))
-        plot_history(histories, [cfg.bound], out / "cfo_rounds.png", title="CFO_AM on the toy task", margin=cfg.cfo.target_margin)
+    for method, suffix in (("CFO_AM", ""), ("CFO_NFT", "_nft")):
+        if method in cfg.methods:
+            histories = {f"seed {s}": jobs[(method, s)]["history"] for s in cfg.seeds}
+            (out / f"history{suffix}.json").write_text(json.dumps(histories, indent=2))
+            plot_history(histories, [cfg.bound], out / f"cfo_rounds{suffix}.png", title=f"{method} on the toy task", margin=cfg.cfo.target_margin)
     return rows

@@ -49,7 +49,7 @@ def toy(
     seed: Optional[list[int]] = typer.Option(None, "--seed", help="seed(s); repeat the option for several"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (overrides the config)"),
     quick: bool = typer.Option(False, "--quick", help="tiny budget smoke run (one seed, under 2 minutes)"),
-    solver: Optional[str] = typer.Option(None, "--solver", help="inner solver: am (default), nft or both; sets the methods (nft on the toy is experimental: see docs/toy.md)"),
+    solver: Optional[str] = typer.Option(None, "--solver", help="inner solver: am (default), nft or both; sets the methods"),
     workers: Optional[int] = typer.Option(None, help="parallel processes (overrides the config)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:

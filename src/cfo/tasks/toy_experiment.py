@@ -67,7 +67,7 @@ class ToyRunConfig(BaseModel):
         default_factory=lambda: AdjointMatchingConfig(lr=3e-3, lr_schedule="cosine", batch_size=128, rollout_steps=20)
     )
     nft: DiffusionNFTConfig = Field(
-        default_factory=lambda: DiffusionNFTConfig(lr=3e-3, lr_schedule="cosine", batch_size=256, sample_steps=20, adv_clip=20.0)
+        default_factory=lambda: DiffusionNFTConfig(lr=3e-4, lr_schedule="cosine", batch_size=256, sample_steps=20, adv_clip=20.0)
     )
     eval_samples: int = Field(5000, ge=2, description="fresh samples of each final model for the table")
     eval_ode_steps: int = Field(100, ge=1)

@@ -22,8 +22,6 @@ of skipped steps raises.
 
 from __future__ import annotations
 
-import logging
-import math
 from typing import Literal
 
 import torch
@@ -32,12 +30,11 @@ from tqdm.auto import tqdm
 
 from cfo.flows.model import FlowModel
 from cfo.flows.sampling import Trajectory, sample_memoryless_sde
-from cfo.solvers.base import FinetuneStats, TerminalReward
+from cfo.solvers.base import FinetuneStats, TerminalReward, gradient_step, schedule_lr, start_finetune
 from cfo.validation import NonFiniteValueError, check_batch_values
 
 __all__ = ["AdjointMatchingConfig", "AdjointMatching", "terminal_adjoint", "lean_adjoint", "adjoint_matching_loss"]
 
-log = logging.getLogger(__name__)
 
 
 class AdjointMatchingConfig(BaseModel):
@@ -175,43 +172,30 @@ class AdjointMatching:
         """Run ``steps`` AM iterations on ``model`` (in place, fresh Adam) towards ``reference * exp(f/alpha)``."""
         if not getattr(reward, "differentiable", False):
             raise ValueError("Adjoint Matching needs a differentiable reward; use a zero-order solver such as DiffusionNFT")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be positive, got {alpha}")
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
         cfg = self.config
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model to fine-tune has no trainable parameter")
-        opt = torch.optim.Adam(params, lr=cfg.lr)
+        params, opt = start_finetune(model, alpha, steps, cfg.lr)
         stats = FinetuneStats()
         self.last_stats = stats
         interior = list(range(1, cfg.rollout_steps))
         bar = tqdm(range(steps), desc="adjoint matching", disable=not progress, leave=False)
         for step in bar:
-            if cfg.lr_schedule == "cosine":
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
+            schedule_lr(opt, cfg.lr, cfg.lr_schedule, step, steps)
             model.eval()
             traj = sample_memoryless_sde(model, cfg.batch_size, cfg.rollout_steps, generator=generator)
             try:
                 a1, values = terminal_adjoint(reward, traj.final, alpha, cfg.terminal_grad_clip)
             except NonFiniteValueError as err:
-                self._skip(stats, step, steps, f"terminal: {err}")
+                stats.skip("adjoint matching", step, steps, f"terminal: {err}", cfg.max_skip_fraction)
                 continue
             adjoints, v_ref = lean_adjoint(reference, traj, a1)
             subset = self._time_subset(interior, generator)
             model.train()
             loss = adjoint_matching_loss(model, traj, adjoints, v_ref, subset)
             if not torch.isfinite(loss):
-                self._skip(stats, step, steps, f"loss is {loss.item()}")
+                stats.skip("adjoint matching", step, steps, f"loss is {loss.item()}", cfg.max_skip_fraction)
                 continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            stats.losses.append(loss.item())
-            stats.reward_means.append(values.mean().item())
+            gradient_step(opt, params, loss, cfg.grad_clip)
+            stats.record(loss, values)
             if progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{stats.losses[-1]:.3g}", reward=f"{stats.reward_means[-1]:.3g}")
         model.eval()
@@ -223,12 +207,3 @@ class AdjointMatching:
             return interior
         perm = torch.randperm(len(interior), generator=generator, device=generator.device if generator is not None else "cpu")
         return sorted(interior[i] for i in perm[:k].tolist())
-
-    def _skip(self, stats: FinetuneStats, step: int, steps: int, reason: str) -> None:
-        stats.skipped_steps += 1
-        stats.skip_reasons.append(f"step {step}: {reason}")
-        log.warning("adjoint matching: skipped step %d (%s)", step, reason)
-        if stats.skipped_steps > max(1, math.floor(self.config.max_skip_fraction * steps)):
-            raise NonFiniteValueError(
-                f"adjoint matching skipped {stats.skipped_steps} of {steps} steps; last reason: {reason}"
-            )

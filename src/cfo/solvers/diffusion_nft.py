@@ -26,8 +26,6 @@ fast the iteration moves, not where it stops.
 from __future__ import annotations
 
 import copy
-import logging
-import math
 from typing import Literal
 
 import torch
@@ -36,12 +34,11 @@ from tqdm.auto import tqdm
 
 from cfo.flows.model import FlowModel
 from cfo.flows.sampling import sample_ode
-from cfo.solvers.base import FinetuneStats, TerminalReward
+from cfo.solvers.base import FinetuneStats, TerminalReward, gradient_step, schedule_lr, start_finetune
 from cfo.validation import NonFiniteValueError, check_batch_values
 
 __all__ = ["DiffusionNFTConfig", "DiffusionNFT", "optimality_probability", "nft_loss", "old_policy_decay"]
 
-log = logging.getLogger(__name__)
 
 
 class DiffusionNFTConfig(BaseModel):
@@ -127,15 +124,8 @@ class DiffusionNFT:
         progress: bool = False,
     ) -> FlowModel:
         """Run ``steps`` NFT iterations on ``model`` (in place; fresh Adam; ``theta_old`` starts at ``model``)."""
-        if not alpha > 0:
-            raise ValueError(f"alpha must be positive, got {alpha}")
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
         cfg = self.config
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model to fine-tune has no trainable parameter")
-        opt = torch.optim.Adam(params, lr=cfg.lr)
+        params, opt = start_finetune(model, alpha, steps, cfg.lr)
         old = copy.deepcopy(model).eval()
         for p in old.parameters():
             p.requires_grad_(False)
@@ -144,15 +134,13 @@ class DiffusionNFT:
         dev = model.device
         bar = tqdm(range(steps), desc="diffusion nft", disable=not progress, leave=False)
         for step in bar:
-            if cfg.lr_schedule == "cosine":
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
+            schedule_lr(opt, cfg.lr, cfg.lr_schedule, step, steps)
             x1 = sample_ode(old, cfg.batch_size, steps=cfg.sample_steps, generator=generator)
             try:
                 with torch.no_grad():
                     values = check_batch_values(reward(x1), x1.shape[0], "reward")
             except NonFiniteValueError as err:
-                self._skip(stats, step, steps, str(err))
+                stats.skip("diffusion nft", step, steps, str(err), cfg.max_skip_fraction)
                 continue
             r = optimality_probability(values.to(x1.dtype), alpha, cfg.adv_clip)
             n = cfg.batch_size * cfg.times_per_sample
@@ -168,26 +156,15 @@ class DiffusionNFT:
             model.train()
             loss = nft_loss(model(xt, t), v_old, v_ref, target, r_rep, cfg.beta, cfg.adv_clip)
             if not torch.isfinite(loss):
-                self._skip(stats, step, steps, f"loss is {loss.item()}")
+                stats.skip("diffusion nft", step, steps, f"loss is {loss.item()}", cfg.max_skip_fraction)
                 continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            gradient_step(opt, params, loss, cfg.grad_clip)
             d = old_policy_decay(step + 1, cfg.decay)
             with torch.no_grad():
                 for p_old, p in zip(old.parameters(), model.parameters()):
                     p_old.mul_(d).add_(p.detach(), alpha=1.0 - d)
-            stats.losses.append(loss.item())
-            stats.reward_means.append(values.mean().item())
+            stats.record(loss, values)
             if progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{stats.losses[-1]:.3g}", reward=f"{stats.reward_means[-1]:.3g}")
         model.eval()
         return model
-
-    def _skip(self, stats: FinetuneStats, step: int, steps: int, reason: str) -> None:
-        stats.skipped_steps += 1
-        stats.skip_reasons.append(f"step {step}: {reason}")
-        log.warning("diffusion nft: skipped step %d (%s)", step, reason)
-        if stats.skipped_steps > max(1, math.floor(self.config.max_skip_fraction * steps)):
-            raise NonFiniteValueError(f"diffusion nft skipped {stats.skipped_steps} of {steps} steps; last reason: {reason}")

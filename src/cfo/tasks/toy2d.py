@@ -21,7 +21,7 @@ the mixture, the target, the triangles nor ``B``.  Our design (see ``docs/toy.md
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

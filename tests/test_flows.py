@@ -151,3 +151,33 @@ def test_trainable_copy_keeps_frozen_parts_frozen():
     assert all(v for n, v in flags.items() if n.startswith("network.correction"))
     assert all(p.requires_grad for p in trainable_copy(frozen_copy(base)).parameters())
     assert not any(p.requires_grad for p in frozen_copy(base).parameters())
+
+
+def test_log_prob_of_exact_gaussian_flow_matches_the_density():
+    from conftest import COV, MEAN, gaussian_reference
+
+    from cfo.flows import log_prob
+
+    model = gaussian_reference()
+    x = torch.randn(500, 2, generator=torch.Generator().manual_seed(1)) * 1.5
+    exact = torch.distributions.MultivariateNormal(MEAN.double(), COV.double()).log_prob(x.double())
+    lp = log_prob(model, x, steps=100)
+    assert (lp - exact).abs().max() < 2e-3
+    # the Hutchinson estimate is unbiased: its mean error over many points is small
+    lp_h = log_prob(model, x, steps=100, hutchinson=True, generator=torch.Generator().manual_seed(2))
+    assert (lp_h - exact).mean().abs() < 0.05
+
+
+def test_kl_between_two_gaussian_flows_matches_the_closed_form():
+    from cfo.flows import FlowModel, GaussianVelocity, kl_divergence
+
+    m1, s1 = torch.tensor([0.5, -0.5]), torch.tensor([[1.0, 0.3], [0.3, 0.5]])
+    m2, s2 = torch.tensor([0.0, 0.0]), torch.eye(2) * 1.5
+    p = FlowModel(GaussianVelocity(m1, s1), (2,))
+    q = FlowModel(GaussianVelocity(m2, s2), (2,))
+    exact = torch.distributions.kl_divergence(
+        torch.distributions.MultivariateNormal(m1.double(), s1.double()), torch.distributions.MultivariateNormal(m2.double(), s2.double())
+    )
+    kl, se = kl_divergence(p, q, n=4000, steps=60, generator=torch.Generator().manual_seed(0))
+    assert abs(kl - float(exact)) < 3 * se + 0.01
+    assert kl_divergence(p, p, n=500, steps=40, generator=torch.Generator().manual_seed(0))[0] == pytest.approx(0.0, abs=1e-6)

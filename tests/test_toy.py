@@ -70,7 +70,8 @@ def test_cli_toy_quick_writes_results_and_plots(tmp_path):
     assert am["reward_mean"] > pre["reward_mean"] + 2.0  # unconstrained AM pulls mass to the target
     assert am["constraint_mean"] > pre["constraint_mean"]  # ... and out of the triangles
     assert cfo_am["constraint_mean"] < am["constraint_mean"]
-    for name in ("results.csv", "table.md", "samples.png", "cfo_rounds.png", "config.yaml", "history.json"):
+    assert am["kl"] > cfo_am["kl"] > 0 and pre["kl"] == 0.0  # the constraint keeps CFO closer to pre than AM
+    for name in ("results.csv", "table.md", "samples.png", "cfo_rounds_CFO_AM.png", "config.yaml", "history.json", "machine.json"):
         assert (out / name).exists(), name
     assert "| CFO_AM |" in res.output
     # a second call finds every job done and only rebuilds the report
@@ -113,7 +114,9 @@ def test_cli_toy_quick_with_nft_solver(tmp_path):
     assert rows["NFT"]["reward_mean"] > rows["PRE"]["reward_mean"] + 2.0
     assert rows["NFT"]["constraint_mean"] > rows["NFT"]["bound"]
     assert rows["CFO_NFT"]["constraint_mean"] < rows["NFT"]["constraint_mean"]
-    assert (out / "cfo_rounds_nft.png").exists() and (out / "history_nft.json").exists()
+    assert (out / "cfo_rounds_CFO_NFT.png").exists()
+    history = json.loads((out / "history.json").read_text())
+    assert list(history) == ["CFO_NFT"] and len(history["CFO_NFT"]["seed 0"]) == 4
 
 
 def test_cli_toy_rejects_unknown_solver(tmp_path):

@@ -42,53 +42,206 @@ def pretrain(
     typer.echo(f"saved {out}")
 
 
+def _toy_config(config: Optional[Path], quick: bool, default, quick_default):
+    from cfo.tasks.toy_experiment import load_toy_config
+
+    if config is not None and quick:
+        raise ValueError("use either --config or --quick, not both")
+    return load_toy_config(config) if config is not None else (quick_default() if quick else default())
+
+
+def _apply_overrides(cfg, seed, device, workers, solver):
+    from cfo.tasks.toy_experiment import ToyRunConfig, methods_for_solver
+
+    update = {}
+    if seed:
+        update["seeds"] = list(seed)
+    if device is not None:
+        update["device"] = device
+    if workers is not None:
+        update["workers"] = workers
+    if solver is not None:
+        update["methods"] = methods_for_solver(solver, cfg.study)
+    if update:
+        cfg = ToyRunConfig.model_validate({**cfg.model_dump(), **update})
+    _check_device(cfg.device)
+    return cfg
+
+
+def _run_study(cfg, out: Path) -> list[dict]:
+    from cfo.tasks.toy_experiment import expand_jobs, run_toy
+
+    n_jobs = len(expand_jobs(cfg))
+    typer.echo(f"cfo {cfg.study}: methods {cfg.methods}, seeds {cfg.seeds}, {n_jobs} jobs, budget M = {cfg.budget} solver iterations each, out {out}")
+    try:
+        return run_toy(cfg, out)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
+SEED_OPT = typer.Option(None, "--seed", help="seed(s); repeat the option for several")
+DEVICE_OPT = typer.Option(None, help="cpu or cuda (overrides the config)")
+WORKERS_OPT = typer.Option(None, help="parallel processes (overrides the config)")
+CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML run configuration (see configs/)")
+
+
 @app.command()
 def toy(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run configuration (see configs/toy.yaml)"),
+    config: Optional[Path] = CONFIG_OPT,
     out: Path = typer.Option(Path("runs/toy"), help="run folder: results.json/.csv, table.md, plots, checkpoints"),
-    seed: Optional[list[int]] = typer.Option(None, "--seed", help="seed(s); repeat the option for several"),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (overrides the config)"),
+    seed: Optional[list[int]] = SEED_OPT,
+    device: Optional[str] = DEVICE_OPT,
     quick: bool = typer.Option(False, "--quick", help="tiny budget smoke run (one seed, under 2 minutes)"),
     solver: Optional[str] = typer.Option(None, "--solver", help="inner solver: am (default), nft or both; sets the methods"),
-    workers: Optional[int] = typer.Option(None, help="parallel processes (overrides the config)"),
+    workers: Optional[int] = WORKERS_OPT,
+    generation: bool = typer.Option(False, "--generation", help="constrained generation (r = None) from a single Gaussian"),
+    bound: Optional[list[float]] = typer.Option(None, "--bound", help="bound B; with --generation repeat it for several (default 0 and 1)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """PRE vs unconstrained fine-tuning vs CFO on the 2D toy task: table, results.json/.csv and plots in --out."""
+    """PRE vs unconstrained fine-tuning vs CFO on the 2D toy task (or, with --generation, constrained generation at
+    each --bound): table, results.json/.csv and plots in --out."""
     _setup_logging(verbose)
-    from cfo.tasks.toy_experiment import PAPER_TOY_TABLE, ToyRunConfig, load_toy_config, methods_for_solver, quick_config, run_toy
+    from cfo.tasks.toy_experiment import PAPER_TOY_TABLE, ToyRunConfig, generation_config, quick_config
 
     try:
-        cfg = load_toy_config(config) if config is not None else (quick_config() if quick else ToyRunConfig())
-        if config is not None and quick:
-            raise ValueError("use either --config or --quick, not both")
-        update = {}
-        if seed:
-            update["seeds"] = list(seed)
-        if device is not None:
-            update["device"] = device
-        if workers is not None:
-            update["workers"] = workers
-        if solver is not None:
-            update["methods"] = methods_for_solver(solver)
-        if update:
-            cfg = ToyRunConfig.model_validate({**cfg.model_dump(), **update})
-        _check_device(cfg.device)
+        if generation:
+            cfg = _toy_config(config, quick, lambda: generation_config(bound), lambda: generation_config(bound, quick=True))
+            if config is not None and bound:
+                cfg = ToyRunConfig.model_validate({**cfg.model_dump(), "generation_bounds": list(bound)})
+        else:
+            cfg = _toy_config(config, quick, ToyRunConfig, quick_config)
+            if bound:
+                if len(bound) > 1:
+                    raise ValueError("several --bound values need --generation; the main table has one bound")
+                cfg = ToyRunConfig.model_validate({**cfg.model_dump(), "bound": bound[0]})
+        if cfg.study not in ("main", "generation"):
+            raise ValueError(f"{config} is a {cfg.study} configuration; run it with its own command (cfo sweep-mu / ablate-budget)")
+        cfg = _apply_overrides(cfg, seed, device, workers, solver)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
-    typer.echo(f"cfo toy: methods {cfg.methods}, seeds {cfg.seeds}, budget M = K*N = {cfg.cfo.rounds}*{cfg.cfo.steps_per_round} = {cfg.budget}, out {out}")
+    rows = _run_study(cfg, out)
+    from cfo.results import format_table
+
+    typer.echo("")
+    typer.echo(format_table(rows, reward=cfg.study == "main"))
+    typer.echo("")
+    if cfg.study == "main":
+        typer.echo("paper (Table 1, mean ± CI): " + "; ".join(f"{m} {r[0]:.2f}/{c[0]:.2f}" for m, (r, c) in PAPER_TOY_TABLE.items() if m in cfg.methods))
+    typer.echo(f"wrote {out}/results.json, results.csv, table.md, samples.png and the per-round plots cfo_rounds_*.png; `cfo report {out}` renders them")
+
+
+@app.command("sweep-mu")
+def sweep_mu(
+    config: Optional[Path] = CONFIG_OPT,
+    out: Path = typer.Option(Path("runs/sweep_mu"), help="run folder"),
+    seed: Optional[list[int]] = SEED_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    quick: bool = typer.Option(False, "--quick", help="4 weights, one seed, tiny budget"),
+    solver: Optional[str] = typer.Option(None, "--solver", help="inner solver: am (default), nft or both"),
+    mu: Optional[list[float]] = typer.Option(None, "--mu", help="fixed weights (repeat); default 18 log-spaced over [1e-6, 1e6]"),
+    workers: Optional[int] = WORKERS_OPT,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """The fixed-weight Lagrangian r - mu c at every mu (same solver and budget) against one CFO run: table, Pareto
+    plot, and how many mu reach CFO's reward while satisfying the constraint, at what cost."""
+    _setup_logging(verbose)
+    from cfo.tasks.toy_experiment import ToyRunConfig, sweep_config
+    from cfo.tasks.toy_report import sweep_summary
+
     try:
-        rows = run_toy(cfg, out)
+        cfg = _toy_config(config, quick, sweep_config, lambda: sweep_config(quick=True))
+        if cfg.study != "mu_sweep":
+            raise ValueError(f"{config} is a {cfg.study} configuration, not a mu_sweep one")
+        if mu:
+            cfg = ToyRunConfig.model_validate({**cfg.model_dump(), "mus": list(mu)})
+        cfg = _apply_overrides(cfg, seed, device, workers, solver)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
+    rows = _run_study(cfg, out)
     from cfo.results import format_table
 
     typer.echo("")
     typer.echo(format_table(rows))
+    for name, s in sweep_summary(rows).items():
+        typer.echo(
+            f"{name}: {s['n_feasible']}/{s['n_mu']} weights satisfy the constraint, {s['n_feasible_at_cfo_reward']}/{s['n_mu']} also reach CFO's reward "
+            f"{s['cfo_reward']:.2f}; sweep {s['sweep_wall_s']:.0f} s vs CFO {s['cfo_wall_s']:.0f} s of training per seed ({s['wall_ratio']:.1f}x)"
+        )
+    typer.echo(f"wrote {out}/results.json, table.md, pareto.png; `cfo report {out}` renders them")
+
+
+@app.command("ablate-budget")
+def ablate_budget(
+    config: Optional[Path] = CONFIG_OPT,
+    out: Path = typer.Option(Path("runs/ablate_budget"), help="run folder"),
+    seed: Optional[list[int]] = SEED_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    quick: bool = typer.Option(False, "--quick", help="two splits of a tiny budget, one seed"),
+    solver: Optional[str] = typer.Option(None, "--solver", help="inner solver: am (default), nft or both"),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="K,N (repeat); every split must have the same K*N"),
+    workers: Optional[int] = WORKERS_OPT,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """CFO with one budget M split into different (K rounds, N steps): table and budget-aligned round curves."""
+    _setup_logging(verbose)
+    from cfo.tasks.toy_experiment import ToyRunConfig, ablation_config
+
+    try:
+        cfg = _toy_config(config, quick, ablation_config, lambda: ablation_config(quick=True))
+        if cfg.study != "budget_ablation":
+            raise ValueError(f"{config} is a {cfg.study} configuration, not a budget_ablation one")
+        if split:
+            try:
+                splits = [tuple(int(v) for v in s.split(",")) for s in split]
+            except ValueError as err:
+                raise ValueError(f"--split takes K,N with two integers, got {split}") from err
+            if any(len(s) != 2 for s in splits):
+                raise ValueError(f"--split takes K,N with two integers, got {split}")
+            cfg = ToyRunConfig.model_validate({**cfg.model_dump(), "splits": splits})
+        cfg = _apply_overrides(cfg, seed, device, workers, solver)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    rows = _run_study(cfg, out)
+    from cfo.results import format_table
+
     typer.echo("")
-    typer.echo("paper (Table 1, mean ± CI): " + "; ".join(f"{m} {r[0]:.2f}/{c[0]:.2f}" for m, (r, c) in PAPER_TOY_TABLE.items() if m in cfg.methods))
-    typer.echo(f"wrote {out}/results.json, results.csv, table.md, samples.png and the per-round plots cfo_rounds*.png")
+    typer.echo(format_table(rows))
+    typer.echo(f"wrote {out}/results.json, table.md, budget_rounds.png; `cfo report {out}` renders them")
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="run folders (each with config.yaml and results.json)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Markdown file (default: RUN_DIR/report.md for one folder)"),
+    title: str = typer.Option("Results", help="top heading when several folders are combined"),
+    intro: Optional[Path] = typer.Option(None, help="Markdown file inserted under the heading"),
+) -> None:
+    """Turn saved run folders into Markdown tables and plots (ours beside the paper's); plots are copied next to --out."""
+    from cfo.tasks.toy_report import render_toy_report
+
+    if out is None:
+        if len(run_dirs) != 1:
+            typer.echo("error: give --out when combining several run folders", err=True)
+            raise typer.Exit(2)
+        out = run_dirs[0] / "report.md"
+    image_dir = out.parent / f"{out.stem}_img"
+    rel = image_dir.name
+    parts = [f"# {title}\n", "Generated by `cfo report " + " ".join(str(d) for d in run_dirs) + f" --out {out}`; do not edit by hand.\n"]
+    if intro is not None:
+        parts.append(intro.read_text())
+    try:
+        for d in run_dirs:
+            parts.append(render_toy_report(d, image_dir=image_dir if out.parent.resolve() != d.resolve() else None, image_rel=rel))
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts))
+    typer.echo(f"wrote {out}")
 
 
 def _check_device(device: str) -> None:

@@ -1,4 +1,4 @@
-"""Plots shared by tasks: the per-round CFO history (lambda_k, rho_k, E[c], E[r])."""
+"""Plots shared by tasks: the per-round CFO history (lambda_k, rho_k, E[c], E[r]) and the reward-constraint Pareto picture."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_history"]
+__all__ = ["plot_history", "plot_pareto", "plot_history_overlay"]
 
 
 def plot_history(
@@ -35,6 +35,75 @@ def plot_history(
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=7)
     fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_history_overlay(histories: dict[str, list[dict]], bounds: list[float], path: Path, title: str = "CFO rounds") -> Path:
+    """Like :func:`plot_history` but with the inner-solver iterations ``k * N`` on the x axis, so runs with different
+    ``(K, N)`` splits of one budget line up (e.g. the budget ablation)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for label, rows in histories.items():
+        steps = [sum(r["steps"] for r in rows[: i + 1]) for i in range(len(rows))]
+        axes[0].plot(steps, [r["rho_k"][0] for r in rows], marker="o", ms=2, label=label)
+        axes[1].plot(steps, [r["constraint_mean"][0] for r in rows], marker="o", ms=2, label=label)
+        axes[2].plot(steps, [r["reward_mean"] for r in rows], marker="o", ms=2, label=label)
+    axes[1].axhline(bounds[0], color="red", ls="--", lw=1, label="bound B")
+    for ax, name in zip(axes, [r"$\rho_k$", r"$E[c]$ after round k", r"$E[r]$ after round k"]):
+        ax.set_title(name)
+        ax.set_xlabel("inner-solver iterations")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(
+    points: list[dict],
+    references: list[dict],
+    bound: float,
+    path: Path,
+    title: str = "reward against constraint",
+    reward_name: str = "E[r]",
+    constraint_name: str = "E[c]",
+) -> Path:
+    """The Pareto picture: one point per fixed weight ``mu`` (coloured by ``log10 mu``, error bars across seeds) and
+    the reference methods (e.g. CFO, PRE) as labelled stars; the bound ``B`` as a vertical line (feasible: left of it).
+
+    ``points`` and ``references`` are result rows (``reward_mean``, ``reward_std``, ``constraint_mean``,
+    ``constraint_std``; ``points`` also ``mu``)."""
+    import math
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    mus = [max(p["mu"], 1e-12) for p in points]
+    logs = [math.log10(m) for m in mus]
+    ax.errorbar(
+        [p["constraint_mean"] for p in points], [p["reward_mean"] for p in points],
+        xerr=[p["constraint_std"] for p in points], yerr=[p["reward_std"] for p in points],
+        fmt="none", ecolor="gray", alpha=0.5, lw=0.8,
+    )
+    sc = ax.scatter([p["constraint_mean"] for p in points], [p["reward_mean"] for p in points], c=logs, cmap="viridis", s=36, zorder=3)
+    fig.colorbar(sc, ax=ax, label=r"$\log_{10}\mu$ (fixed weight)")
+    markers = ["*", "P", "X", "D"]
+    for i, ref in enumerate(references):
+        ax.errorbar(
+            ref["constraint_mean"], ref["reward_mean"], xerr=ref["constraint_std"], yerr=ref["reward_std"],
+            fmt=markers[i % len(markers)], ms=14, color=f"C{(i + 3) % 10}", mec="black", zorder=4, label=ref["method"],
+        )
+    ax.axvline(bound, color="red", ls="--", lw=1, label=f"B = {bound:g}")
+    ax.set_xlabel(f"{constraint_name} (lower is feasible)")
+    ax.set_ylabel(f"{reward_name} (higher is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -14,8 +14,13 @@ Row schema (one row per method, aggregated over seeds; ``results_per_seed.json``
 ``satisfied``       ``constraint_mean <= bound`` for every constraint
 ``feasible_fraction`` mean fraction of samples with ``c_i(x) <= B_i`` for all ``i``
 ``constraints``     list of ``{name, mean, std, bound}`` for every constraint
-``wall_s``          mean wall time of one seed's run of this method, seconds
+``wall_s``          mean wall time of one seed's run of this method, seconds (training only, final evaluation excluded)
+``wall_s_total``    total over seeds of ``wall_s``
 ==================  ==========================================================================================
+
+Optional fields, copied when the per-seed rows have them: ``base_method`` (``method`` without its variant, e.g.
+``LAG_AM`` for ``LAG_AM (mu=0.01)``), ``mu``, ``rounds``, ``steps_per_round``, ``inner_steps`` (solver iterations
+``M``), and ``kl`` (mean over seeds of the Monte-Carlo ``KL(pi || pre)``) with ``kl_std`` (across seeds).
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ __all__ = ["ROW_FIELDS", "aggregate_rows", "write_results", "format_table"]
 
 ROW_FIELDS = [
     "method", "solver", "n_seeds", "reward_mean", "reward_std", "constraint_mean", "constraint_std", "bound",
-    "satisfied", "feasible_fraction", "wall_s",
+    "satisfied", "feasible_fraction", "wall_s", "kl", "kl_std", "mu", "rounds", "steps_per_round", "inner_steps",
 ]
+COPIED_FIELDS = ("base_method", "mu", "rounds", "steps_per_round", "inner_steps")
 
 
 def _mean(v: Sequence[float]) -> float:
@@ -73,8 +79,16 @@ def aggregate_rows(per_seed: list[dict]) -> list[dict]:
                 "feasible_fraction": _mean([r["feasible_fraction"] for r in rows]),
                 "constraints": cons,
                 "wall_s": _mean([r["wall_s"] for r in rows]),
+                "wall_s_total": sum(r["wall_s"] for r in rows),
             }
         )
+        for key in COPIED_FIELDS:
+            if key in rows[0]:
+                out[-1][key] = rows[0][key]
+        kls = [r.get("kl") for r in rows]
+        if kls and all(k is not None for k in kls):
+            out[-1]["kl"] = _mean(kls)
+            out[-1]["kl_std"] = _std(kls) if len(rows) > 1 else rows[0].get("kl_se", 0.0)
     return out
 
 
@@ -91,15 +105,23 @@ def write_results(out_dir: Path, per_seed: list[dict]) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict], reward_name: str = "E[r]", constraint_name: str = "E[c]") -> str:
-    """A Markdown table: method, E[r] +- std, E[c] +- std, satisfied?, feasible fraction, wall time."""
-    lines = [
-        f"| method | {reward_name} | {constraint_name} (B = {rows[0]['bound']:g}) | satisfied | per-sample feasible | wall s |",
-        "|---|---|---|---|---|---|",
-    ]
+def format_table(rows: list[dict], reward_name: str = "E[r]", constraint_name: str = "E[c]", reward: bool = True) -> str:
+    """A Markdown table: method, E[r] +- std, E[c] +- std (with B), satisfied?, per-sample feasible fraction, KL to the
+    pre-trained model (when estimated), wall time.  ``reward=False`` drops the reward column (constrained generation)."""
+    bounds = {r["bound"] for r in rows}
+    con_head = f"{constraint_name} (B = {rows[0]['bound']:g})" if len(bounds) == 1 else f"{constraint_name} (B)"
+    has_kl = any(r.get("kl") is not None for r in rows)
+    head = ["method"] + ([reward_name] if reward else []) + [con_head, "satisfied", "per-sample feasible"]
+    head += (["KL(pi ‖ pre)"] if has_kl else []) + ["wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['reward_mean']:.2f} ± {r['reward_std']:.2f} | {r['constraint_mean']:.2f} ± {r['constraint_std']:.2f} "
-            f"| {'yes' if r['satisfied'] else 'no'} | {100 * r['feasible_fraction']:.0f}% | {r['wall_s']:.0f} |"
-        )
+        cells = [r["method"]]
+        if reward:
+            cells.append(f"{r['reward_mean']:.2f} ± {r['reward_std']:.2f}")
+        cons = f"{r['constraint_mean']:.2f} ± {r['constraint_std']:.2f}" + ("" if len(bounds) == 1 else f" ({r['bound']:g})")
+        cells += [cons, "yes" if r["satisfied"] else "no", f"{100 * r['feasible_fraction']:.0f}%"]
+        if has_kl:
+            cells.append("–" if r.get("kl") is None else f"{r['kl']:.2f} ± {r.get('kl_std') or 0.0:.2f}")
+        cells.append(f"{r['wall_s']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -29,7 +29,10 @@ import torch
 from cfo.flows.model import FlowModel, VelocityMLP
 from cfo.problem import ConstrainedProblem, Constraint, Reward
 
-__all__ = ["ToyGeometry", "mixture_sampler", "make_problem", "make_toy_flow", "load_pretrained", "triangle_distance", "PRETRAINED_PATH"]
+__all__ = [
+    "ToyGeometry", "GENERATION_GEOMETRY", "mixture_sampler", "make_problem", "make_toy_flow", "load_pretrained",
+    "gaussian_pretrained", "triangle_distance", "exact_optimum", "mixture_log_density", "gaussian_log_density", "PRETRAINED_PATH",
+]
 
 PRETRAINED_PATH = Path(__file__).resolve().parent.parent / "assets" / "toy2d_pretrained.pt"
 
@@ -99,6 +102,82 @@ def triangle_distance(x: torch.Tensor, triangles: torch.Tensor) -> torch.Tensor:
         d = torch.minimum(torch.minimum(_segment_distance(x, a, b), _segment_distance(x, b, c)), _segment_distance(x, c, a))
         dists.append(torch.where(inside, torch.zeros_like(d), d))
     return torch.stack(dists).min(dim=0).values
+
+
+# Constrained generation (paper Sec. 5.2): a single Gaussian pre-trained model and one red triangle.  With N(0, 1.5^2 I)
+# the pre-trained E[c] is 2.22 and 6.3% of the mass lies inside the triangle, so B = 1 and B = 0 are both active.
+GENERATION_GEOMETRY = ToyGeometry(triangle_directions=(math.pi / 4,))
+GENERATION_MEAN = (0.0, 0.0)
+GENERATION_STD = 1.5
+
+
+def gaussian_pretrained(mean: tuple[float, float] = GENERATION_MEAN, std: float = GENERATION_STD, seed: int = 0) -> FlowModel:
+    """The single-Gaussian pre-trained flow of the constrained-generation picture: the exact velocity of the path to
+    ``N(mean, std^2 I)`` plus a zero-initialised trainable MLP correction (so fine-tuning starts exactly at ``pre``)."""
+    from cfo.flows.model import GaussianVelocity, ResidualVelocity
+
+    torch.manual_seed(seed)
+    base = GaussianVelocity(torch.tensor(mean), std**2 * torch.eye(2))
+    return FlowModel(ResidualVelocity(base, VelocityMLP(2, hidden=64, depth=3).zero_output_()), (2,))
+
+
+def mixture_log_density(x: torch.Tensor, geometry: ToyGeometry = ToyGeometry()) -> torch.Tensor:
+    """Log-density of the pre-training mixture at ``x`` (``[batch, 2]``), float64."""
+    means = geometry.mode_means().double()
+    sq = ((x.double()[:, None, :] - means[None]) ** 2).sum(-1)
+    return torch.logsumexp(-sq / (2 * geometry.mode_std**2), dim=1) - math.log(len(means) * 2 * math.pi * geometry.mode_std**2)
+
+
+def gaussian_log_density(x: torch.Tensor, mean: tuple[float, float] = GENERATION_MEAN, std: float = GENERATION_STD) -> torch.Tensor:
+    """Log-density of ``N(mean, std^2 I)`` at ``x``, float64."""
+    sq = ((x.double() - torch.tensor(mean, dtype=torch.float64)) ** 2).sum(-1)
+    return -sq / (2 * std**2) - math.log(2 * math.pi * std**2)
+
+
+def exact_optimum(
+    problem: ConstrainedProblem,
+    log_density,
+    bound: float | None = None,
+    grid: int = 600,
+    half_width: float = 7.0,
+) -> dict:
+    """The exact solution of ``max E[r] - alpha KL(p || pre) s.t. E[c] <= B`` by quadrature on a grid.
+
+    The optimum is the tilt ``p* = pre exp((r - nu c) / alpha) / Z`` with the KKT multiplier ``nu >= 0`` (found by
+    bisection so ``E_{p*}[c] = B`` when the constraint is active; ``nu = 0`` when ``bound`` is None or inactive).  For
+    ``B = min c = 0`` the optimum is the limit ``nu -> inf``: ``pre`` conditioned on ``{c = 0}``.  Returns ``E[r]``
+    (0 for ``r = None``), ``E[c]``, ``KL(p* || pre)`` and ``nu``.
+    """
+    g = torch.linspace(-half_width, half_width, grid, dtype=torch.float64)
+    gx, gy = torch.meshgrid(g, g, indexing="xy")
+    pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
+    logp = log_density(pts)
+    logp = logp - torch.logsumexp(logp, 0)  # normalised on the grid
+    r = problem.reward_values(pts.float()).double() if problem.reward is not None else torch.zeros_like(logp)
+    c = problem.constraint_values(pts.float())[:, 0].double()
+
+    def solve(nu: float) -> dict:
+        logw = logp + (r - nu * c) / problem.alpha if math.isfinite(nu) else torch.where(c <= 0, logp, torch.full_like(logp, -math.inf))
+        logw = logw - torch.logsumexp(logw, 0)
+        w = logw.exp()
+        kl = float((w * torch.where(w > 0, logw - logp, torch.zeros_like(logw))).sum())
+        return {"reward": float((w * r).sum()), "constraint": float((w * c).sum()), "kl": kl, "nu": nu}
+
+    free = solve(0.0)
+    if bound is None or free["constraint"] <= bound:
+        return free
+    if bound <= float(c.min()):
+        return solve(math.inf)
+    lo, hi = 0.0, 1.0
+    while solve(hi)["constraint"] > bound:
+        lo, hi = hi, 2 * hi
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if solve(mid)["constraint"] > bound:
+            lo = mid
+        else:
+            hi = mid
+    return solve(hi)
 
 
 def make_problem(geometry: ToyGeometry = ToyGeometry(), generation: bool = False, bound: float | None = None) -> ConstrainedProblem:
@@ -189,9 +268,10 @@ def plot_samples(
     geometry: ToyGeometry = ToyGeometry(),
     title: str = "",
     max_points: int = 3000,
+    reward: bool = True,
 ) -> Path:
     """Scatter each method's samples over the landscape: red triangles (c = 0), contours of ``c`` and of the reward,
-    and the target as a white cross."""
+    and the target as a white cross (``reward=False``, constrained generation: no reward contours and no target)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +289,8 @@ def plot_samples(
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.4), squeeze=False)
     for ax, (name, x) in zip(axes[0], samples.items()):
         ax.set_facecolor("#20242c")
-        ax.contour(gx, gy, r, levels=[-16, -9, -4, -1], colors="white", alpha=0.25, linewidths=0.7)
+        if reward:
+            ax.contour(gx, gy, r, levels=[-16, -9, -4, -1], colors="white", alpha=0.25, linewidths=0.7)
         ax.contour(gx, gy, c, levels=[0.5, 1.0, 2.0], colors="#ff8080", alpha=0.35, linewidths=0.7)
         for tri in geometry.triangles():
             ax.add_patch(Polygon(tri.numpy(), closed=True, facecolor="#d62728", alpha=0.35, edgecolor="#ff4040"))
@@ -218,9 +299,11 @@ def plot_samples(
         inside = cx <= 0
         ax.scatter(pts[inside, 0], pts[inside, 1], s=2, c="#7fd4ff", alpha=0.6, label="c(x) = 0")
         ax.scatter(pts[~inside, 0], pts[~inside, 1], s=2, c="#ffd27f", alpha=0.6, label="c(x) > 0")
-        ax.plot(*geometry.target, marker="x", color="white", ms=12, mew=3)
         er, ec = problem.reward_values(x).mean().item(), problem.constraint_values(x)[:, 0].mean().item()
-        sub = f"E[r] = {er:.2f}, E[c] = {ec:.2f}" + (f" (B = {bound:g})" if bound is not None else "")
+        sub = f"E[c] = {ec:.2f}" + (f" (B = {bound:g})" if bound is not None else "")
+        if reward:
+            ax.plot(*geometry.target, marker="x", color="white", ms=12, mew=3)
+            sub = f"E[r] = {er:.2f}, " + sub
         ax.set_title(f"{name}\n{sub}", fontsize=10)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
@@ -230,7 +313,7 @@ def plot_samples(
     axes[0][0].legend(loc="lower left", fontsize=7, markerscale=4)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94) if title else None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

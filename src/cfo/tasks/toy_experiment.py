@@ -1,45 +1,74 @@
-"""``cfo toy``: PRE, unconstrained fine-tuning and CFO on the 2D toy task, same budget ``M = K * N``, several seeds.
+"""The toy studies: ``cfo toy`` (main table), ``cfo sweep-mu``, ``cfo ablate-budget`` and ``cfo toy --generation``.
 
 Methods: ``PRE``; ``AM`` and ``CFO_AM`` (Adjoint Matching inside); ``NFT`` and ``CFO_NFT`` (DiffusionNFT inside, which
-sees only reward values).
+sees only reward values); ``LAG_AM`` and ``LAG_NFT``, the fixed-weight Lagrangian ``r - mu c`` with the same solver
+and budget, one job per ``mu``.
 
-Each (method, seed) is one job; finished jobs are stored under ``OUT/jobs`` and skipped when the command is run
-again, and CFO checkpoints every round under ``OUT/checkpoints``, so an interrupted run resumes where it stopped.
+A study expands its methods into jobs (one per method, seed and variant: ``mu``, ``(K, N)`` split or bound).  Finished
+jobs are stored under ``OUT/jobs`` and skipped when the command is run again, and CFO checkpoints every round under
+``OUT/checkpoints``, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing as mp
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from cfo.baselines import finetune_unconstrained
+from cfo.baselines import finetune_fixed_weight, finetune_unconstrained
 from cfo.evaluation import Evaluation, default_sampler, evaluate_model
+from cfo.flows.likelihood import kl_divergence
 from cfo.loop import CFO, CFOConfig, round_generator
-from cfo.plots import plot_history
 from cfo.results import format_table, write_results
 from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from cfo.tasks import toy2d
 
-__all__ = ["ToyRunConfig", "load_toy_config", "quick_config", "run_toy", "PAPER_TOY_TABLE", "METHODS", "methods_for_solver"]
+__all__ = [
+    "ToyRunConfig", "ToyJob", "load_toy_config", "quick_config", "sweep_config", "ablation_config", "generation_config",
+    "expand_jobs", "run_toy", "PAPER_TOY_TABLE", "PAPER_BUDGET_TABLE", "METHODS", "STUDIES", "methods_for_solver",
+    "default_mus",
+]
 
-METHODS = ("PRE", "AM", "CFO_AM", "NFT", "CFO_NFT")
+log = logging.getLogger(__name__)
+
+METHODS = ("PRE", "AM", "CFO_AM", "NFT", "CFO_NFT", "LAG_AM", "LAG_NFT")
+STUDIES = ("main", "mu_sweep", "budget_ablation", "generation")
+Study = Literal["main", "mu_sweep", "budget_ablation", "generation"]
 
 
-def methods_for_solver(solver: str) -> list[str]:
-    """The methods ``cfo toy --solver`` runs: ``am``, ``nft`` or ``both``."""
-    table = {"am": ["PRE", "AM", "CFO_AM"], "nft": ["PRE", "NFT", "CFO_NFT"], "both": ["PRE", "AM", "CFO_AM", "NFT", "CFO_NFT"]}
-    if solver not in table:
+def methods_for_solver(solver: str, study: str = "main") -> list[str]:
+    """The methods a study runs with inner solver ``am``, ``nft`` or ``both``."""
+    solvers = {"am": ["AM"], "nft": ["NFT"], "both": ["AM", "NFT"]}
+    if solver not in solvers:
         raise ValueError(f"unknown solver {solver!r}; use am, nft or both")
-    return table[solver]
+    names = solvers[solver]
+    if study == "main":
+        return ["PRE"] + [m for s in names for m in (s, f"CFO_{s}")]
+    if study == "mu_sweep":
+        return [m for s in names for m in (f"CFO_{s}", f"LAG_{s}")]
+    if study == "budget_ablation":
+        return [f"CFO_{s}" for s in names]
+    if study == "generation":
+        return ["PRE"] + [f"CFO_{s}" for s in names]
+    raise ValueError(f"unknown study {study!r}; choose from {', '.join(STUDIES)}")
+
+
+def default_mus() -> list[float]:
+    """The paper's sweep: 18 values of ``mu`` log-spaced over ``[1e-6, 1e6]``."""
+    return [float(10 ** (-6 + 12 * i / 17)) for i in range(18)]
+
 
 # Table 1 of the paper (2D MoG, mean +- CI): (E[r], E[c]).
 PAPER_TOY_TABLE = {
@@ -49,15 +78,18 @@ PAPER_TOY_TABLE = {
     "CFO_NFT": ((-5.28, 0.14), (0.06, 0.01)),
     "NFT": ((-3.59, 0.10), (1.76, 0.05)),
 }
+# Budget split at M = 6000 on the toy with AM (secondary source, see ../shared/notes/paper.md T5): (K, N) -> (E[r], E[c]).
+PAPER_BUDGET_TABLE = {(3, 2000): (None, 0.40), (20, 300): (-4.75, 0.12), (100, 60): (-5.91, 0.10)}
 
 
 class ToyRunConfig(BaseModel):
-    """Everything that defines one ``cfo toy`` run (written to ``OUT/config.yaml``; ``--config`` reads it back)."""
+    """Everything that defines one toy run (written to ``OUT/config.yaml``; ``--config`` reads it back)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    study: Study = Field("main", description="main | mu_sweep | budget_ablation | generation")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    methods: list[str] = Field(default_factory=lambda: ["PRE", "AM", "CFO_AM"])
+    methods: list[str] = Field(default_factory=list, description="empty: the study's default methods with AM")
     cfo: CFOConfig = Field(
         default_factory=lambda: CFOConfig(
             rounds=12, steps_per_round=100, rho_init=4.0, eta=1.25, tau=0.99, lambda_min=-50.0, eval_samples=4000, target_margin=0.05
@@ -71,23 +103,99 @@ class ToyRunConfig(BaseModel):
     )
     eval_samples: int = Field(5000, ge=2, description="fresh samples of each final model for the table")
     eval_ode_steps: int = Field(100, ge=1)
+    kl_samples: int = Field(2000, ge=0, description="samples for the KL(pi || pre) estimate of each final model (0: skip)")
     bound: float = Field(toy2d.ToyGeometry().bound, description="B of the triangle constraint")
+    mus: list[float] = Field(default_factory=default_mus, description="fixed weights of the LAG_* methods")
+    splits: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(3, 400), (12, 100), (20, 60), (100, 12)],
+        description="(K, N) splits of the budget for CFO_* in the budget ablation; all with the same K*N",
+    )
+    generation_bounds: list[float] = Field(default_factory=lambda: [0.0, 1.0], description="bounds B of the generation study")
     workers: int = Field(2, ge=1, description="parallel processes (one thread each)")
     device: str = "cpu"
     pretrained: str | None = Field(None, description="path of the pre-trained toy flow (default: the shipped one)")
 
     @model_validator(mode="after")
     def _check(self) -> "ToyRunConfig":
+        if not self.methods:
+            self.methods = methods_for_solver("am", self.study)
         unknown = set(self.methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        if any(m.startswith("LAG_") for m in self.methods):
+            if not self.mus or any(not (mu >= 0 and math.isfinite(mu)) for mu in self.mus):
+                raise ValueError(f"mus must be a non-empty list of finite weights >= 0, got {self.mus}")
+        if self.study == "budget_ablation":
+            if not self.splits or any(k < 1 or n < 1 for k, n in self.splits):
+                raise ValueError(f"splits must be a non-empty list of (K, N) with K, N >= 1, got {self.splits}")
+            if len({k * n for k, n in self.splits}) != 1:
+                raise ValueError(f"every (K, N) split must have the same budget K*N, got {[k * n for k, n in self.splits]}")
+        if self.study == "generation":
+            bad = [m for m in self.methods if m not in ("PRE", "CFO_AM", "CFO_NFT")]
+            if bad:
+                raise ValueError(f"constrained generation has no reward: methods {bad} need one; use PRE, CFO_AM, CFO_NFT")
+            if not self.generation_bounds:
+                raise ValueError("generation_bounds must not be empty")
         return self
 
     @property
     def budget(self) -> int:
+        """``M = K * N``, the inner-solver iterations every fine-tuning method gets."""
+        if self.study == "budget_ablation":
+            k, n = self.splits[0]
+            return k * n
         return self.cfo.budget
+
+
+@dataclass(frozen=True)
+class ToyJob:
+    """One (method, seed, variant) run; the variant is a fixed ``mu``, a ``(K, N)`` split or a bound ``B``."""
+
+    method: str
+    seed: int
+    mu: float | None = None
+    split: tuple[int, int] | None = None
+    bound: float | None = None
+
+    @property
+    def variant(self) -> str:
+        parts = []
+        if self.mu is not None:
+            parts.append(f"mu={self.mu:.3g}")
+        if self.split is not None:
+            parts.append(f"K={self.split[0]},N={self.split[1]}")
+        if self.bound is not None:
+            parts.append(f"B={self.bound:g}")
+        return " ".join(parts)
+
+    @property
+    def label(self) -> str:
+        """The row name in tables, e.g. ``LAG_AM (mu=0.01)``."""
+        return f"{self.method} ({self.variant})" if self.variant else self.method
+
+    @property
+    def name(self) -> str:
+        """A file-safe job name, e.g. ``LAG_AM_mu_0.01_seed0``."""
+        return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+-]", "_", self.label)).strip("_") + f"_seed{self.seed}"
+
+
+def expand_jobs(cfg: ToyRunConfig) -> list[ToyJob]:
+    """All jobs of a run, in table order (methods as configured, then variants, then seeds)."""
+    jobs = []
+    for method in cfg.methods:
+        if cfg.study == "generation":
+            variants = [dict(bound=b) for b in cfg.generation_bounds]
+        elif method.startswith("LAG_"):
+            variants = [dict(mu=mu) for mu in cfg.mus]
+        elif cfg.study == "budget_ablation" and method.startswith("CFO_"):
+            variants = [dict(split=tuple(s)) for s in cfg.splits]
+        else:
+            variants = [{}]
+        for v in variants:
+            jobs.extend(ToyJob(method, seed, **v) for seed in cfg.seeds)
+    return jobs
 
 
 def quick_config() -> ToyRunConfig:
@@ -98,8 +206,39 @@ def quick_config() -> ToyRunConfig:
         solver=AdjointMatchingConfig(lr=3e-3, lr_schedule="cosine", batch_size=64, rollout_steps=20),
         nft=DiffusionNFTConfig(lr=3e-3, lr_schedule="cosine", batch_size=64, sample_steps=10, adv_clip=20.0),
         eval_samples=2000,
+        kl_samples=500,
         workers=1,
     )
+
+
+def _with_study(base: ToyRunConfig, study: str, **update) -> ToyRunConfig:
+    data = {**base.model_dump(), "study": study, "methods": [], **update}
+    return ToyRunConfig.model_validate(data)
+
+
+def sweep_config(quick: bool = False) -> ToyRunConfig:
+    """``cfo sweep-mu``: CFO_AM and LAG_AM at the 18 weights, the main table's budget and seeds (quick: 4 weights,
+    one seed, the quick budget)."""
+    if quick:
+        return _with_study(quick_config(), "mu_sweep", mus=[1e-2, 1.0, 10.0, 1e3], kl_samples=0)
+    return _with_study(ToyRunConfig(), "mu_sweep")
+
+
+def ablation_config(quick: bool = False) -> ToyRunConfig:
+    """``cfo ablate-budget``: CFO_AM with the budget ``M = 1200`` split as the paper split its ``M = 6000``:
+    ``(3, 400)``, ``(20, 60)``, ``(100, 12)``, plus our main split ``(12, 100)`` (quick: ``M = 40``)."""
+    if quick:
+        return _with_study(quick_config(), "budget_ablation", splits=[(2, 20), (8, 5)], kl_samples=0)
+    return _with_study(ToyRunConfig(), "budget_ablation")
+
+
+def generation_config(bounds: list[float] | None = None, quick: bool = False) -> ToyRunConfig:
+    """``cfo toy --generation``: constrained generation (``r = None``) from the single-Gaussian model at each bound.
+
+    No target margin (the bounds are the paper's dial, and ``B = 0`` is the edge of what is reachable)."""
+    base = quick_config() if quick else ToyRunConfig()
+    cfo_cfg = base.cfo.model_copy(update={"target_margin": 0.0})
+    return _with_study(base, "generation", generation_bounds=list(bounds) if bounds else [0.0, 1.0], cfo=cfo_cfg.model_dump())
 
 
 def load_toy_config(path: str | Path) -> ToyRunConfig:
@@ -118,19 +257,17 @@ def load_toy_config(path: str | Path) -> ToyRunConfig:
         raise ValueError(f"{path}: invalid configuration:\n{err}") from err
 
 
-def _job_name(method: str, seed: int) -> str:
-    return f"{method}_seed{seed}"
 
-
-def _row(method: str, solver: str, seed: int, ev: Evaluation, problem, wall_s: float) -> dict:
+def _row(job: ToyJob, solver: str, ev: Evaluation, problem, wall_s: float, inner_steps: int, kl: tuple[float, float] | None) -> dict:
     cons = [  # per-seed "std" is the Monte-Carlo standard error of the mean
         {"name": c.name, "mean": ev.constraint_mean[i], "std": ev.constraint_std[i] / math.sqrt(ev.n), "bound": float(c.bound)}
         for i, c in enumerate(problem.constraint_list)
     ]
     return {
-        "method": method,
+        "method": job.label,
+        "base_method": job.method,
         "solver": solver,
-        "seed": seed,
+        "seed": job.seed,
         "n_seeds": 1,
         "n_samples": ev.n,
         "reward_mean": ev.reward_mean,
@@ -143,63 +280,88 @@ def _row(method: str, solver: str, seed: int, ev: Evaluation, problem, wall_s: f
         "feasible_fraction": ev.feasible_fraction,
         "constraints": cons,
         "wall_s": wall_s,
+        "inner_steps": inner_steps,
+        "mu": job.mu,
+        "rounds": job.split[0] if job.split else None,
+        "steps_per_round": job.split[1] if job.split else None,
+        "kl": kl[0] if kl else None,
+        "kl_se": kl[1] if kl else None,
     }
 
 
+def _problem_and_pretrained(cfg: ToyRunConfig, job: ToyJob):
+    if cfg.study == "generation":
+        problem = toy2d.make_problem(toy2d.GENERATION_GEOMETRY, generation=True, bound=job.bound)
+        return problem, toy2d.gaussian_pretrained().to(cfg.device)
+    pre = toy2d.load_pretrained(cfg.pretrained or toy2d.PRETRAINED_PATH, device=cfg.device)
+    return toy2d.make_problem(bound=cfg.bound), pre
+
+
+def _estimate_kl(cfg: ToyRunConfig, job: ToyJob, model, pre) -> tuple[float, float] | None:
+    if cfg.kl_samples == 0:
+        return None
+    if job.method == "PRE":
+        return (0.0, 0.0)
+    try:
+        gen = round_generator(job.seed, 20_000, cfg.device)
+        return kl_divergence(model, pre, n=cfg.kl_samples, steps=cfg.eval_ode_steps, generator=gen)
+    except FloatingPointError as err:
+        log.warning("%s: no KL estimate (%s)", job.name, err)
+        return None
+
+
 def _run_job(args: tuple) -> str:
-    """Run one (method, seed) job in this process and store its result; returns the job name."""
-    method, seed, cfg_dict, out_dir, threads, progress = args
+    """Run one job in this process and store its result under ``OUT/jobs``; returns the job name."""
+    job, cfg_dict, out_dir, threads, progress = args
     torch.set_num_threads(threads)
     cfg = ToyRunConfig.model_validate(cfg_dict)
     out = Path(out_dir)
-    pre = toy2d.load_pretrained(cfg.pretrained or toy2d.PRETRAINED_PATH, device=cfg.device)
-    problem = toy2d.make_problem(bound=cfg.bound)
+    problem, pre = _problem_and_pretrained(cfg, job)
     sampler = default_sampler(cfg.eval_ode_steps)
+    solver = DiffusionNFT(cfg.nft) if job.method.endswith("NFT") else AdjointMatching(cfg.solver)
     t0 = time.perf_counter()
     history = None
-    solver = DiffusionNFT(cfg.nft) if method.endswith("NFT") else AdjointMatching(cfg.solver)
-    if method == "PRE":
+    if job.method == "PRE":
         model, solver_name = pre, "none"
-    elif method in ("AM", "NFT"):
-        model = finetune_unconstrained(problem, solver, pre, cfg.budget, seed=seed, progress=progress)
+    elif job.method in ("AM", "NFT"):
+        model, solver_name = finetune_unconstrained(problem, solver, pre, cfg.budget, seed=job.seed, progress=progress), solver.name
+    elif job.method.startswith("LAG_"):
+        model = finetune_fixed_weight(problem, solver, pre, job.mu, cfg.budget, seed=job.seed, progress=progress)
         solver_name = solver.name
     else:
-        loop = CFO(problem, solver, pre, cfg.cfo.model_copy(update={"seed": seed}), checkpoint_dir=out / "checkpoints" / _job_name(method, seed), sampler=sampler)
+        update = {"seed": job.seed}
+        if job.split is not None:
+            update.update(rounds=job.split[0], steps_per_round=job.split[1])
+        loop = CFO(problem, solver, pre, cfg.cfo.model_copy(update=update), checkpoint_dir=out / "checkpoints" / job.name, sampler=sampler)
         result = loop.run(progress=progress)
         model, solver_name = result.model, solver.name
         history = [h.__dict__ for h in result.history]
     wall = time.perf_counter() - t0
-    gen = round_generator(seed, 10_000, cfg.device)  # evaluation draws, independent of training draws
+    gen = round_generator(job.seed, 10_000, cfg.device)  # evaluation draws, independent of training draws
     ev, x = evaluate_model(model, problem, cfg.eval_samples, generator=gen, sampler=sampler)
-    job = {"row": _row(method, solver_name, seed, ev, problem, wall), "history": history}
+    kl = _estimate_kl(cfg, job, model, pre)
+    steps = 0 if job.method == "PRE" else cfg.budget
+    record = {"row": _row(job, solver_name, ev, problem, wall, steps, kl), "history": history}
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    torch.save(x.cpu(), out / "samples" / f"{_job_name(method, seed)}.pt")
+    torch.save(x.cpu(), out / "samples" / f"{job.name}.pt")
     (out / "jobs").mkdir(parents=True, exist_ok=True)
-    tmp = out / "jobs" / f"{_job_name(method, seed)}.json.tmp"
-    tmp.write_text(json.dumps(job, indent=2))
-    tmp.replace(out / "jobs" / f"{_job_name(method, seed)}.json")
-    return _job_name(method, seed)
+    tmp = out / "jobs" / f"{job.name}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(out / "jobs" / f"{job.name}.json")
+    return job.name
 
 
-def run_toy(cfg: ToyRunConfig, out_dir: str | Path, progress: bool = True) -> list[dict]:
-    """Run every (method, seed) job not already stored in ``out_dir``, then write results, table and plots."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out / "config.yaml"
-    if cfg_file.exists() and (out / "jobs").exists() and any((out / "jobs").iterdir()):
-        saved = load_toy_config(cfg_file)
-        if saved.model_dump() != cfg.model_dump():
-            raise ValueError(f"{out} holds a run with another configuration; use another --out or the same --config {cfg_file}")
-    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    # CFO jobs first: they are the longest
-    order = sorted(((m, s) for s in cfg.seeds for m in cfg.methods), key=lambda ms: {"CFO_AM": 0, "CFO_NFT": 1, "AM": 2, "NFT": 3, "PRE": 4}[ms[0]])
-    todo = [(m, s) for m, s in order if not (out / "jobs" / f"{_job_name(m, s)}.json").exists()]
+def _execute(cfg: ToyRunConfig, out: Path, jobs: list[ToyJob], progress: bool) -> dict[ToyJob, dict]:
+    """Run the jobs not yet stored (CFO jobs first, they are the longest) and return every job's record."""
+    priority = {"CFO_AM": 0, "CFO_NFT": 1, "LAG_AM": 2, "LAG_NFT": 3, "AM": 4, "NFT": 5, "PRE": 6}
+    order = sorted(jobs, key=lambda j: priority[j.method])
+    todo = [j for j in order if not (out / "jobs" / f"{j.name}.json").exists()]
     workers = min(cfg.workers, max(1, len(todo)))
-    args = [(m, s, cfg.model_dump(), str(out), 1 if workers > 1 else torch.get_num_threads(), progress and workers == 1) for m, s in todo]
-    bar = tqdm(total=len(order), initial=len(order) - len(todo), desc="toy jobs", disable=not progress)
+    args = [(j, cfg.model_dump(), str(out), 1 if workers > 1 else torch.get_num_threads(), progress and workers == 1) for j in todo]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"{cfg.study} jobs", disable=not progress)
     if workers == 1:
         for a in args:
-            bar.set_postfix(job=_job_name(a[0], a[1]))
+            bar.set_postfix(job=a[0].name)
             _run_job(a)
             bar.update()
     else:
@@ -208,17 +370,49 @@ def run_toy(cfg: ToyRunConfig, out_dir: str | Path, progress: bool = True) -> li
                 bar.set_postfix(done=name)
                 bar.update()
     bar.close()
-    jobs = {(m, s): json.loads((out / "jobs" / f"{_job_name(m, s)}.json").read_text()) for m, s in order}
-    per_seed = [jobs[(m, s)]["row"] for m in cfg.methods for s in cfg.seeds]
-    rows = write_results(out, per_seed)
-    table = format_table(rows)
-    (out / "table.md").write_text(table + "\n")
-    seed0 = cfg.seeds[0]
-    samples = {m: torch.load(out / "samples" / f"{_job_name(m, seed0)}.pt", weights_only=True) for m in cfg.methods}
-    toy2d.plot_samples(samples, out / "samples.png", bound=cfg.bound, title=f"toy task, seed {seed0}")
-    for method, suffix in (("CFO_AM", ""), ("CFO_NFT", "_nft")):
-        if method in cfg.methods:
-            histories = {f"seed {s}": jobs[(method, s)]["history"] for s in cfg.seeds}
-            (out / f"history{suffix}.json").write_text(json.dumps(histories, indent=2))
-            plot_history(histories, [cfg.bound], out / f"cfo_rounds{suffix}.png", title=f"{method} on the toy task", margin=cfg.cfo.target_margin)
+    return {j: json.loads((out / "jobs" / f"{j.name}.json").read_text()) for j in jobs}
+
+
+def _prepare_out(cfg: ToyRunConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "config.yaml"
+    if cfg_file.exists() and (out / "jobs").exists() and any((out / "jobs").iterdir()):
+        saved = load_toy_config(cfg_file)
+        if saved.model_dump() != cfg.model_dump():
+            raise ValueError(f"{out} holds a run with another configuration; use another --out or the same --config {cfg_file}")
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (out / "machine.json").write_text(json.dumps(machine_info(cfg.device), indent=2))
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """Where a run ran (stored as ``machine.json`` so reports can say which machine gave the wall times)."""
+    import os
+    import platform
+
+    info = {"host": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def run_toy(cfg: ToyRunConfig, out_dir: str | Path, progress: bool = True) -> list[dict]:
+    """Run every job of the study not already stored in ``out_dir``, then write results, table, histories and plots.
+
+    Writes ``results.json`` / ``results.csv`` / ``results_per_seed.json`` (one row per method label), ``table.md``,
+    ``history.json`` (per-round CFO records by label and seed) and the study's plots; ``cfo report`` renders them.
+    """
+    from cfo.tasks.toy_report import write_study_plots
+
+    out = Path(out_dir)
+    _prepare_out(cfg, out)
+    jobs = expand_jobs(cfg)
+    records = _execute(cfg, out, jobs, progress)
+    rows = write_results(out, [records[j]["row"] for j in jobs])
+    (out / "table.md").write_text(format_table(rows) + "\n")
+    histories: dict[str, dict[str, list]] = {}
+    for j in jobs:
+        if records[j]["history"] is not None:
+            histories.setdefault(j.label, {})[f"seed {j.seed}"] = records[j]["history"]
+    (out / "history.json").write_text(json.dumps(histories, indent=2))
+    write_study_plots(cfg, out, jobs, histories)
     return rows

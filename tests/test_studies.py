@@ -1,0 +1,138 @@
+"""The toy studies on a tiny budget: the fixed-mu sweep, the budget ablation, constrained generation and `cfo report`."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from cfo.cli import app
+from cfo.results import aggregate_rows
+from cfo.tasks import toy2d
+from cfo.tasks.toy_experiment import ToyJob, ToyRunConfig, default_mus, expand_jobs
+from cfo.tasks.toy_report import sweep_summary
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run the three quick studies once for every test of this module (about 75 s on 2 cores)."""
+    root = tmp_path_factory.mktemp("studies")
+    outputs = {}
+    for name, args in {
+        "sweep": ["sweep-mu", "--quick"],
+        "ablation": ["ablate-budget", "--quick"],
+        "generation": ["toy", "--generation", "--quick"],
+    }.items():
+        res = CliRunner().invoke(app, [*args, "--out", str(root / name)])
+        assert res.exit_code == 0, res.output
+        outputs[name] = res.output
+    return root, outputs
+
+
+def _rows(path):
+    return {r["method"]: r for r in json.loads((path / "results.json").read_text())}
+
+
+def test_default_mu_grid_is_the_papers():
+    mus = default_mus()
+    assert len(mus) == 18 and mus[0] == pytest.approx(1e-6) and mus[-1] == pytest.approx(1e6)
+    ratios = [b / a for a, b in zip(mus, mus[1:])]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-9)  # log-spaced
+
+
+def test_job_expansion_and_names():
+    cfg = ToyRunConfig(study="mu_sweep", seeds=[0, 1], mus=[0.5, 2.0])
+    jobs = expand_jobs(cfg)
+    assert [j.label for j in jobs] == ["CFO_AM", "CFO_AM", "LAG_AM (mu=0.5)", "LAG_AM (mu=0.5)", "LAG_AM (mu=2)", "LAG_AM (mu=2)"]
+    assert len({j.name for j in jobs}) == len(jobs)
+    assert ToyJob("CFO_AM", 3, split=(20, 60)).name == "CFO_AM_K_20_N_60_seed3"
+
+
+def test_study_configs_reject_bad_values():
+    with pytest.raises(ValueError, match="same budget"):
+        ToyRunConfig(study="budget_ablation", splits=[(3, 400), (20, 50)])
+    with pytest.raises(ValueError, match="no reward"):
+        ToyRunConfig(study="generation", methods=["PRE", "AM"])
+    with pytest.raises(ValueError, match="mus"):
+        ToyRunConfig(study="mu_sweep", mus=[1.0, -2.0])
+    assert ToyRunConfig(study="budget_ablation", splits=[(3, 400), (100, 12)]).budget == 1200
+
+
+def test_mu_sweep_brackets_the_constraint_and_counts_cost(runs):
+    root, output = runs
+    rows = _rows(root / "sweep")
+    lag = sorted((r for r in rows.values() if r["base_method"] == "LAG_AM"), key=lambda r: r["mu"])
+    assert [r["mu"] for r in lag] == [0.01, 1.0, 10.0, 1000.0]
+    assert all(r["inner_steps"] == 100 for r in lag) and rows["CFO_AM"]["inner_steps"] == 100
+    # a larger fixed weight trades reward for constraint: E[c] falls, E[r] falls
+    assert lag[0]["constraint_mean"] > lag[1]["constraint_mean"] > lag[2]["constraint_mean"]
+    assert lag[0]["reward_mean"] > lag[2]["reward_mean"] > lag[3]["reward_mean"]
+    assert not lag[0]["satisfied"] and lag[-1]["satisfied"]
+    s = sweep_summary(list(rows.values()))["AM"]
+    assert s["n_mu"] == 4 and s["n_feasible"] == sum(r["satisfied"] for r in lag)
+    assert s["sweep_inner_steps"] == 400 and s["cfo_inner_steps"] == 100
+    assert s["sweep_wall_s"] == pytest.approx(sum(r["wall_s"] for r in lag))
+    assert f"{s['n_feasible']}/4 weights satisfy" in output["sweep"]
+    assert (root / "sweep" / "pareto.png").stat().st_size > 10_000
+
+
+def test_budget_ablation_runs_every_split_with_its_rounds(runs):
+    root, _ = runs
+    rows = _rows(root / "ablation")
+    assert set(rows) == {"CFO_AM (K=2,N=20)", "CFO_AM (K=8,N=5)"}
+    history = json.loads((root / "ablation" / "history.json").read_text())
+    for label, r in rows.items():
+        k, n = r["rounds"], r["steps_per_round"]
+        assert k * n == 40 and r["inner_steps"] == 40
+        rounds = history[label]["seed 0"]
+        assert len(rounds) == k and all(h["steps"] == n for h in rounds)
+        assert all(-50.0 <= h["lambda_next"][0] <= 0.0 for h in rounds)
+        assert all(b["rho_k"][0] >= a["rho_k"][0] for a, b in zip(rounds, rounds[1:]))
+    assert (root / "ablation" / "budget_rounds.png").exists()
+
+
+def test_constrained_generation_dials_feasibility_against_kl(runs):
+    root, _ = runs
+    rows = _rows(root / "generation")
+    pre, b0, b1 = rows["PRE (B=0)"], rows["CFO_AM (B=0)"], rows["CFO_AM (B=1)"]
+    exact_pre = toy2d.exact_optimum(toy2d.make_problem(toy2d.GENERATION_GEOMETRY, generation=True), toy2d.gaussian_log_density)
+    assert pre["constraint_mean"] == pytest.approx(exact_pre["constraint"], abs=0.1)  # the exact Gaussian flow
+    assert b0["constraint_mean"] < b1["constraint_mean"] <= 1.0 < pre["constraint_mean"]
+    assert b0["kl"] > b1["kl"] > 0.1 and pre["kl"] == 0.0
+    # KL at B = 0 cannot exceed much the conditioning KL of the exact optimum, -log P_pre(triangle), as E[c] > 0
+    exact_b0 = toy2d.exact_optimum(toy2d.make_problem(toy2d.GENERATION_GEOMETRY, generation=True, bound=0.0), toy2d.gaussian_log_density, 0.0)
+    assert b0["kl"] < exact_b0["kl"] + 0.3
+    assert math.isinf(exact_b0["nu"]) and exact_b0["constraint"] == 0.0
+
+
+def test_report_renders_every_study_with_paper_columns(runs, tmp_path):
+    root, _ = runs
+    out = tmp_path / "docs" / "results.md"
+    res = CliRunner().invoke(app, ["report", str(root / "sweep"), str(root / "ablation"), str(root / "generation"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    assert "Generated by `cfo report" in text
+    s = sweep_summary(list(_rows(root / "sweep").values()))["AM"]
+    assert f"**{s['n_feasible_at_cfo_reward']} of 4**" in text
+    assert "727 min" in text and "KKT multiplier" in text
+    assert "| 2 | 20 |" in text and "| 8 | 5 |" in text
+    assert "exact optimum KL" in text
+    for img in ("sweep_pareto.png", "ablation_budget_rounds.png", "generation_samples.png"):
+        assert (out.parent / "results_img" / img).exists(), img
+        assert f"results_img/{img}" in text
+    # a folder that is not a run is a clear error
+    bad = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert bad.exit_code == 2 and "not a finished toy run folder" in bad.output
+
+
+def test_aggregate_carries_variants_and_kl():
+    base = {"solver": "am", "n_samples": 10, "reward_std": 0.0, "constraint_std": 0.0, "bound": 0.2, "satisfied": True,
+            "feasible_fraction": 1.0, "wall_s": 2.0, "constraints": [{"name": "c", "mean": 0.1, "std": 0.0, "bound": 0.2}]}
+    rows = [
+        {**base, "method": "LAG_AM (mu=1)", "base_method": "LAG_AM", "mu": 1.0, "seed": s, "reward_mean": -s, "constraint_mean": 0.1, "kl": kl, "kl_se": 0.01}
+        for s, kl in ((0, 1.0), (1, 2.0))
+    ]
+    (agg,) = aggregate_rows(rows)
+    assert agg["mu"] == 1.0 and agg["base_method"] == "LAG_AM" and agg["n_seeds"] == 2
+    assert agg["kl"] == pytest.approx(1.5) and agg["kl_std"] == pytest.approx(math.sqrt(0.5))
+    assert agg["wall_s_total"] == pytest.approx(4.0)

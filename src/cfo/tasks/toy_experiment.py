@@ -408,7 +408,7 @@ def run_toy(cfg: ToyRunConfig, out_dir: str | Path, progress: bool = True) -> li
     jobs = expand_jobs(cfg)
     records = _execute(cfg, out, jobs, progress)
     rows = write_results(out, [records[j]["row"] for j in jobs])
-    (out / "table.md").write_text(format_table(rows) + "\n")
+    (out / "table.md").write_text(format_table(rows, reward=cfg.study != "generation") + "\n")
     histories: dict[str, dict[str, list]] = {}
     for j in jobs:
         if records[j]["history"] is not None:

@@ -72,9 +72,9 @@ def write_study_plots(cfg: ToyRunConfig, out: Path, jobs: list[ToyJob], historie
     return paths
 
 
-def sweep_summary(rows: list[dict], reward_tolerance: float | None = None) -> dict:
+def sweep_summary(rows: list[dict], reward_tolerance: float = 0.1) -> dict:
     """What the mu sweep shows, for each solver: how many fixed weights satisfy the constraint, how many also reach
-    CFO's reward (``E[r]_mu >= E[r]_CFO - tol``; ``tol`` defaults to twice CFO's across-seed std, at least 0.05), and
+    CFO's reward (``E[r]_mu >= E[r]_CFO - tol``, means over seeds; ``tol`` = 0.1 by default), and
     the cost of the whole sweep against one CFO run (training wall time summed over weights, per seed; and solver
     iterations)."""
     summary = {}
@@ -83,7 +83,7 @@ def sweep_summary(rows: list[dict], reward_tolerance: float | None = None) -> di
         points = [r for r in rows if r.get("base_method") == f"LAG_{solver}"]
         if not points:
             continue
-        tol = reward_tolerance if reward_tolerance is not None else max(2 * cfo_row["reward_std"], 0.05)
+        tol = reward_tolerance
         feasible = [p for p in points if p["satisfied"]]
         good = [p for p in feasible if p["reward_mean"] >= cfo_row["reward_mean"] - tol]
         best = max(feasible, key=lambda p: p["reward_mean"]) if feasible else None
@@ -120,7 +120,7 @@ def _image(out: Path, name: str, image_dir: Path | None, rel: str, prefix: str, 
     if not src.exists():
         return ""
     if image_dir is None:
-        return f"![{alt}]({name})\n"
+        return f"![{alt}]({rel}/{name})\n"
     image_dir.mkdir(parents=True, exist_ok=True)
     target = image_dir / f"{prefix}_{name}"
     shutil.copyfile(src, target)
@@ -134,6 +134,14 @@ def _config_line(cfg: ToyRunConfig, machine: dict) -> str:
         f"alpha = {toy2d.ToyGeometry().alpha}; {cfg.workers} worker process(es) on {machine.get('host', 'an unrecorded machine')} ({where}); "
         f"wall times are training only, per seed. Config: `config.yaml` of the run folder."
     )
+
+
+def _cfo_seed_line(out: Path, row: dict) -> str:
+    """``E[c]`` of every seed's final CFO model and in how many seeds it met the bound."""
+    per_seed = json.loads((out / "results_per_seed.json").read_text()) if (out / "results_per_seed.json").exists() else []
+    finals = [p["constraint_mean"] for p in per_seed if p["method"] == row["method"]]
+    ok = sum(v <= row["bound"] for v in finals)
+    return f"final E[c] per seed {', '.join(f'{v:.3f}' for v in finals)}: below B in {ok} of {len(finals)} seeds"
 
 
 def _main_section(cfg: ToyRunConfig, rows: list[dict], out: Path, img) -> list[str]:
@@ -168,15 +176,11 @@ def _main_section(cfg: ToyRunConfig, rows: list[dict], out: Path, img) -> list[s
             f"- With a slope-1 distance constraint the exact unconstrained optimum of our toy has E[c] = {free['constraint']:.2f}, so unconstrained "
             "fine-tuning cannot reach the paper's 2.47 (AM) or 1.76 (NFT) on our geometry; what carries over is that it violates B."
         )
-    per_seed = json.loads((out / "results_per_seed.json").read_text()) if (out / "results_per_seed.json").exists() else []
     for r in rows:
         if r.get("base_method", r["method"]).startswith("CFO_"):
-            finals = [p["constraint_mean"] for p in per_seed if p["method"] == r["method"]]
-            ok = sum(v <= r["bound"] for v in finals)
             lines.append(
                 f"- {r['method']} aims at B − {cfg.cfo.target_margin:g} (target margin; 0 would be Algorithm 1 exactly, whose final iterate sits at B "
-                f"up to Monte-Carlo noise): its final E[c] per seed is {', '.join(f'{v:.3f}' for v in finals)}, below B in {ok} of {len(finals)} seeds. "
-                f"The margin costs reward against the exact optimum at B ({kkt['reward']:.2f})."
+                f"up to Monte-Carlo noise); {_cfo_seed_line(out, r)}. The margin costs reward against the exact optimum at B ({kkt['reward']:.2f})."
             )
     if "NFT" in methods:
         lines.append(
@@ -211,6 +215,9 @@ def _sweep_section(cfg: ToyRunConfig, rows: list[dict], out: Path, img) -> list[
         )
     lines.append("")
     kkt = toy2d.exact_optimum(toy2d.make_problem(bound=cfg.bound), toy2d.mixture_log_density, cfg.bound)
+    for r in rows:
+        if r.get("base_method", r["method"]).startswith("CFO_"):
+            lines += [f"{r['method']}: {_cfo_seed_line(out, r)}.", ""]
     for solver, s in sweep_summary(rows).items():
         lines += [
             f"**{solver}**: {s['n_feasible']} of {s['n_mu']} fixed weights satisfy E[c] ≤ {cfg.bound:g}; "
@@ -255,13 +262,30 @@ def _ablation_section(cfg: ToyRunConfig, rows: list[dict], out: Path, img) -> li
             f"| {k} | {n} | {r['reward_mean']:.2f} ± {r['reward_std']:.2f} | {r['constraint_mean']:.2f} ± {r['constraint_std']:.2f} | {'yes' if r['satisfied'] else 'no'} "
             f"| {100 * r['feasible_fraction']:.0f}% | {_fmt(sum(rhos) / len(rhos) if rhos else None, 1)} | {r['wall_s']:.0f} | {paper} |"
         )
+    infeasible = [f"K = {r['rounds']}" for r in rows if not r["satisfied"]]
+    feasible = sorted((r for r in rows if r["satisfied"]), key=lambda r: -r["reward_mean"])
+    ranking = ", ".join(f"K = {r['rounds']} ({r['reward_mean']:.2f})" for r in feasible)
+    growth = []
+    for r in rows:
+        runs = [h for h in hist.get(r["method"], {}).values() if h]
+        if runs:
+            inc = sum(sum(x["rho_next"][0] > x["rho_k"][0] for x in h) for h in runs) / len(runs)
+            growth.append(f"K = {r['rounds']}: {inc:.0f} of {r['rounds']}")
     lines += [
         "",
-        f"Our budget is M = {cfg.budget}, split as the paper split its M = 6000 (paper columns shown where K matches): the same K, "
-        f"with N scaled by {cfg.budget}/6000. The paper's reward for K = 3 is not given (the source says only that it stays infeasible). "
-        "Few long rounds leave too few multiplier updates for λ to reach its value (the constraint stays violated or barely met); "
-        "many short rounds update λ and ρ often but give the solver too few steps per round to follow, so the reward drops. "
-        "The paper (secondary source) reports the same shape.",
+        f"Our budget is M = {cfg.budget}, split as the paper split its M = 6000 (paper columns where K matches): the same K, "
+        f"with N scaled by {cfg.budget}/6000. The paper's reward for K = 3 is not given (the source says only that it stays infeasible).",
+        "",
+        f"What the runs show: {'violated on average: ' + ', '.join(infeasible) if infeasible else 'every split satisfies the bound on average'}"
+        + (f"; among the satisfied splits the reward ranks {ranking}." if feasible else "."),
+        "Few long rounds leave too few multiplier updates for λ to reach its value, so the constraint stays violated (as in the "
+        "paper's K = 3). Many short rounds give the solver too few steps per round to follow the moving penalty and cost reward "
+        "(the paper's K = 100 lost 1.2 in reward; ours lost less).",
+        "",
+        f"ρ grows whenever V_k fails to shrink by τ = {cfg.cfo.tau:g}; with Monte-Carlo noise in G_k that happens in a fixed share of "
+        f"rounds (mean number of increases per run: {'; '.join(growth)}), so over many rounds ρ compounds (η = {cfg.cfo.eta:g}) to the "
+        "final values above. The inner solver's gradient clipping bounds each step, which is why the K = 100 runs still work; a "
+        "noise-aware ρ rule would be the fix, and is not part of the paper's algorithm.",
         "",
         img("budget_rounds.png", "CFO curves of every split against inner-solver iterations"),
     ]
@@ -289,6 +313,15 @@ def _generation_section(cfg: ToyRunConfig, rows: list[dict], out: Path, img) -> 
         )
     lines += [
         "",
+        f"Penalty form of this run: `{cfg.cfo.penalty}`. "
+        + (
+            "The per-sample form (the paper's f_k) penalises each sample's c above B − λ/ρ, which is stricter than the expectation "
+            "constraint: it ends below B with more KL than the exact optimum of the expectation problem. The expectation form "
+            "penalises E[c] itself and can reach that optimum. "
+            if cfg.cfo.penalty == "per_sample"
+            else "The expectation form penalises the batch estimate of E[c], so CFO's fixed point is the exact optimum of the expectation problem. "
+        ),
+        "",
         "The exact optimum is p_pre·exp(−ν c/α)/Z (B > 0), or p_pre conditioned on the triangle (B = 0, the limit ν → ∞, "
         "KL = −log P_pre(triangle)). A smaller B buys feasibility with KL: at B = 0 all mass must enter the triangle, at B = 1 "
         "most of the Gaussian's coverage stays. With B = 0 the bound can only be met in the limit, so 'satisfied' reads no "
@@ -304,7 +337,8 @@ def _generation_section(cfg: ToyRunConfig, rows: list[dict], out: Path, img) -> 
 
 def render_toy_report(run_dir: str | Path, image_dir: Path | None = None, image_rel: str = ".", level: int = 2) -> str:
     """Markdown for one toy run folder. With ``image_dir`` the plots are copied there and linked as ``image_rel/...``
-    (for a report written elsewhere, e.g. ``docs/results.md``); otherwise they are linked in place."""
+    (for a report written outside the run folder's tree); otherwise they are linked in place as ``image_rel/<plot>``,
+    with ``image_rel`` the run folder's path relative to the report."""
     out = Path(run_dir)
     for name in ("config.yaml", "results.json"):
         if not (out / name).exists():
@@ -318,7 +352,10 @@ def render_toy_report(run_dir: str | Path, image_dir: Path | None = None, image_
         return _image(out, name, image_dir, image_rel, prefix, alt)
 
     head = "#" * level
-    lines = [f"{head} {STUDY_TITLES[cfg.study]}", "", f"Run folder `{out.name}`. " + _config_line(cfg, machine), ""]
+    title = STUDY_TITLES[cfg.study]
+    if cfg.study == "main" and "PRE" not in cfg.methods:
+        title = f"Toy task: {', '.join(cfg.methods)} over {len(cfg.seeds)} seeds (seed robustness)"
+    lines = [f"{head} {title}", "", f"Run folder `{out.name}`. " + _config_line(cfg, machine), ""]
     section = {"main": _main_section, "mu_sweep": _sweep_section, "budget_ablation": _ablation_section, "generation": _generation_section}[cfg.study]
     lines += section(cfg, rows, out, img)
     return "\n".join(lines).rstrip() + "\n"

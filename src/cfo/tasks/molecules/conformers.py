@@ -19,10 +19,18 @@ class BuildError(Exception):
         self.cause = cause
 
 
-def _rdkit():
-    from rdkit import Chem, RDLogger
+_QUIET = False
 
-    RDLogger.DisableLog("rdApp.*")  # failures are counted and reported by cause, not printed
+
+def _rdkit():
+    global _QUIET
+    from rdkit import Chem
+
+    if not _QUIET:
+        from rdkit import RDLogger
+
+        RDLogger.DisableLog("rdApp.*")  # failures are counted and reported by cause, not printed
+        _QUIET = True
     return Chem
 
 

@@ -1,0 +1,353 @@
+"""``cfo mol pretrain``: train the FlowMol-style model on our dataset, with checkpoints, resume and sample evaluation.
+
+Batches hold molecules of one size ``N`` (drawn with the probability of the training histogram), so every batch is a
+dense tensor and the atom count of generated molecules follows the data. Per batch:
+
+1. ``x_1``: positions (centred), one-hot types, charges and bond classes of the data;
+2. ``x_0``: a standard normal state, positions centred and **aligned to the data** by the optimal permutation of atoms
+   (Hungarian algorithm on squared distances) and then the optimal rotation (Kabsch, no reflection);
+3. ``t ~ U(0, 1)``, ``x_t = t x_1 + (1 - t) x_0``;
+4. loss (FlowMol's weights): ``3 MSE(pos) + 0.4 CE(types) + 1 CE(charges) + 2 CE(bonds)`` of the endpoint prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS
+from cfo.tasks.molecules.dataset import MoleculeDataset
+from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet, MoleculeFlowModel, MolLayout, decode
+
+__all__ = [
+    "MolPretrainConfig", "SizeBuckets", "buckets_from_dataset", "align_prior", "data_state", "training_loss",
+    "pretrain_molecules", "load_molecule_model", "sample_molecules",
+]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class MolPretrainConfig(BaseModel):
+    """Settings of ``cfo mol pretrain`` (network, optimisation, evaluation). Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden: int = Field(128, ge=8)
+    edge_hidden: int = Field(64, ge=4)
+    layers: int = Field(4, ge=1)
+    n_rbf: int = Field(16, ge=1)
+    cutoff: float = Field(8.0, gt=0)
+    steps: int = Field(20000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup: int = Field(500, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    w_pos: float = 3.0
+    w_types: float = 0.4
+    w_charges: float = 1.0
+    w_bonds: float = 2.0
+    seed: int = 0
+    checkpoint_every: int = Field(500, ge=1)
+    eval_every: int = Field(5000, ge=1)
+    eval_samples: int = Field(64, ge=0)
+    eval_steps: int = Field(50, ge=1)
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+
+    def network(self) -> EquivariantFlowNet:
+        return EquivariantFlowNet(self.hidden, self.edge_hidden, self.layers, self.n_rbf, self.cutoff)
+
+
+@dataclass
+class SizeBuckets:
+    """Molecules grouped by atom count: ``data[N]`` holds ``pos [M, N, 3]`` (centred), ``types [M, N]``,
+    ``charges [M, N]`` and ``bonds [M, P]`` (class indices)."""
+
+    data: dict[int, dict[str, torch.Tensor]]
+
+    def sizes(self) -> list[int]:
+        return sorted(self.data)
+
+    def histogram(self) -> dict[int, int]:
+        return {n: int(d["pos"].shape[0]) for n, d in sorted(self.data.items())}
+
+    def __len__(self) -> int:
+        return sum(self.histogram().values())
+
+
+def buckets_from_dataset(ds: MoleculeDataset, indices: np.ndarray | None = None) -> SizeBuckets:
+    """Dense per-size tensors of the molecules ``indices`` of ``ds`` (all by default)."""
+    type_index = {ATOMIC_NUMBERS[e]: k for k, e in enumerate(ELEMENTS)}
+    charge_index = {q: k for k, q in enumerate(CHARGES)}
+    groups: dict[int, list[dict]] = {}
+    for i in (range(len(ds)) if indices is None else indices):
+        m = ds.molecule(int(i))
+        n = len(m["numbers"])
+        lay = MolLayout(n)
+        bonds = np.zeros(lay.n_pairs, dtype=np.int64)
+        for (a, b), order in zip(m["bonds"], m["bond_orders"]):
+            a, b = (int(a), int(b)) if a < b else (int(b), int(a))
+            bonds[a * n - a * (a + 1) // 2 + (b - a - 1)] = int(order)  # row-major index of (a, b), a < b
+        pos = m["positions"].astype(np.float32)
+        groups.setdefault(n, []).append({
+            "pos": pos - pos.mean(0, keepdims=True),
+            "types": np.asarray([type_index[int(z)] for z in m["numbers"]]),
+            "charges": np.asarray([charge_index[int(q)] for q in m["charges"]]),
+            "bonds": bonds,
+        })
+    data = {n: {k: torch.as_tensor(np.stack([g[k] for g in gs])) for k in ("pos", "types", "charges", "bonds")} for n, gs in groups.items()}
+    return SizeBuckets(data)
+
+
+def data_state(layout: MolLayout, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The flat state ``x_1`` of a batch: centred positions and one-hot categorical channels."""
+    f = torch.nn.functional
+    return layout.pack(
+        batch["pos"].float(),
+        f.one_hot(batch["types"], layout.n_types).float(),
+        f.one_hot(batch["charges"], layout.n_charges).float(),
+        f.one_hot(batch["bonds"], N_BOND_CLASSES).float(),
+    )
+
+
+def _kabsch(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Rotation ``R`` (proper, det +1) minimising ``|p R^T - q|`` for centred ``p, q`` of shape ``[B, N, 3]``."""
+    h = p.transpose(1, 2) @ q
+    u, _, vt = torch.linalg.svd(h)
+    d = torch.sign(torch.linalg.det(vt.transpose(1, 2) @ u.transpose(1, 2)))
+    diag = torch.ones_like(h[:, 0])
+    diag[:, 2] = d
+    return vt.transpose(1, 2) @ torch.diag_embed(diag) @ u.transpose(1, 2)
+
+
+def align_prior(x0_pos: torch.Tensor, x1_pos: torch.Tensor) -> torch.Tensor:
+    """Permute the prior's atoms to the data's (minimum total squared distance, Hungarian algorithm), then rotate the
+    permuted prior onto the data (Kabsch). Inputs and output ``[B, N, 3]``, centred."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(x1_pos.double(), x0_pos.double()).pow(2).cpu().numpy()
+    perm = torch.as_tensor(np.stack([linear_sum_assignment(c)[1] for c in cost]), device=x0_pos.device)
+    x0 = torch.gather(x0_pos, 1, perm[:, :, None].expand(-1, -1, 3))
+    r = _kabsch(x0.double(), x1_pos.double()).to(x0.dtype)
+    return x0 @ r.transpose(1, 2)
+
+
+def _sample_batch(buckets: SizeBuckets, batch_size: int, gen: torch.Generator) -> tuple[int, dict[str, torch.Tensor]]:
+    sizes = buckets.sizes()
+    counts = torch.tensor([buckets.histogram()[n] for n in sizes], dtype=torch.float64)
+    n = sizes[int(torch.multinomial(counts, 1, generator=gen))]
+    pool = buckets.data[n]
+    idx = torch.randint(pool["pos"].shape[0], (batch_size,), generator=gen)
+    return n, {k: v[idx] for k, v in pool.items()}
+
+
+def training_loss(net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], cfg: MolPretrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """The endpoint loss of one same-size batch (see the module docstring); returns the loss and its parts."""
+    dev = next(net.parameters()).device
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    x1 = data_state(layout, batch)
+    b = x1.shape[0]
+    x0 = layout.remove_com(torch.randn(x1.shape, generator=gen).to(dev))
+    p0, t0, c0, e0 = layout.unpack(x0)
+    p0 = align_prior(p0, batch["pos"].float())
+    x0 = layout.pack(p0, t0, c0, e0)
+    t = torch.rand(b, generator=gen).to(dev)
+    xt = t[:, None] * x1 + (1 - t[:, None]) * x0
+    out = net.endpoint(xt, t)
+    ce = torch.nn.functional.cross_entropy
+    parts = {
+        "pos": (out["pos"] - batch["pos"].float()).pow(2).sum(-1).mean(),
+        "types": ce(out["types"].reshape(-1, layout.n_types), batch["types"].reshape(-1)),
+        "charges": ce(out["charges"].reshape(-1, layout.n_charges), batch["charges"].reshape(-1)),
+        "bonds": ce(out["bonds"].reshape(-1, N_BOND_CLASSES), batch["bonds"].reshape(-1)),
+    }
+    loss = cfg.w_pos * parts["pos"] + cfg.w_types * parts["types"] + cfg.w_charges * parts["charges"] + cfg.w_bonds * parts["bonds"]
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def sample_molecules(
+    net: EquivariantFlowNet,
+    sizes: list[int],
+    steps: int = 100,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> list[dict]:
+    """Generate one molecule per entry of ``sizes`` (atom counts) by the ODE sampler; returns decoded molecules
+    (``numbers``, ``charges``, ``positions``, ``bonds``, ``bond_orders``) in the order of ``sizes``."""
+    from cfo.flows.sampling import sample_ode
+
+    out: list[dict | None] = [None] * len(sizes)
+    for n in sorted(set(sizes)):
+        where = [k for k, s in enumerate(sizes) if s == n]
+        model = MoleculeFlowModel(net, n).to(device)
+        x = sample_ode(model, len(where), steps=steps, generator=generator)
+        for k, mol in zip(where, decode(x, model.layout)):
+            out[k] = mol
+    return out  # type: ignore[return-value]
+
+
+def _lr(cfg: MolPretrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def _evaluate(net: EquivariantFlowNet, buckets: SizeBuckets, cfg: MolPretrainConfig, device: str, seed: int) -> dict:
+    from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes_all = buckets.sizes()
+    counts = torch.tensor([buckets.histogram()[n] for n in sizes_all], dtype=torch.float64)
+    sizes = [sizes_all[int(i)] for i in torch.multinomial(counts, cfg.eval_samples, replacement=True, generator=gen)]
+    net.eval()
+    with torch.no_grad():
+        mols = sample_molecules(net, sizes, steps=cfg.eval_steps, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+    net.train()
+    summary, _ = molecule_metrics([GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in mols])
+    return summary
+
+
+def pretrain_molecules(
+    cfg: MolPretrainConfig,
+    dataset: MoleculeDataset,
+    out_dir: str | Path,
+    device: str = "cpu",
+    progress: bool = True,
+    max_steps_now: int | None = None,
+    time_budget_s: float | None = None,
+) -> dict:
+    """Train (or resume) in ``out_dir``; writes ``checkpoint.pt`` every ``checkpoint_every`` steps and at the end
+    ``model.pt`` (weights, config, size histogram, summary), ``history.json`` and ``loss.png``.
+
+    ``max_steps_now`` stops after that many steps in this call (the checkpoint lets the next call go on).
+    ``time_budget_s`` (fresh runs only): after 100 timed steps, ``steps`` is lowered, if needed, so that the whole run
+    fits the budget; the learning-rate schedule follows the new ``steps``, which is stored in the checkpoint."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(dataset))
+    n_val = int(round(cfg.val_fraction * len(dataset)))
+    train = buckets_from_dataset(dataset, order[n_val:])
+    torch.manual_seed(cfg.seed)
+    net = cfg.network().to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    state = {"step": 0, "losses": [], "parts": [], "evals": [], "wall_s": 0.0}
+    ckpt = out / CHECKPOINT
+    if ckpt.exists():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        if saved["config"] != cfg.model_dump():
+            raise ValueError(f"{ckpt} was written with other settings; use another --out or the same config")
+        net.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        state = saved["state"]
+    (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    start = state["step"]
+    stop = cfg.steps if max_steps_now is None else min(cfg.steps, start + max_steps_now)
+    bar = tqdm(range(start, stop), initial=start, total=cfg.steps, desc="mol pretrain", disable=not progress)
+    t0 = time.perf_counter()
+
+    def save_checkpoint() -> None:
+        tmp = out / (CHECKPOINT + ".tmp")
+        torch.save({"config": cfg.model_dump(), "model": net.state_dict(), "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(), "state": state}, tmp)
+        tmp.replace(ckpt)
+
+    net.train()
+    budget_checked = time_budget_s is None or start > 0
+    run_t0 = time.perf_counter()
+    for step in bar:
+        if not budget_checked and step == start + 100:
+            per_step = (time.perf_counter() - run_t0) / 100
+            fit = int(time_budget_s / per_step * 0.97)
+            if fit < cfg.steps:
+                cfg = cfg.model_copy(update={"steps": max(fit, step + 1)})
+                bar.total = cfg.steps
+            budget_checked = True
+        if step >= cfg.steps:
+            break
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg, step)
+        n, batch = _sample_batch(train, cfg.batch_size, gen)
+        loss, parts = training_loss(net, MolLayout(n), batch, cfg, gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step} (atoms {n})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        state["step"] = step + 1
+        state["losses"].append(float(loss.detach()))
+        state["parts"].append(parts)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.3f}", atoms=n)
+        if cfg.eval_samples and (step + 1) % cfg.eval_every == 0:
+            state["evals"].append({"step": step + 1, **_evaluate(net, train, cfg, device, cfg.seed + step)})
+        if (step + 1) % cfg.checkpoint_every == 0:
+            state["wall_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            save_checkpoint()
+    state["wall_s"] += time.perf_counter() - t0
+    save_checkpoint()
+    done = state["step"] >= cfg.steps
+    summary = {
+        "steps": state["step"], "finished": done, "wall_s": state["wall_s"], "device": str(device),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "final_loss": float(np.mean(state["losses"][-200:])) if state["losses"] else None,
+        "evals": state["evals"], "train_molecules": len(train), "size_histogram": train.histogram(),
+    }
+    (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    (out / "history.json").write_text(json.dumps({"losses": state["losses"], "parts": state["parts"], "evals": state["evals"]}))
+    _plot_losses(state, out / "loss.png")
+    if done:
+        torch.save({"config": cfg.model_dump(), "model": {k: v.cpu() for k, v in net.state_dict().items()}, "summary": summary}, out / "model.pt")
+    return summary
+
+
+def _plot_losses(state: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not state["losses"]:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+    w = 100
+    smooth = lambda v: np.convolve(v, np.ones(w) / w, mode="valid") if len(v) > w else np.asarray(v)  # noqa: E731
+    ax[0].plot(smooth(state["losses"]))
+    ax[0].set_title("training loss (moving mean of 100 steps)")
+    ax[0].set_yscale("log")
+    for key in ("pos", "types", "charges", "bonds"):
+        ax[1].plot(smooth([p[key] for p in state["parts"]]), label=key)
+    ax[1].set_yscale("log")
+    ax[1].legend()
+    ax[1].set_title("loss parts")
+    for a in ax:
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_molecule_model(path: str | Path, device: str = "cpu") -> tuple[EquivariantFlowNet, dict]:
+    """The network and the stored summary (size histogram, evaluation) of a ``model.pt`` written by
+    :func:`pretrain_molecules`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no molecule model at {path}; train one with `cfo mol pretrain`")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    net = MolPretrainConfig.model_validate(saved["config"]).network()
+    net.load_state_dict(saved["model"])
+    return net.to(device).eval(), saved["summary"]

@@ -1,0 +1,172 @@
+"""The FlowMol-style molecule flow: symmetries, centre of mass, training step, sampling, and the core's solvers on it."""
+
+import numpy as np
+import pytest
+import torch
+
+from cfo.flows.sampling import sample_ode
+from cfo.tasks.molecules.flow import MolLayout, MoleculeFlowModel, decode, layout_for_dim
+from cfo.tasks.molecules.pretrain import MolPretrainConfig, _kabsch, align_prior, sample_molecules, training_loss
+
+TINY = MolPretrainConfig(hidden=24, edge_hidden=12, layers=2, n_rbf=8)
+
+
+def _net(dtype=torch.float64):
+    torch.manual_seed(0)
+    return TINY.network().to(dtype)
+
+
+def _state(lay: MolLayout, b: int = 3, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return lay.remove_com(torch.randn(b, lay.dim, generator=g, dtype=dtype))
+
+
+def _rotation(seed: int, proper: bool = True) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    if (torch.det(q) > 0) != proper:
+        q = -q
+    return q
+
+
+def test_layout_roundtrip_and_dimension_lookup():
+    lay = MolLayout(7)
+    assert lay.n_pairs == 21 and lay.dim == 7 * (3 + 8 + 3) + 21 * 5
+    x = torch.randn(2, lay.dim)
+    assert torch.equal(lay.pack(*lay.unpack(x)), x)
+    assert layout_for_dim(lay.dim) == lay
+    with pytest.raises(ValueError):
+        layout_for_dim(lay.dim + 1)
+
+
+@pytest.mark.parametrize("proper", [True, False])
+def test_velocity_is_e3_equivariant(proper):
+    net, lay = _net(), MolLayout(9)
+    x, t = _state(lay), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    r = _rotation(1, proper)
+    pos, ty, ch, bo = lay.unpack(x)
+    v = lay.unpack(net(x, t))
+    v_rot = lay.unpack(net(lay.pack(pos @ r.T, ty, ch, bo), t))
+    assert torch.allclose(v_rot[0], v[0] @ r.T, atol=1e-10)  # positions rotate with the input
+    for a, b in zip(v_rot[1:], v[1:]):  # types, charges, bonds are invariant
+        assert torch.allclose(a, b, atol=1e-10)
+    # translating the input leaves the predicted (centred) endpoint unchanged
+    e1 = net.endpoint(x, t)["pos"]
+    e2 = net.endpoint(lay.pack(pos + torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64), ty, ch, bo), t)["pos"]
+    assert torch.allclose(e1, e2, atol=1e-10)
+
+
+def test_velocity_is_permutation_equivariant():
+    net, lay = _net(), MolLayout(8)
+    x, t = _state(lay), torch.rand(3, dtype=torch.float64)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    i, j = lay.pairs()
+
+    def permute(state):
+        pos, ty, ch, bo = lay.unpack(state)
+        dense = torch.zeros(state.shape[0], 8, 8, 5, dtype=state.dtype)
+        dense[:, i, j] = bo
+        dense[:, j, i] = bo
+        dense = dense[:, perm][:, :, perm]
+        return lay.pack(pos[:, perm], ty[:, perm], ch[:, perm], dense[:, i, j])
+
+    assert torch.allclose(net(permute(x), t), permute(net(x, t)), atol=1e-10)
+
+
+def test_centre_of_mass_is_removed_everywhere():
+    lay = MolLayout(6)
+    model = MoleculeFlowModel(_net(torch.float32), 6)
+    com = lambda s: lay.unpack(s)[0].mean(dim=1).abs().max().item()  # noqa: E731
+    x0 = model.sample_prior(5, generator=torch.Generator().manual_seed(0))
+    assert com(x0) < 1e-6
+    assert com(model.project_tangent(torch.randn(5, lay.dim))) < 1e-6
+    x1 = sample_ode(model, 5, steps=6, generator=torch.Generator().manual_seed(0))
+    assert com(x1) < 1e-5 and torch.isfinite(x1).all()
+
+
+def test_prior_alignment_permutes_and_rotates():
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(4, 10, 3, generator=g, dtype=torch.float64)
+    x1 = x1 - x1.mean(1, keepdim=True)
+    r = _rotation(5)
+    perm = torch.randperm(10, generator=g)
+    assert torch.allclose(align_prior(x1[:, perm], x1), x1, atol=1e-8)  # a shuffled copy: the permutation is undone
+    rot = _kabsch(x1, x1 @ r.T)  # Kabsch recovers a rotation exactly, as a proper rotation
+    assert torch.allclose(rot, r.expand(4, 3, 3), atol=1e-8)
+    assert torch.allclose(torch.det(_kabsch(x1, x1 @ _rotation(6, proper=False).T)), torch.ones(4, dtype=torch.float64))
+    noise = torch.randn(4, 10, 3, generator=g, dtype=torch.float64)
+    noise = noise - noise.mean(1, keepdim=True)
+    assert (align_prior(noise, x1) - x1).pow(2).sum() < (noise - x1).pow(2).sum()
+
+
+def _batch(n: int = 7, b: int = 6) -> dict:
+    g = torch.Generator().manual_seed(1)
+    pos = torch.randn(b, n, 3, generator=g) * 1.5
+    return {
+        "pos": pos - pos.mean(1, keepdim=True),
+        "types": torch.randint(0, 8, (b, n), generator=g),
+        "charges": torch.ones(b, n, dtype=torch.long),
+        "bonds": torch.randint(0, 5, (b, n * (n - 1) // 2), generator=g),
+    }
+
+
+def test_training_steps_on_a_tiny_batch_reduce_the_loss():
+    torch.manual_seed(0)
+    net = TINY.network()
+    lay, batch = MolLayout(7), _batch()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+
+    def loss_at(seed):  # the same noise and times for the before/after comparison
+        return training_loss(net, lay, batch, TINY, torch.Generator().manual_seed(seed))[0]
+
+    before = loss_at(123).item()
+    for step in range(30):
+        loss, parts = training_loss(net, lay, batch, TINY, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(parts) == {"pos", "types", "charges", "bonds"}
+    assert loss_at(123).item() < 0.8 * before
+
+
+def test_sampling_returns_molecules_of_the_requested_sizes():
+    net = _net(torch.float32)
+    sizes = [5, 9, 5, 12]
+    mols = sample_molecules(net, sizes, steps=5, generator=torch.Generator().manual_seed(0))
+    assert [len(m["numbers"]) for m in mols] == sizes
+    for m, n in zip(mols, sizes):
+        assert m["positions"].shape == (n, 3) and np.isfinite(m["positions"]).all()
+        assert set(np.unique(m["numbers"]).tolist()) <= {1, 6, 7, 8, 9, 16, 17, 35}
+        assert set(np.unique(m["charges"]).tolist()) <= {-1, 0, 1}
+        b = m["bonds"]
+        assert (b[:, 0] < b[:, 1]).all() and b.max(initial=0) < n and ((m["bond_orders"] >= 1) & (m["bond_orders"] <= 4)).all()
+    # decode reads the argmax of every channel
+    lay = MolLayout(3)
+    x = torch.zeros(1, lay.dim)
+    pos, ty, ch, bo = lay.unpack(x)
+    ty[0, :, 1] = 1.0  # carbon
+    ch[0, :, 1] = 1.0  # neutral
+    bo[0, 0, 2] = 1.0  # double bond 0-1
+    bo[0, 1:, 0] = 1.0
+    (m,) = decode(lay.pack(pos, ty, ch, bo), lay)
+    assert m["numbers"].tolist() == [6, 6, 6] and m["bonds"].tolist() == [[0, 1]] and m["bond_orders"].tolist() == [2]
+
+
+def test_adjoint_matching_runs_unchanged_on_the_molecule_model():
+    """The core's AM fine-tunes the molecule model through its hooks (no molecule code in the solver)."""
+    from cfo.flows.model import frozen_copy, trainable_copy
+    from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+
+    torch.manual_seed(0)
+    pre = MoleculeFlowModel(TINY.network(), 5)
+    lay = pre.layout
+
+    def reward(x):  # pull atom 0 along +z: a differentiable, equivariance-breaking toy reward
+        return lay.unpack(x)[0][:, 0, 2]
+
+    reward.differentiable = True
+    solver = AdjointMatching(AdjointMatchingConfig(batch_size=8, rollout_steps=8, lr=1e-3))
+    model = solver.finetune(trainable_copy(pre), reward, 1.0, 3, reference=frozen_copy(pre), generator=torch.Generator().manual_seed(0))
+    x = sample_ode(model, 4, steps=6, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(x).all() and lay.unpack(x)[0].mean(1).abs().max() < 1e-5
+    changed = any(not torch.equal(a, b) for a, b in zip(model.parameters(), pre.parameters()))
+    assert changed

@@ -217,3 +217,21 @@ def test_cli_build_data_from_moses(tmp_path):
     assert len(ds) == 12 and ds.n_heavy.max() <= 18
     again = CliRunner().invoke(app, ["mol", "build-data", "--n", "12", "--shard-size", "6", "--workers", "1", "--out", str(out)])
     assert again.exit_code == 0 and "2 shard(s) reused, 0 built" in again.output
+
+
+def test_energy_bound_and_composition_reference_on_shipped_data():
+    from cfo.tasks.molecules.energy import choose_bound, fit_element_energies, referenced_energy
+
+    ds = MoleculeDataset.load(assets.DATASET_PATH)
+    b = choose_bound(ds.energy)
+    assert b == pytest.approx(ds.energy.mean() * 80 / 77.86, abs=0.05)
+    assert 0.25 < (ds.energy <= b).mean() < 0.5  # a bound that binds, as the paper's did
+    numbers = [ds.molecule(i)["numbers"] for i in range(0, len(ds), 5)]
+    energies = ds.energy[::5]
+    eps = fit_element_energies(numbers, energies)
+    assert set(eps) == {"H", "C", "N", "O", "F", "S", "Cl", "Br"}
+    assert -0.6 < eps["H"] < -0.45 and -2.3 < eps["C"] < -2.0  # about -0.51 and -2.14 Ha
+    resid = np.array([referenced_energy(z, e, eps) for z, e in zip(numbers, energies)])
+    assert abs(resid.mean()) < 1e-3 and resid.std() < 0.05  # composition explains the energy to a few 0.01 Ha
+    with pytest.raises(ValueError):
+        choose_bound(np.array([np.nan]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
-    "ELEMENTS", "ATOMIC_NUMBERS", "SYMBOLS", "BOHR_PER_ANGSTROM", "ANGSTROM_PER_BOHR", "DEBYE_PER_AU", "EV_PER_HARTREE",
+    "rdkit_chem", "ELEMENTS", "ATOMIC_NUMBERS", "SYMBOLS", "BOHR_PER_ANGSTROM", "ANGSTROM_PER_BOHR", "DEBYE_PER_AU", "EV_PER_HARTREE",
     "ALLOWED_VALENCES", "BOND_ORDERS", "AROMATIC",
 ]
 
@@ -33,3 +33,19 @@ ALLOWED_VALENCES: dict[tuple[int, int], tuple[int, ...]] = {
     (17, 0): (1,),
     (35, 0): (1,),
 }
+
+
+_RDKIT_QUIET = False
+
+
+def rdkit_chem():
+    """``rdkit.Chem`` with RDKit's own logging switched off once (failures are counted and reported by cause)."""
+    global _RDKIT_QUIET
+    from rdkit import Chem
+
+    if not _RDKIT_QUIET:
+        from rdkit import RDLogger
+
+        RDLogger.DisableLog("rdApp.*")
+        _RDKIT_QUIET = True
+    return Chem

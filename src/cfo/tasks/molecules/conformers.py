@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS
+from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS, rdkit_chem
 
 __all__ = ["BuildError", "parse_smiles", "check_composition", "embed_conformer", "heavy_atom_count", "bond_arrays"]
 
@@ -19,24 +19,9 @@ class BuildError(Exception):
         self.cause = cause
 
 
-_QUIET = False
-
-
-def _rdkit():
-    global _QUIET
-    from rdkit import Chem
-
-    if not _QUIET:
-        from rdkit import RDLogger
-
-        RDLogger.DisableLog("rdApp.*")  # failures are counted and reported by cause, not printed
-        _QUIET = True
-    return Chem
-
-
 def parse_smiles(smiles: str):
     """A sanitised RDKit molecule with explicit hydrogens; ``BuildError('parse')`` if RDKit rejects the SMILES."""
-    Chem = _rdkit()
+    Chem = rdkit_chem()
     mol = Chem.MolFromSmiles(smiles) if isinstance(smiles, str) and smiles.strip() else None
     if mol is None:
         raise BuildError("parse", f"RDKit cannot parse {smiles!r}")
@@ -45,7 +30,7 @@ def parse_smiles(smiles: str):
 
 def heavy_atom_count(smiles: str) -> int | None:
     """Heavy atoms of a SMILES without sanitising (fast pre-filter); None if it does not parse."""
-    Chem = _rdkit()
+    Chem = rdkit_chem()
     mol = Chem.MolFromSmiles(smiles, sanitize=False)
     return None if mol is None else sum(1 for a in mol.GetAtoms() if a.GetAtomicNum() > 1)
 
@@ -88,7 +73,7 @@ def embed_conformer(mol, seed: int = 0, mmff_iters: int = 2000, max_attempts: in
 
 def bond_arrays(mol) -> tuple[np.ndarray, np.ndarray]:
     """``(index [b, 2] int16, order [b] int8)`` with order 1, 2, 3 or 4 (aromatic) for every bond, H included."""
-    Chem = _rdkit()
+    Chem = rdkit_chem()
     codes = {Chem.BondType.SINGLE: 1, Chem.BondType.DOUBLE: 2, Chem.BondType.TRIPLE: 3, Chem.BondType.AROMATIC: 4}
     index, order = [], []
     for b in mol.GetBonds():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfo.tasks.molecules.chem import ALLOWED_VALENCES, AROMATIC, BOND_ORDERS
+from cfo.tasks.molecules.chem import ALLOWED_VALENCES, AROMATIC, BOND_ORDERS, rdkit_chem
 
 __all__ = [
     "GeneratedMolecule", "to_rdkit", "perceive_bonds", "sanitize", "fragment_validity", "atom_stability", "qed",
@@ -61,16 +61,9 @@ class GeneratedMolecule:
                 raise ValueError("bond index out of range")
 
 
-def _chem():
-    from rdkit import Chem, RDLogger
-
-    RDLogger.DisableLog("rdApp.*")
-    return Chem
-
-
 def to_rdkit(mol: GeneratedMolecule):
     """An unsanitised RDKit molecule with a 3D conformer; bonds from ``mol.bonds`` or, if absent, perceived."""
-    Chem = _chem()
+    Chem = rdkit_chem()
     if mol.bonds is None:
         return perceive_bonds(mol)
     rw = Chem.RWMol()
@@ -98,7 +91,7 @@ def to_rdkit(mol: GeneratedMolecule):
 def perceive_bonds(mol: GeneratedMolecule, charge: int | None = None):
     """Bonds and orders from the geometry (xyz2mol); connectivity only if bond orders cannot be assigned. Returns an
     unsanitised molecule (possibly without any bond if even connectivity fails)."""
-    Chem = _chem()
+    Chem = rdkit_chem()
     from rdkit.Chem import rdDetermineBonds
 
     lines = [str(len(mol.numbers)), ""]
@@ -122,7 +115,7 @@ def perceive_bonds(mol: GeneratedMolecule, charge: int | None = None):
 
 def sanitize(rdmol) -> tuple[bool, object]:
     """``(ok, molecule)``: a sanitised copy, or ``(False, original)`` if RDKit rejects it."""
-    Chem = _chem()
+    Chem = rdkit_chem()
     m = Chem.Mol(rdmol)
     try:
         Chem.SanitizeMol(m)
@@ -134,7 +127,7 @@ def sanitize(rdmol) -> tuple[bool, object]:
 def fragment_validity(rdmol) -> dict:
     """``valid`` (the largest fragment sanitises), ``connected`` (one fragment), ``valid_connected`` (both), the
     fragment count, and ``smiles`` (canonical, largest fragment, no H; None if invalid)."""
-    Chem = _chem()
+    Chem = rdkit_chem()
     if rdmol.GetNumAtoms() == 0:
         return {"valid": False, "connected": False, "valid_connected": False, "n_fragments": 0, "smiles": None}
     try:
@@ -226,7 +219,7 @@ def molecule_metrics(mols: Sequence[GeneratedMolecule]) -> tuple[dict, list[dict
     ``connected``, ``atom_stability``, ``molecule_stability``, ``uniqueness`` (among valid), and the means of ``qed`` and
     ``sa`` and the ``lipinski`` pass rate over valid molecules.
     """
-    Chem = _chem()
+    Chem = rdkit_chem()
     rows = []
     for m in mols:
         rd = to_rdkit(m)
@@ -264,7 +257,7 @@ def molecule_metrics(mols: Sequence[GeneratedMolecule]) -> tuple[dict, list[dict
 def write_sdf(mols: Sequence[GeneratedMolecule], path: str | Path) -> Path:
     """Write molecules with explicit H and 3D coordinates to an SDF; ``properties`` become SD fields. A molecule that
     RDKit cannot write is still written, with its atoms, bonds as given and a ``cfo_valid = 0`` field."""
-    Chem = _chem()
+    Chem = rdkit_chem()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = Chem.SDWriter(str(path))

@@ -235,3 +235,10 @@ def test_energy_bound_and_composition_reference_on_shipped_data():
     assert abs(resid.mean()) < 1e-3 and resid.std() < 0.05  # composition explains the energy to a few 0.01 Ha
     with pytest.raises(ValueError):
         choose_bound(np.array([np.nan]))
+
+
+def test_batch_time_limit_reports_timeouts():
+    """A per-molecule limit far below what a calculation takes: every molecule comes back as a timeout, none raises."""
+    mols = [_geometry(s) for s in ("O", "N")]
+    results = evaluate_batch(mols, workers=1, timeout_s=0.01)
+    assert [r.error for r in results] == ["timeout", "timeout"] and all(np.isnan(r.energy) for r in results)

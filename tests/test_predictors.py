@@ -76,3 +76,28 @@ def test_training_on_a_small_set_learns_both_labels(tmp_path):
     assert summary["dipole_mae_D"] < summary["dipole_std_D"]
     assert (tmp_path / "parity.png").exists() and (tmp_path / "predictor.pt").exists()
     assert np.isfinite(summary["energy_mae_Ha"])
+
+
+def test_shipped_predictor_on_held_out_molecules():
+    """The shipped predictor on molecules it never saw (the seeded 10 % split of its training run)."""
+    from cfo.tasks.molecules import assets
+    from cfo.tasks.molecules.dataset import MoleculeDataset
+    from cfo.tasks.molecules.predictors import load_predictor
+
+    net, summary = load_predictor(assets.PREDICTOR_PATH)
+    ds = MoleculeDataset.load(assets.DATASET_PATH)
+    order = np.random.default_rng(0).permutation(len(ds))
+    held = np.sort(order[: int(round(0.1 * len(ds)))])[:150]
+    err_e, err_d = [], []
+    f = torch.nn.functional
+    with torch.no_grad():
+        for i in held:
+            m = ds.molecule(int(i))
+            idx = {z: k for k, z in enumerate((1, 6, 7, 8, 9, 16, 17, 35))}
+            types = f.one_hot(torch.tensor([idx[int(z)] for z in m["numbers"]]), 8).float()[None]
+            charges = f.one_hot(torch.tensor(m["charges"]) + 1, 3).float()[None]
+            e, mu = net(torch.as_tensor(m["positions"])[None], types, charges)
+            err_e.append(abs(float(e) - m["energy"]))
+            err_d.append(abs(float(mu) - m["dipole"]))
+    assert np.mean(err_e) < 0.05 and np.mean(err_d) < 1.3
+    assert summary["energy_mae_Ha"] < 0.05 and summary["val_molecules"] == 1200

@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
-__all__ = ["ASSET_DIR", "DATASET_PATH"]
+__all__ = ["ASSET_DIR", "DATASET_PATH", "PREDICTOR_PATH"]
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets"
 # `cfo mol build-data --n 12000 --max-heavy 18 --out runs/mol_data_h18`: 12,000 MOSES molecules of at most 18 heavy atoms
 DATASET_PATH = ASSET_DIR / "molecules_h18.npz"
+# `cfo mol train-predictor --out runs/mol_predictor` (3,000 steps, 2 CPU threads, 26 min): energy and dipole predictor
+PREDICTOR_PATH = ASSET_DIR / "mol_predictor.pt"

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from cfo.tasks.molecules.chem import ELEMENTS
 from cfo.tasks.molecules.dataset import MoleculeDataset
-from cfo.tasks.molecules.flow import CHARGES, layout_for_dim
+from cfo.tasks.molecules.flow import CHARGES, _mlp, layout_for_dim
 
 __all__ = ["PredictorConfig", "PropertyNet", "train_predictor", "load_predictor", "DEBYE_PER_E_ANGSTROM"]
 
@@ -53,10 +53,6 @@ class PredictorConfig(BaseModel):
     w_energy: float = Field(1.0, ge=0, description="weight of the energy MSE, in units of (0.05 Ha)^2")
     w_dipole: float = Field(1.0, ge=0, description="weight of the dipole MSE, in units of (0.5 D)^2")
     seed: int = 0
-
-
-def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.SiLU(), nn.Linear(d_hidden, d_out))
 
 
 class PropertyNet(nn.Module):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +17,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Constrained 
 @app.callback()
 def _root() -> None:
     """Constrained Flow Optimization: constrained fine-tuning of flow-matching models."""
+
+
+@contextmanager
+def _user_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """Turn the expected errors of bad input (``kinds``) into ``error: ...`` on stderr and exit status 2."""
+    try:
+        yield
+    except kinds as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -50,6 +62,17 @@ def _toy_config(config: Optional[Path], quick: bool, default, quick_default):
     return load_toy_config(config) if config is not None else (quick_default() if quick else default())
 
 
+def _study_config(config: Optional[Path], quick: bool, make, study: str, update: dict):
+    """The configuration of a study command: ``--config`` (which must be of ``study``) or ``make()`` /
+    ``make(quick=True)``, with the command's own settings ``update`` applied."""
+    from cfo.tasks.toy_experiment import ToyRunConfig
+
+    cfg = _toy_config(config, quick, make, lambda: make(quick=True))
+    if cfg.study != study:
+        raise ValueError(f"{config} is a {cfg.study} configuration, not a {study} one")
+    return ToyRunConfig.model_validate({**cfg.model_dump(), **update}) if update else cfg
+
+
 def _apply_overrides(cfg, seed, device, workers, solver):
     from cfo.tasks.toy_experiment import ToyRunConfig, methods_for_solver
 
@@ -73,11 +96,8 @@ def _run_study(cfg, out: Path) -> list[dict]:
 
     n_jobs = len(expand_jobs(cfg))
     typer.echo(f"cfo {cfg.study}: methods {cfg.methods}, seeds {cfg.seeds}, {n_jobs} jobs, budget M = {cfg.budget} solver iterations each, out {out}")
-    try:
+    with _user_errors(ValueError):
         return run_toy(cfg, out)
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
 
 
 SEED_OPT = typer.Option(None, "--seed", help="seed(s); repeat the option for several")
@@ -104,7 +124,7 @@ def toy(
     _setup_logging(verbose)
     from cfo.tasks.toy_experiment import PAPER_TOY_TABLE, ToyRunConfig, generation_config, quick_config
 
-    try:
+    with _user_errors(ValueError):
         if generation:
             cfg = _toy_config(config, quick, lambda: generation_config(bound), lambda: generation_config(bound, quick=True))
             if config is not None and bound:
@@ -118,9 +138,6 @@ def toy(
         if cfg.study not in ("main", "generation"):
             raise ValueError(f"{config} is a {cfg.study} configuration; run it with its own command (cfo sweep-mu / ablate-budget)")
         cfg = _apply_overrides(cfg, seed, device, workers, solver)
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     rows = _run_study(cfg, out)
     from cfo.results import format_table
 
@@ -147,19 +164,12 @@ def sweep_mu(
     """The fixed-weight Lagrangian r - mu c at every mu (same solver and budget) against one CFO run: table, Pareto
     plot, and how many mu reach CFO's reward while satisfying the constraint, at what cost."""
     _setup_logging(verbose)
-    from cfo.tasks.toy_experiment import ToyRunConfig, sweep_config
+    from cfo.tasks.toy_experiment import sweep_config
     from cfo.tasks.toy_report import sweep_summary
 
-    try:
-        cfg = _toy_config(config, quick, sweep_config, lambda: sweep_config(quick=True))
-        if cfg.study != "mu_sweep":
-            raise ValueError(f"{config} is a {cfg.study} configuration, not a mu_sweep one")
-        if mu:
-            cfg = ToyRunConfig.model_validate({**cfg.model_dump(), "mus": list(mu)})
+    with _user_errors(ValueError):
+        cfg = _study_config(config, quick, sweep_config, "mu_sweep", {"mus": list(mu)} if mu else {})
         cfg = _apply_overrides(cfg, seed, device, workers, solver)
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     rows = _run_study(cfg, out)
     from cfo.results import format_table
 
@@ -187,24 +197,19 @@ def ablate_budget(
 ) -> None:
     """CFO with one budget M split into different (K rounds, N steps): table and budget-aligned round curves."""
     _setup_logging(verbose)
-    from cfo.tasks.toy_experiment import ToyRunConfig, ablation_config
+    from cfo.tasks.toy_experiment import ablation_config
 
-    try:
-        cfg = _toy_config(config, quick, ablation_config, lambda: ablation_config(quick=True))
-        if cfg.study != "budget_ablation":
-            raise ValueError(f"{config} is a {cfg.study} configuration, not a budget_ablation one")
+    with _user_errors(ValueError):
+        update = {}
         if split:
             try:
-                splits = [tuple(int(v) for v in s.split(",")) for s in split]
+                update["splits"] = [tuple(int(v) for v in s.split(",")) for s in split]
             except ValueError as err:
                 raise ValueError(f"--split takes K,N with two integers, got {split}") from err
-            if any(len(s) != 2 for s in splits):
+            if any(len(s) != 2 for s in update["splits"]):
                 raise ValueError(f"--split takes K,N with two integers, got {split}")
-            cfg = ToyRunConfig.model_validate({**cfg.model_dump(), "splits": splits})
+        cfg = _study_config(config, quick, ablation_config, "budget_ablation", update)
         cfg = _apply_overrides(cfg, seed, device, workers, solver)
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     rows = _run_study(cfg, out)
     from cfo.results import format_table
 
@@ -235,16 +240,13 @@ def report(
         parts.append(intro.read_text())
     import os
 
-    try:
+    with _user_errors(FileNotFoundError, ValueError):
         for d in run_dirs:
             inside = os.path.relpath(d.resolve(), out.parent.resolve())
             if inside.startswith(".."):  # plots copied next to the report
                 parts.append(render_toy_report(d, image_dir=image_dir, image_rel=rel))
             else:  # the run folder lies below the report: link its plots in place
                 parts.append(render_toy_report(d, image_rel=inside))
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts))
     typer.echo(f"wrote {out}")
@@ -275,15 +277,13 @@ def mol_build_data(
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from cfo.tasks.molecules.dataset import BuildConfig, BuildIncomplete, build_dataset
 
-    try:
+    with _user_errors(ValueError, FileNotFoundError, RuntimeError):
         cfg = BuildConfig(source=source, n=n, max_heavy=max_heavy, min_heavy=min_heavy, seed=seed, shard_size=shard_size, xtb_relax_steps=xtb_relax_steps)
-        summary = build_dataset(cfg, out, workers=workers, cache_dir=cache, max_shards=max_shards)
-    except BuildIncomplete as err:
-        typer.echo(str(err))
-        return
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+        try:
+            summary = build_dataset(cfg, out, workers=workers, cache_dir=cache, max_shards=max_shards)
+        except BuildIncomplete as err:  # stopped on purpose (--max-shards): not an error
+            typer.echo(str(err))
+            return
     failed = ", ".join(f"{k} {v}" for k, v in sorted(summary.failed.items())) or "none"
     typer.echo(
         f"built {summary.built} of {summary.attempted} molecules (failed: {failed}); "
@@ -299,11 +299,8 @@ def mol_info(path: Path = typer.Argument(..., help="a dataset .npz")) -> None:
     """Verify a dataset file (version, checksum) and print its size, elements and label distribution."""
     from cfo.tasks.molecules.dataset import DatasetError, MoleculeDataset
 
-    try:
+    with _user_errors(DatasetError, FileNotFoundError):
         ds = MoleculeDataset.load(path)
-    except (DatasetError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     typer.echo(json.dumps({"meta": ds.meta, "summary": ds.summary()}, indent=2))
 
 
@@ -326,16 +323,13 @@ def mol_pretrain(
     from cfo.tasks.molecules.dataset import DatasetError, MoleculeDataset
     from cfo.tasks.molecules.pretrain import MolPretrainConfig, pretrain_molecules
 
-    try:
+    with _user_errors(ValueError, FileNotFoundError, DatasetError):
         _check_device(device)
         data = yaml.safe_load(config.read_text()) if config is not None else {}
         update = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "eval_samples": eval_samples}.items() if v is not None}
         cfg = MolPretrainConfig.model_validate({**(data or {}), **update})
         ds = MoleculeDataset.load(dataset or DATASET_PATH)
         summary = pretrain_molecules(cfg, ds, out, device=device, time_budget_s=None if time_budget_min is None else 60 * time_budget_min)
-    except (ValueError, FileNotFoundError, DatasetError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "size_histogram"}, indent=2))
     typer.echo(f"wrote {out}/model.pt" if summary["finished"] else f"stopped at step {summary['steps']}; rerun to resume")
 
@@ -360,12 +354,9 @@ def mol_sample(
     from cfo.tasks.molecules.dataset import MoleculeDataset
     from cfo.tasks.molecules.sample import sample_and_report
 
-    try:
+    with _user_errors(ValueError, FileNotFoundError):
         _check_device(device)
         report = sample_and_report(model, out, n=n, steps=steps, seed=seed, device=device, workers=workers, relax_steps=relax_steps, dataset=MoleculeDataset.load(DATASET_PATH))
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"wrote {out}/samples.sdf, metrics.json, grid.png, histograms.png")
 
@@ -390,12 +381,9 @@ def mol_train_predictor(
     from cfo.tasks.molecules.predictors import PredictorConfig, train_predictor
 
     torch.set_num_threads(threads)
-    try:
+    with _user_errors(ValueError, FileNotFoundError, DatasetError):
         cfg = PredictorConfig(steps=steps, batch_size=batch_size, hidden=hidden, layers=layers, seed=seed)
         summary = train_predictor(cfg, MoleculeDataset.load(dataset or DATASET_PATH), out)
-    except (ValueError, FileNotFoundError, DatasetError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"wrote {out}/predictor.pt, metrics.json, parity.png")
 

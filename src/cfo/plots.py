@@ -12,6 +12,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 __all__ = ["plot_history", "plot_pareto", "plot_history_overlay"]
 
 
+def _save(fig, path: Path, title: str | None = None) -> Path:
+    """Title, lay out, write (creating the folder) and close a figure."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_history(
     histories: dict[str, list[dict]], bounds: list[float], path: Path, title: str = "CFO rounds", margin: float = 0.0
 ) -> Path:
@@ -34,12 +45,7 @@ def plot_history(
         ax.set_xlabel("round k")
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_history_overlay(histories: dict[str, list[dict]], bounds: list[float], path: Path, title: str = "CFO rounds") -> Path:
@@ -58,12 +64,7 @@ def plot_history_overlay(histories: dict[str, list[dict]], bounds: list[float], 
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[1].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_pareto(
@@ -104,8 +105,4 @@ def plot_pareto(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -66,6 +66,23 @@ def test_lean_adjoint_matches_exact_solution():
     assert torch.allclose(v_ref[20], ref(traj.states[20], 0.5))
 
 
+def test_euler_lean_adjoint_is_first_order_accurate():
+    """The discrete adjoint of the Euler-Maruyama rollout (``adjoint_scheme="euler"``) converges to the exact lean
+    adjoint at first order: its error halves when the grid is refined twice."""
+    ref = gaussian_reference()
+    a1 = torch.tensor([-1.0, -0.5]).expand(4, 2).clone()
+    errors = []
+    for steps in (40, 80):
+        traj = sample_memoryless_sde(ref, 4, steps=steps, generator=torch.Generator().manual_seed(0))
+        adjoints, _ = lean_adjoint(ref, traj, a1, scheme="euler")
+        exact = _exact_lean_adjoint(0.5, a1[0]).float()
+        errors.append(float((adjoints[steps // 2][0] - exact).norm()))
+    assert errors[0] < 0.1 * float(a1[0].norm())
+    assert 1.6 < errors[0] / errors[1] < 2.5, errors
+    with pytest.raises(ValueError, match="adjoint scheme"):
+        lean_adjoint(ref, traj, a1, scheme="rk4")
+
+
 def test_loss_is_zero_at_the_reference_with_constant_reward():
     ref = gaussian_reference()
     model = gaussian_finetunable()

@@ -226,6 +226,7 @@ def report(
     intro: Optional[Path] = typer.Option(None, help="Markdown file inserted under the heading"),
 ) -> None:
     """Turn saved run folders into Markdown tables and plots (ours beside the paper's); plots are copied next to --out."""
+    from cfo.tasks.molecules.report import is_molecular_run, render_mol_report
     from cfo.tasks.toy_report import render_toy_report
 
     if out is None:
@@ -243,10 +244,11 @@ def report(
     with _user_errors(FileNotFoundError, ValueError):
         for d in run_dirs:
             inside = os.path.relpath(d.resolve(), out.parent.resolve())
+            render = render_mol_report if is_molecular_run(d) else render_toy_report
             if inside.startswith(".."):  # plots copied next to the report
-                parts.append(render_toy_report(d, image_dir=image_dir, image_rel=rel))
+                parts.append(render(d, image_dir=image_dir, image_rel=rel))
             else:  # the run folder lies below the report: link its plots in place
-                parts.append(render_toy_report(d, image_rel=inside))
+                parts.append(render(d, image_rel=inside))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts))
     typer.echo(f"wrote {out}")
@@ -314,6 +316,7 @@ def mol_pretrain(
     batch_size: Optional[int] = typer.Option(None, help="molecules per step (overrides the config)"),
     time_budget_min: Optional[float] = typer.Option(None, help="fit a fresh run into this many minutes (lowers steps)"),
     eval_samples: Optional[int] = typer.Option(None, help="molecules sampled at each evaluation (0: none; needs RDKit)"),
+    stop_after_min: Optional[float] = typer.Option(None, help="end this call after so many minutes (checkpointed; the schedule is kept, rerun to go on)"),
 ) -> None:
     """Train the FlowMol-style equivariant flow on the molecule dataset (checkpoints every few hundred steps; rerun
     the same command to resume)."""
@@ -329,7 +332,8 @@ def mol_pretrain(
         update = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "eval_samples": eval_samples}.items() if v is not None}
         cfg = MolPretrainConfig.model_validate({**(data or {}), **update})
         ds = MoleculeDataset.load(dataset or DATASET_PATH)
-        summary = pretrain_molecules(cfg, ds, out, device=device, time_budget_s=None if time_budget_min is None else 60 * time_budget_min)
+        summary = pretrain_molecules(cfg, ds, out, device=device, time_budget_s=None if time_budget_min is None else 60 * time_budget_min,
+                                     stop_after_s=None if stop_after_min is None else 60 * stop_after_min)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "size_histogram"}, indent=2))
     typer.echo(f"wrote {out}/model.pt" if summary["finished"] else f"stopped at step {summary['steps']}; rerun to resume")
 
@@ -386,6 +390,59 @@ def mol_train_predictor(
         summary = train_predictor(cfg, MoleculeDataset.load(dataset or DATASET_PATH), out)
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"wrote {out}/predictor.pt, metrics.json, parity.png")
+
+
+@mol_app.command("run")
+def mol_run(
+    method: list[str] = typer.Option([], "--method", "-m", help="pre, am, cfo-am, nft, cfo-nft, lagrangian (AM), lagrangian-nft; repeat the option (default: the config's methods)"),
+    mu: list[float] = typer.Option([], "--mu", help="energy weight(s) of the lagrangian methods"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML of MolRunConfig (see configs/mol_run.yaml)"),
+    quick: bool = typer.Option(False, "--quick", help="smoke run: 2 rounds of 2 iterations, 20 atoms, 16 samples"),
+    out: Path = typer.Option(Path("runs/mol_run"), help="run folder (rerun the same command to resume)"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (overrides the config)"),
+    n_atoms: Optional[int] = typer.Option(None, help="atoms per molecule (overrides the config)"),
+    reward_source: Optional[str] = typer.Option(None, help="NFT methods: predictor or xtb (real GFN2-xTB as black box)"),
+    valence_constraint: bool = typer.Option(False, "--valence-constraint", help="add the validity surrogate as a second constraint"),
+    workers: Optional[int] = typer.Option(None, help="jobs in parallel (one thread each)"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Constrained molecular design: maximise the dipole under a GFN2-xTB energy bound with PRE, AM, CFO_AM, NFT,
+    CFO_NFT and the fixed-weight Lagrangian; re-score every final sample set with real GFN2-xTB; write results.json,
+    table.md, <method>/samples.sdf and plots."""
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _setup_logging(verbose)
+    import yaml
+
+    from cfo.tasks.molecules.design import CLI_METHODS, MolRunConfig, quick_mol_config, run_molecules
+    from cfo.tasks.molecules.report import format_mol_table
+
+    with _user_errors(ValueError, FileNotFoundError):
+        data = yaml.safe_load(config.read_text()) if config is not None else {}
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"{config}: expected a mapping of settings")
+        bad = [m for m in method if m not in CLI_METHODS]
+        if bad:
+            raise ValueError(f"unknown --method {bad}; choose from {', '.join(CLI_METHODS)}")
+        update: dict = {}
+        if method:
+            update["methods"] = list(dict.fromkeys(CLI_METHODS[m] for m in method))
+        if mu:
+            update["mus"] = list(mu)
+        if seeds is not None:
+            update["seeds"] = [int(v) for v in seeds.split(",") if v.strip()]
+        for key, value in (("n_atoms", n_atoms), ("reward_source", reward_source), ("workers", workers), ("device", device)):
+            if value is not None:
+                update[key] = value
+        if valence_constraint:
+            update["valence_constraint"] = True
+        cfg = quick_mol_config(**{**(data or {}), **update}) if quick else MolRunConfig.model_validate({**(data or {}), **update})
+        _check_device(cfg.device)
+        rows = run_molecules(cfg, out)
+    typer.echo(format_mol_table(rows))
+    typer.echo(f"wrote {out}/results.json, table.md, <method>/samples.sdf and plots; `cfo report {out}` renders them")
 
 
 def _check_device(device: str) -> None:

@@ -55,7 +55,11 @@ class DiffusionNFTConfig(BaseModel):
     decay: Literal[0, 1, 2] = Field(0, description="theta_old EMA schedule: 0 on-policy; 1 min(1e-3 k, 0.5); 2 delayed")
     grad_clip: float = Field(1.0, gt=0)
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="within one finetune call")
-    t_min: float = Field(0.0, ge=0, lt=1, description="times are drawn from U(t_min, 1)")
+    t_min: float = Field(0.0, ge=0, lt=1, description="times are drawn from U(t_min, t_max)")
+    t_max: float = Field(
+        1.0, gt=0, le=1, description="upper end of the loss times; below 1 for endpoint-parameterised flows, whose velocity "
+        "errors (x1_hat - x1)/(1 - t) would otherwise let the last instants dominate the loss"
+    )
     max_skip_fraction: float = Field(0.1, ge=0, le=1)
 
 
@@ -147,7 +151,7 @@ class DiffusionNFT:
             x1_rep = x1.repeat_interleave(cfg.times_per_sample, dim=0)
             r_rep = r.repeat_interleave(cfg.times_per_sample)
             x0 = model.sample_prior(n, generator=generator, device=dev)
-            t = cfg.t_min + (1.0 - cfg.t_min) * torch.rand(n, generator=generator, device=dev, dtype=x1.dtype)
+            t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(n, generator=generator, device=dev, dtype=x1.dtype)
             xt = model.scheduler.interpolate(x0, x1_rep, t)
             target = model.scheduler.target_velocity(x0, x1_rep, t)
             with torch.no_grad():

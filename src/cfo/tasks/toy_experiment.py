@@ -15,9 +15,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +27,7 @@ from tqdm.auto import tqdm
 from cfo.baselines import finetune_fixed_weight, finetune_unconstrained
 from cfo.evaluation import Evaluation, default_sampler, evaluate_model
 from cfo.flows.likelihood import kl_divergence
+from cfo.jobs import JOB_PRIORITY, Job, machine_info, store_record
 from cfo.loop import CFO, CFOConfig, round_generator
 from cfo.results import format_table, write_results
 from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
@@ -149,36 +148,7 @@ class ToyRunConfig(BaseModel):
         return self.cfo.budget
 
 
-@dataclass(frozen=True)
-class ToyJob:
-    """One (method, seed, variant) run; the variant is a fixed ``mu``, a ``(K, N)`` split or a bound ``B``."""
-
-    method: str
-    seed: int
-    mu: float | None = None
-    split: tuple[int, int] | None = None
-    bound: float | None = None
-
-    @property
-    def variant(self) -> str:
-        parts = []
-        if self.mu is not None:
-            parts.append(f"mu={self.mu:.3g}")
-        if self.split is not None:
-            parts.append(f"K={self.split[0]},N={self.split[1]}")
-        if self.bound is not None:
-            parts.append(f"B={self.bound:g}")
-        return " ".join(parts)
-
-    @property
-    def label(self) -> str:
-        """The row name in tables, e.g. ``LAG_AM (mu=0.01)``."""
-        return f"{self.method} ({self.variant})" if self.variant else self.method
-
-    @property
-    def name(self) -> str:
-        """A file-safe job name, e.g. ``LAG_AM_mu_0.01_seed0``."""
-        return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+-]", "_", self.label)).strip("_") + f"_seed{self.seed}"
+ToyJob = Job  # the toy studies' name for a job
 
 
 def expand_jobs(cfg: ToyRunConfig) -> list[ToyJob]:
@@ -344,17 +314,13 @@ def _run_job(args: tuple) -> str:
     record = {"row": _row(job, solver_name, ev, problem, wall, steps, kl), "history": history}
     (out / "samples").mkdir(parents=True, exist_ok=True)
     torch.save(x.cpu(), out / "samples" / f"{job.name}.pt")
-    (out / "jobs").mkdir(parents=True, exist_ok=True)
-    tmp = out / "jobs" / f"{job.name}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(out / "jobs" / f"{job.name}.json")
+    store_record(out, job, record)
     return job.name
 
 
 def _execute(cfg: ToyRunConfig, out: Path, jobs: list[ToyJob], progress: bool) -> dict[ToyJob, dict]:
     """Run the jobs not yet stored (CFO jobs first, they are the longest) and return every job's record."""
-    priority = {"CFO_AM": 0, "CFO_NFT": 1, "LAG_AM": 2, "LAG_NFT": 3, "AM": 4, "NFT": 5, "PRE": 6}
-    order = sorted(jobs, key=lambda j: priority[j.method])
+    order = sorted(jobs, key=lambda j: JOB_PRIORITY[j.method])
     todo = [j for j in order if not (out / "jobs" / f"{j.name}.json").exists()]
     workers = min(cfg.workers, max(1, len(todo)))
     args = [(j, cfg.model_dump(), str(out), 1 if workers > 1 else torch.get_num_threads(), progress and workers == 1) for j in todo]
@@ -382,17 +348,6 @@ def _prepare_out(cfg: ToyRunConfig, out: Path) -> None:
             raise ValueError(f"{out} holds a run with another configuration; use another --out or the same --config {cfg_file}")
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     (out / "machine.json").write_text(json.dumps(machine_info(cfg.device), indent=2))
-
-
-def machine_info(device: str = "cpu") -> dict:
-    """Where a run ran (stored as ``machine.json`` so reports can say which machine gave the wall times)."""
-    import os
-    import platform
-
-    info = {"host": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
 
 
 def run_toy(cfg: ToyRunConfig, out_dir: str | Path, progress: bool = True) -> list[dict]:

@@ -31,7 +31,7 @@ from cfo.tasks.molecules.chem import ELEMENTS
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import CHARGES, _mlp, layout_for_dim
 
-__all__ = ["PredictorConfig", "PropertyNet", "train_predictor", "load_predictor", "DEBYE_PER_E_ANGSTROM"]
+__all__ = ["PredictorConfig", "PropertyNet", "to_simplex", "train_predictor", "load_predictor", "DEBYE_PER_E_ANGSTROM"]
 
 DEBYE_PER_E_ANGSTROM = 4.80320
 
@@ -98,12 +98,22 @@ class PropertyNet(nn.Module):
         return energy, dipole
 
     def from_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Energy and dipole of flat flow states ``[B, D]`` (see :mod:`cfo.tasks.molecules.flow`): type and charge
-        channels are turned into probabilities by a softmax, so the prediction is defined (and differentiable) for
-        every state, not only for one-hot ends."""
+        """Energy and dipole of flat flow states ``[B, D]`` (see :mod:`cfo.tasks.molecules.flow`).
+
+        The type and charge channels of a generated state are (close to) probability vectors: the flow's endpoint
+        prediction is a softmax, and the last ODE step lands on it. They are mapped onto the simplex by
+        ``p = relu(z) / sum relu(z)`` (the identity on probability vectors, so one-hot data give exactly the
+        training input; differentiable wherever a channel is positive). A softmax would *not* do: it maps the
+        one-hot vector of carbon to ``(0.28, 0.10, ...)``, an input the predictor never saw."""
         lay = layout_for_dim(x.shape[-1])
         pos, types, charges, _ = lay.unpack(x)
-        return self(pos, types.softmax(-1), charges.softmax(-1))
+        return self(pos, to_simplex(types), to_simplex(charges))
+
+
+def to_simplex(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``relu(z) / sum relu(z)`` over the last axis (a uniform vector where every entry is <= 0)."""
+    p = z.clamp_min(0.0) + eps
+    return p / p.sum(dim=-1, keepdim=True)
 
 
 def _batches(ds: MoleculeDataset, idx: np.ndarray) -> dict[int, dict[str, torch.Tensor]]:

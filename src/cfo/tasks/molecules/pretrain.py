@@ -224,13 +224,16 @@ def pretrain_molecules(
     progress: bool = True,
     max_steps_now: int | None = None,
     time_budget_s: float | None = None,
+    stop_after_s: float | None = None,
 ) -> dict:
     """Train (or resume) in ``out_dir``; writes ``checkpoint.pt`` every ``checkpoint_every`` steps and at the end
     ``model.pt`` (weights, config, size histogram, summary), ``history.json`` and ``loss.png``.
 
     ``max_steps_now`` stops after that many steps in this call (the checkpoint lets the next call go on).
-    ``time_budget_s`` (fresh runs only): after 100 timed steps, ``steps`` is lowered, if needed, so that the whole run
-    fits the budget; the learning-rate schedule follows the new ``steps``, which is stored in the checkpoint."""
+    ``time_budget_s`` (fresh runs only): steps 20 to 120 are timed (the first steps carry start-up costs), and ``steps``
+    is lowered, if needed, so that the whole run fits the budget; the learning-rate schedule follows the new ``steps``,
+    which is stored in the checkpoint. ``stop_after_s`` ends this call (with a checkpoint) after that much wall time
+    and keeps the schedule, so a long training can be spread over several sessions."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -265,11 +268,16 @@ def pretrain_molecules(
 
     net.train()
     budget_checked = time_budget_s is None or start > 0
-    run_t0 = time.perf_counter()
+    call_t0 = time.perf_counter()
+    timed_t0 = call_t0
     for step in bar:
-        if not budget_checked and step == start + 100:
-            per_step = (time.perf_counter() - run_t0) / 100
-            fit = int(time_budget_s / per_step * 0.97)
+        if stop_after_s is not None and time.perf_counter() - call_t0 > stop_after_s:
+            break
+        if not budget_checked and step == start + 20:
+            timed_t0 = time.perf_counter()
+        if not budget_checked and step == start + 120:
+            per_step = (time.perf_counter() - timed_t0) / 100
+            fit = int((time_budget_s - (time.perf_counter() - call_t0)) / per_step * 0.97) + step
             if fit < cfg.steps:
                 cfg = cfg.model_copy(update={"steps": max(fit, step + 1)})
                 bar.total = cfg.steps

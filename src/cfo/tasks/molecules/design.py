@@ -1,0 +1,444 @@
+"""``cfo mol run``: constrained molecular design, the paper's headline experiment, on our model and data.
+
+Maximise the dipole moment (D) of generated molecules of ``n_atoms`` atoms while keeping their mean GFN2-xTB total
+energy (Ha) at or below ``B``:
+
+    max_pi E_pi[dipole] - alpha KL(pi || pre)   subject to   E_pi[energy] <= B   (and optionally E_pi[c_val] <= B_val)
+
+Methods (the paper's table): ``PRE``; ``AM`` and ``NFT`` (unconstrained fine-tuning on the dipole); ``CFO_AM`` and
+``CFO_NFT``; ``LAG_AM`` / ``LAG_NFT``, the fixed-weight Lagrangian ``dipole - mu energy``. All fine-tuning methods get
+the same budget ``M = K N`` of inner iterations. During training the reward and the constraint are the differentiable
+predictor's; DiffusionNFT can instead use real GFN2-xTB as its black box (``reward_source: xtb``).
+
+Every final sample set is re-scored with real GFN2-xTB (tblite single point on the generated geometry, optionally
+after a short xTB relaxation), so the table shows predictor and xTB values side by side, and the predictor's error on
+the generated molecules. Outputs: ``OUT/results.json`` (the toy's row schema plus ``metrics``), ``OUT/table.md``,
+``OUT/<method>/samples.sdf`` (explicit H, 3D, predicted and xTB properties as SD fields), ``OUT/history.json`` and
+plots; ``cfo report OUT`` renders them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
+
+from cfo.baselines import finetune_fixed_weight, finetune_unconstrained
+from cfo.evaluation import default_sampler, evaluate_samples
+from cfo.jobs import JOB_PRIORITY, Job, load_record, machine_info, store_record
+from cfo.loop import CFO, CFOConfig, round_generator
+from cfo.problem import ConstrainedProblem, Constraint, Reward
+from cfo.results import write_results
+from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
+from cfo.tasks.molecules.flow import MoleculeFlowModel, MolLayout, decode
+
+__all__ = [
+    "MolRunConfig", "METHODS", "CLI_METHODS", "PAPER_MOL_TABLE", "PAPER_MOL_CHEMISTRY", "load_mol_run_config",
+    "quick_mol_config", "expand_mol_jobs", "run_molecules", "make_problem", "auto_bounds",
+]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("PRE", "AM", "CFO_AM", "NFT", "CFO_NFT", "LAG_AM", "LAG_NFT")
+CLI_METHODS = {"pre": "PRE", "am": "AM", "cfo-am": "CFO_AM", "nft": "NFT", "cfo-nft": "CFO_NFT", "lagrangian": "LAG_AM", "lagrangian-nft": "LAG_NFT"}
+
+# The paper's Table 2 (dipole D, energy Ha, bound -80 Ha; FlowMol on GEOM-Drugs, 45 atoms) and Table 3 (chemistry).
+PAPER_MOL_TABLE = {
+    "PRE": ((6.55, 0.07), (-77.86, 0.22)),
+    "CFO_AM": ((8.39, 0.10), (-82.28, 0.41)),
+    "AM": ((8.37, 0.07), (-78.31, 0.38)),
+    "CFO_NFT": ((8.27, 0.19), (-80.72, 0.93)),
+    "NFT": ((8.30, 0.07), (-78.67, 0.62)),
+}
+PAPER_MOL_CHEMISTRY = {  # QED, Lipinski %, validity % (secondary source; "-" where not given)
+    "PRE": (0.45, 88, 34), "CFO_AM": (0.37, 77, 9), "AM": (0.34, 71, 4), "CFO_NFT": (0.28, 49, None), "NFT": (0.29, 51, None),
+}
+
+
+class MolRunConfig(BaseModel):
+    """Everything that defines one molecular run (written to ``OUT/config.yaml``; ``--config`` reads it back)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["molecules"] = "molecules"
+    methods: list[str] = Field(default_factory=lambda: ["PRE", "AM", "CFO_AM", "NFT", "CFO_NFT"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    n_atoms: int = Field(32, ge=2, description="atoms per generated molecule, H included (the paper fixed 45)")
+    model: str | None = Field(None, description="pre-trained molecule flow (default: the shipped one)")
+    predictor: str | None = Field(None, description="energy/dipole predictor (default: the shipped one)")
+    energy_bound: float | None = Field(
+        None, description="B in Ha; None: the paper's relative placement, mean predicted energy of PRE samples x 80/77.86"
+    )
+    valence_constraint: bool = Field(False, description="add E[c_val] <= B_val, the differentiable validity surrogate")
+    valence_bound: float | None = Field(None, description="B_val; None: the PRE samples' mean c_val (do not get worse)")
+    alpha: float = Field(0.1, gt=0, description="KL weight (the paper's reward_lambda 50 is alpha = 0.02)")
+    reward_source: Literal["predictor", "xtb"] = Field("predictor", description="NFT methods only: predictor or real GFN2-xTB")
+    mus: list[float] = Field(default_factory=lambda: [1.0], description="fixed weights of LAG_* (energy weight)")
+    cfo: CFOConfig = Field(
+        default_factory=lambda: CFOConfig(rounds=6, steps_per_round=10, rho_init=1.0, eta=1.25, tau=0.99, lambda_min=-50.0, eval_samples=100)
+    )
+    am: AdjointMatchingConfig = Field(
+        default_factory=lambda: AdjointMatchingConfig(lr=1e-4, batch_size=8, rollout_steps=40, loss_times=10, grad_clip=1.0, adjoint_scheme="euler", adjoint_clip=50.0)
+    )
+    nft: DiffusionNFTConfig = Field(
+        default_factory=lambda: DiffusionNFTConfig(lr=1e-4, batch_size=32, sample_steps=20, adv_clip=5.0, t_max=0.95)
+    )
+    eval_samples: int = Field(100, ge=2, description="fresh samples of each final model for the table")
+    eval_ode_steps: int = Field(40, ge=1, description="midpoint ODE steps of every evaluation (and of G_k)")
+    xtb_relax_steps: int = Field(0, ge=0, description="GFN2-xTB relaxation steps before the re-scoring (0: single point on the generated geometry)")
+    xtb_workers: int = Field(2, ge=1)
+    xtb_timeout_s: float = Field(120.0, gt=0)
+    workers: int = Field(1, ge=1, description="jobs run in parallel (one thread each)")
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _check(self) -> MolRunConfig:
+        unknown = set(self.methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        if not self.methods or not self.seeds:
+            raise ValueError("methods and seeds must not be empty")
+        if any(m.startswith("LAG_") for m in self.methods) and (not self.mus or any(not (mu >= 0 and math.isfinite(mu)) for mu in self.mus)):
+            raise ValueError(f"mus must be a non-empty list of finite weights >= 0, got {self.mus}")
+        if self.reward_source == "xtb" and any(m.endswith("_AM") or m == "AM" for m in self.methods):
+            raise ValueError("reward_source 'xtb' is a black box: it works with the NFT methods only (AM needs gradients)")
+        return self
+
+    @property
+    def budget(self) -> int:
+        """``M = K * N``, the inner-solver iterations of every fine-tuning method."""
+        return self.cfo.budget
+
+
+def quick_mol_config(**update) -> MolRunConfig:
+    """The ``--quick`` smoke run: 2 rounds of 2 iterations, tiny batches, 16 evaluation samples (a few minutes on
+    2 cores with the shipped model)."""
+    base = MolRunConfig(
+        cfo=CFOConfig(rounds=2, steps_per_round=2, rho_init=1.0, eval_samples=16),
+        am=AdjointMatchingConfig(lr=1e-4, batch_size=4, rollout_steps=20, loss_times=4, adjoint_scheme="euler", adjoint_clip=50.0),
+        nft=DiffusionNFTConfig(lr=1e-4, batch_size=8, sample_steps=10, t_max=0.95),
+        eval_samples=16,
+        eval_ode_steps=20,
+        n_atoms=20,
+    )
+    return MolRunConfig.model_validate({**base.model_dump(), **update})
+
+
+def load_mol_run_config(path: str | Path) -> MolRunConfig:
+    """Read a YAML run configuration; unknown keys and bad values raise ``ValueError`` naming them."""
+    from pydantic import ValidationError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return MolRunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(f"{path}: invalid configuration:\n{err}") from err
+
+
+def expand_mol_jobs(cfg: MolRunConfig) -> list[Job]:
+    """All jobs of a run, in table order (methods as configured, then ``mu`` for LAG_*, then seeds)."""
+    jobs = []
+    for method in cfg.methods:
+        variants = [{"mu": mu} for mu in cfg.mus] if method.startswith("LAG_") else [{}]
+        for v in variants:
+            jobs.extend(Job(method, seed, **v) for seed in cfg.seeds)
+    return jobs
+
+
+# -- models, oracles and the problem ------------------------------------------------------------------------------------
+def _load_models(cfg: MolRunConfig):
+    from cfo.tasks.molecules.assets import MODEL_PATH, PREDICTOR_PATH
+    from cfo.tasks.molecules.predictors import load_predictor
+    from cfo.tasks.molecules.pretrain import load_molecule_model
+
+    net, _ = load_molecule_model(cfg.model or MODEL_PATH, device=cfg.device)
+    predictor, _ = load_predictor(cfg.predictor or PREDICTOR_PATH, device=cfg.device)
+    return MoleculeFlowModel(net, cfg.n_atoms).to(cfg.device), predictor
+
+
+def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], black_box: bool = False):
+    """The constrained problem on flat states: reward = dipole (D), constraint = energy (Ha) ``<= bounds['energy']``,
+    plus ``c_val <= bounds['valence']`` when configured. ``black_box`` uses real GFN2-xTB (NFT only). Returns
+    ``(problem, counters)``: the :class:`CountedValues` wrappers that count failed values."""
+    from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, valence_violation
+
+    oracle = XTBOracle(cfg.xtb_workers, cfg.xtb_timeout_s) if black_box else PredictorOracle(predictor)
+    diff = not black_box
+    src = "xtb" if black_box else "predicted"
+    r = CountedValues(oracle.dipole, f"{src} dipole", "min", diff)
+    c = CountedValues(oracle.energy, f"{src} energy", "max", diff)
+    constraints = [Constraint(c, bounds["energy"], differentiable=diff, name="energy", unit="Ha")]
+    counters = {"reward": r, "energy": c}
+    if cfg.valence_constraint:
+        v = CountedValues(valence_violation, "valence violation", "max", True)
+        constraints.append(Constraint(v, bounds["valence"], differentiable=True, name="valence", unit=""))
+        counters["valence"] = v
+    problem = ConstrainedProblem(Reward(r, differentiable=diff, name="dipole", unit="D"), constraints, alpha=cfg.alpha)
+    return problem, counters
+
+
+def auto_bounds(cfg: MolRunConfig, pre: MoleculeFlowModel, predictor, out: Path) -> dict[str, float]:
+    """The bounds of the run: given in the config, or measured once on ``eval_samples`` PRE samples (seeded) and
+    stored in ``OUT/bounds.json`` so every job and every resume uses the same numbers."""
+    from cfo.tasks.molecules.energy import choose_bound
+    from cfo.tasks.molecules.oracles import PredictorOracle, valence_violation
+
+    path = out / "bounds.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    bounds = dict(saved.get("bounds", {}))
+    need_e = cfg.energy_bound is None and "energy" not in bounds
+    need_v = cfg.valence_constraint and cfg.valence_bound is None and "valence" not in bounds
+    info = dict(saved.get("measured", {}))
+    if need_e or need_v:
+        with torch.no_grad():
+            x = default_sampler(cfg.eval_ode_steps)(pre, cfg.eval_samples, torch.Generator(device=cfg.device).manual_seed(2**31 - 1))
+            e = PredictorOracle(predictor).energy(x).double().cpu().numpy()
+            v = valence_violation(x).double().cpu().numpy()
+        info = {"pre_energy_mean": float(e.mean()), "pre_valence_mean": float(v.mean()), "n": int(len(e))}
+        if need_e:
+            bounds["energy"] = choose_bound(e, decimals=2)
+        if need_v:
+            bounds["valence"] = float(np.round(v.mean(), 3))
+    if cfg.energy_bound is not None:
+        bounds["energy"] = float(cfg.energy_bound)
+    if cfg.valence_bound is not None:
+        bounds["valence"] = float(cfg.valence_bound)
+    path.write_text(json.dumps({"bounds": bounds, "measured": info}, indent=2))
+    return bounds
+
+
+def job_folder(out: Path, job: Job) -> Path:
+    """``OUT/<method label>/``: the job's SDF (``seed<k>.sdf``) and final states; ``samples.sdf`` joins the seeds."""
+    import re
+
+    return out / re.sub(r"[^A-Za-z0-9.+=-]+", "_", job.label).strip("_")
+
+
+def _join_sdfs(out: Path, jobs: list[Job]) -> None:
+    """``OUT/<method>/samples.sdf``: the seeds' SDFs of each method label, concatenated (every record has its seed)."""
+    by_folder: dict[Path, list[Path]] = {}
+    for j in jobs:
+        by_folder.setdefault(job_folder(out, j), []).append(job_folder(out, j) / f"seed{j.seed}.sdf")
+    for folder, files in by_folder.items():
+        (folder / "samples.sdf").write_text("".join(f.read_text() for f in files if f.exists()))
+
+
+# -- one job ------------------------------------------------------------------------------------------------------------
+def _xtb_rescore(cfg: MolRunConfig, mols: list[dict]) -> list:
+    from cfo.tasks.molecules.xtb import evaluate_batch
+
+    charges = [int(np.sum(m["charges"])) for m in mols]
+    return evaluate_batch(
+        [(m["numbers"], m["positions"]) for m in mols], workers=cfg.xtb_workers, timeout_s=cfg.xtb_timeout_s,
+        relax_steps=cfg.xtb_relax_steps, charges=charges,
+    )
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    if a.size == 0:
+        return {"n": 0, "mean": None, "se": None}
+    return {"n": int(a.size), "mean": float(a.mean()), "se": float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0}
+
+
+def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, problem, bounds: dict, out: Path) -> dict:
+    """Predictor values, chemistry metrics and GFN2-xTB values of the final samples; writes the SDF."""
+    from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics, write_sdf
+
+    pred_d = problem.reward_values(x).detach().double().cpu().numpy()
+    pred_e = problem.constraint_values(x)[:, 0].detach().double().cpu().numpy()
+    mols = decode(x, MolLayout(cfg.n_atoms))
+    gm = [GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in mols]
+    chem, rows = molecule_metrics(gm)
+    xtb = _xtb_rescore(cfg, mols)
+    failures: dict[str, int] = {}
+    for res in xtb:
+        if not res.ok:
+            failures[res.error] = failures.get(res.error, 0) + 1
+    xe = [r.energy if r.ok else math.nan for r in xtb]
+    xd = [r.dipole if r.ok else math.nan for r in xtb]
+    for k, m in enumerate(gm):
+        m.properties.update(
+            seed=job.seed, predicted_dipole_D=float(pred_d[k]), predicted_energy_Ha=float(pred_e[k]),
+            xtb_dipole_D=xd[k], xtb_energy_Ha=xe[k], xtb_ok=int(xtb[k].ok), valid=int(rows[k]["valid"]),
+        )
+    write_sdf(gm, job_folder(out, job) / f"seed{job.seed}.sdf")
+    ok = [k for k in range(len(xtb)) if xtb[k].ok]
+    b = bounds["energy"]
+    return {
+        **{f"chem_{k}": v for k, v in chem.items()},
+        "xtb_dipole": _stats(xd),
+        "xtb_energy": _stats(xe),
+        "xtb_satisfied": bool(ok) and float(np.mean([xe[k] for k in ok])) <= b,
+        "xtb_feasible_fraction": float(np.mean([xe[k] <= b for k in ok])) if ok else None,
+        "xtb_failures": failures,
+        "xtb_scored": len(ok),
+        "predictor_error_energy_mae": float(np.mean([abs(pred_e[k] - xe[k]) for k in ok])) if ok else None,
+        "predictor_error_dipole_mae": float(np.mean([abs(pred_d[k] - xd[k]) for k in ok])) if ok else None,
+        "predictor_bias_energy": float(np.mean([pred_e[k] - xe[k] for k in ok])) if ok else None,
+        "predictor_bias_dipole": float(np.mean([pred_d[k] - xd[k] for k in ok])) if ok else None,
+        "smiles_valid": [r["smiles"] for r in rows if r["valid"] and r.get("smiles")][:24],
+    }
+
+
+def _train(cfg: MolRunConfig, job: Job, pre: MoleculeFlowModel, problem, out: Path, progress: bool):
+    """Fine-tune for ``job``; returns ``(model, solver name, CFO history or None)``."""
+    if job.method == "PRE":
+        return pre, "none", None
+    solver = DiffusionNFT(cfg.nft) if job.method.endswith("NFT") else AdjointMatching(cfg.am)
+    if job.method in ("AM", "NFT"):
+        return finetune_unconstrained(problem, solver, pre, cfg.budget, seed=job.seed, progress=progress), solver.name, None
+    if job.method.startswith("LAG_"):
+        weights = [job.mu] + [0.0] * (problem.num_constraints - 1)
+        return finetune_fixed_weight(problem, solver, pre, weights, cfg.budget, seed=job.seed, progress=progress), solver.name, None
+    loop = CFO(problem, solver, pre, cfg.cfo.model_copy(update={"seed": job.seed}), checkpoint_dir=out / "checkpoints" / job.name,
+               sampler=default_sampler(cfg.eval_ode_steps))
+    result = loop.run(progress=progress)
+    return result.model, solver.name, [h.__dict__ for h in result.history]
+
+
+def _row(cfg: MolRunConfig, job: Job, solver: str, problem, x: torch.Tensor, wall: float, metrics: dict, counters: dict) -> dict:
+    ev = evaluate_samples(problem, x)
+    cons = [
+        {"name": c.name, "mean": ev.constraint_mean[i], "std": ev.constraint_std[i] / math.sqrt(ev.n), "bound": float(c.bound)}
+        for i, c in enumerate(problem.constraint_list)
+    ]
+    return {
+        "method": job.label, "base_method": job.method, "solver": solver, "seed": job.seed, "n_seeds": 1, "n_samples": ev.n,
+        "reward_mean": ev.reward_mean, "reward_std": ev.reward_std / math.sqrt(ev.n), "reward_sample_std": ev.reward_std,
+        "constraint_mean": cons[0]["mean"], "constraint_std": cons[0]["std"], "bound": cons[0]["bound"],
+        "satisfied": all(c["mean"] <= c["bound"] for c in cons), "feasible_fraction": ev.feasible_fraction,
+        "constraints": cons, "wall_s": wall, "inner_steps": 0 if job.method == "PRE" else cfg.budget, "mu": job.mu,
+        "reward_source": cfg.reward_source if job.method.endswith("NFT") else "predictor",
+        "training_failures": {k: v.failures for k, v in counters.items()},
+        "metrics": metrics,
+    }
+
+
+def _run_job(args: tuple) -> str:
+    """Run one job in this process and store its record under ``OUT/jobs``; returns the job name."""
+    job, cfg_dict, out_dir, threads, progress, bounds = args
+    torch.set_num_threads(threads)
+    cfg = MolRunConfig.model_validate(cfg_dict)
+    out = Path(out_dir)
+    pre, predictor = _load_models(cfg)
+    black_box = cfg.reward_source == "xtb" and job.method.endswith("NFT")
+    train_problem, counters = make_problem(cfg, predictor, bounds, black_box=black_box)
+    t0 = time.perf_counter()
+    model, solver, history = _train(cfg, job, pre, train_problem, out, progress)
+    wall = time.perf_counter() - t0
+    gen = round_generator(job.seed, 10_000, cfg.device)  # evaluation draws, independent of training draws
+    model.eval()
+    with torch.no_grad():
+        x = default_sampler(cfg.eval_ode_steps)(model, cfg.eval_samples, gen)
+    eval_problem, eval_counters = make_problem(cfg, predictor, bounds)  # the table's predictor columns
+    metrics = _score_samples(cfg, job, x, eval_problem, bounds, out)
+    row = _row(cfg, job, solver, eval_problem, x, wall, metrics, counters)
+    row["evaluation_failures"] = {k: v.failures for k, v in eval_counters.items()}
+    if black_box:
+        row["training_xtb_failure_causes"] = counters["reward"].fn.__self__.causes
+    torch.save(x.cpu(), job_folder(out, job) / f"seed{job.seed}_states.pt")
+    store_record(out, job, {"row": row, "history": history})
+    return job.name
+
+
+def _execute(cfg: MolRunConfig, out: Path, jobs: list[Job], bounds: dict, progress: bool) -> dict[Job, dict]:
+    order = sorted(jobs, key=lambda j: JOB_PRIORITY[j.method])
+    todo = [j for j in order if load_record(out, j) is None]
+    workers = min(cfg.workers, max(1, len(todo)))
+    args = [(j, cfg.model_dump(), str(out), 1 if workers > 1 else torch.get_num_threads(), progress and workers == 1, bounds) for j in todo]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="molecule jobs", disable=not progress)
+    if workers == 1:
+        for a in args:
+            bar.set_postfix(job=a[0].name)
+            _run_job(a)
+            bar.update()
+    else:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for name in pool.imap_unordered(_run_job, args):
+                bar.set_postfix(done=name)
+                bar.update()
+    bar.close()
+    return {j: load_record(out, j) for j in jobs}
+
+
+def _prepare_out(cfg: MolRunConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "config.yaml"
+    if cfg_file.exists() and (out / "jobs").exists() and any((out / "jobs").iterdir()):
+        saved = load_mol_run_config(cfg_file)
+        if saved.model_dump() != cfg.model_dump():
+            raise ValueError(f"{out} holds a run with another configuration; use another --out or the same --config {cfg_file}")
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (out / "machine.json").write_text(json.dumps(machine_info(cfg.device), indent=2))
+
+
+def _aggregate_metrics(rows: list[dict], per_seed: list[dict]) -> None:
+    """Attach to each aggregated row the per-seed mean of every numeric molecular metric (``metrics``)."""
+    for row in rows:
+        mine = [r for r in per_seed if r["method"] == row["method"]]
+        agg: dict = {}
+        for key, value in mine[0]["metrics"].items():
+            if isinstance(value, dict) and "mean" in value:
+                means = [r["metrics"][key]["mean"] for r in mine if r["metrics"][key]["mean"] is not None]
+                ses = [r["metrics"][key]["se"] for r in mine if r["metrics"][key]["se"] is not None]
+                agg[key] = {"mean": float(np.mean(means)) if means else None,
+                            "se": float(np.std(means, ddof=1)) if len(means) > 1 else (ses[0] if ses else None),
+                            "n": sum(r["metrics"][key]["n"] for r in mine)}
+            elif isinstance(value, bool):
+                agg[key] = all(r["metrics"][key] for r in mine)
+            elif isinstance(value, (int, float)) or value is None:
+                vals = [r["metrics"][key] for r in mine if r["metrics"][key] is not None and not (isinstance(r["metrics"][key], float) and math.isnan(r["metrics"][key]))]
+                agg[key] = float(np.mean(vals)) if vals else None
+            elif isinstance(value, dict):
+                total: dict[str, int] = {}
+                for r in mine:
+                    for k, v in r["metrics"][key].items():
+                        total[k] = total.get(k, 0) + v
+                agg[key] = total
+            else:
+                agg[key] = value
+        row["metrics"] = agg
+        row["reward_source"] = mine[0].get("reward_source", "predictor")
+
+
+def run_molecules(cfg: MolRunConfig, out_dir: str | Path, progress: bool = True) -> list[dict]:
+    """Run every job not already stored in ``out_dir`` (CFO jobs resume from their last round), then write
+    ``results.json`` (+ csv, per seed), ``table.md``, ``history.json`` and the plots."""
+    from cfo.tasks.molecules.report import format_mol_table, write_mol_plots
+
+    out = Path(out_dir)
+    _prepare_out(cfg, out)
+    pre, predictor = _load_models(cfg)
+    bounds = auto_bounds(cfg, pre, predictor, out)
+    jobs = expand_mol_jobs(cfg)
+    records = _execute(cfg, out, jobs, bounds, progress)
+    per_seed = [records[j]["row"] for j in jobs]
+    rows = write_results(out, per_seed)
+    _aggregate_metrics(rows, per_seed)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "table.md").write_text(format_mol_table(rows) + "\n")
+    histories: dict[str, dict[str, list]] = {}
+    for j in jobs:
+        if records[j]["history"] is not None:
+            histories.setdefault(j.label, {})[f"seed {j.seed}"] = records[j]["history"]
+    (out / "history.json").write_text(json.dumps(histories, indent=2))
+    _join_sdfs(out, jobs)
+    write_mol_plots(cfg, out, jobs, histories, bounds)
+    return rows

@@ -1,0 +1,143 @@
+"""Rewards and constraints of the molecular task, as batch functions of flat flow states ``[B, D]``.
+
+* :class:`PredictorOracle`: the differentiable predictor (dipole in D, GFN2-xTB energy in Ha), for Adjoint Matching
+  and DiffusionNFT alike.
+* :class:`XTBOracle`: real GFN2-xTB (tblite) single points on the decoded molecules, a black box for DiffusionNFT.
+* :func:`valence_violation`: a differentiable validity surrogate, the mean squared distance of each atom's expected
+  bond-order sum to the nearest allowed valence of its expected element; zero for every valid neutral molecule with
+  one-hot channels. Used as a second constraint (the paper's validity dropped because it was not constrained).
+
+Failures are never silent: :class:`CountedValues` replaces a non-finite value (a failed xTB calculation, a predictor
+that met a broken state) by the worst finite value of its batch, counts it by cause and logs it; a batch with no finite
+value raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from cfo.tasks.molecules.chem import ALLOWED_VALENCES, ATOMIC_NUMBERS, ELEMENTS
+from cfo.tasks.molecules.flow import decode, layout_for_dim
+from cfo.tasks.molecules.predictors import PropertyNet, to_simplex
+
+__all__ = ["CountedValues", "PredictorOracle", "XTBOracle", "valence_violation", "BOND_VALENCE"]
+
+log = logging.getLogger(__name__)
+
+BOND_VALENCE = (0.0, 1.0, 2.0, 3.0, 1.5)  # none, single, double, triple, aromatic
+
+
+class CountedValues:
+    """Wrap ``fn(x) -> [B]``: non-finite entries become the batch's worst finite value (``worst="min"`` for a reward,
+    ``"max"`` for a constraint) and are counted in ``failures``; ``calls`` and ``values`` count the work done."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str, worst: str, differentiable: bool) -> None:
+        if worst not in ("min", "max"):
+            raise ValueError("worst must be 'min' or 'max'")
+        self.fn, self.name, self.worst, self.differentiable = fn, name, worst, differentiable
+        self.failures = 0
+        self.values = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.fn(x)
+        ok = torch.isfinite(v)
+        self.values += int(v.numel())
+        if bool(ok.all()):
+            return v
+        bad = int((~ok).sum())
+        if bad == v.numel():
+            raise FloatingPointError(f"{self.name}: no finite value in a batch of {v.numel()} molecules")
+        self.failures += bad
+        finite = v.detach()[ok]
+        fill = finite.min() if self.worst == "min" else finite.max()
+        log.warning("%s: %d of %d values were not finite (replaced by the batch's worst, %.4g)", self.name, bad, v.numel(), float(fill))
+        return torch.where(ok, v, fill.to(v.dtype))
+
+
+class PredictorOracle:
+    """Dipole (D) and energy (Ha) of flat states from a frozen :class:`PropertyNet`; gradients flow to the state."""
+
+    def __init__(self, net: PropertyNet) -> None:
+        self.net = net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def dipole(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.from_state(x)[1].to(x.dtype)
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.from_state(x)[0].to(x.dtype)
+
+
+class XTBOracle:
+    """GFN2-xTB (tblite) single points of the decoded molecules (argmax types and charges, the generated geometry).
+
+    Energy and dipole come from one calculation, so the last batch is cached: the reward and the constraint of the
+    same samples cost one xTB run. A failed molecule gives NaN (counted and replaced by :class:`CountedValues`)."""
+
+    def __init__(self, workers: int = 2, timeout_s: float = 60.0) -> None:
+        self.workers, self.timeout_s = workers, timeout_s
+        self._key: torch.Tensor | None = None
+        self._values: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.causes: dict[str, int] = {}
+
+    def _compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from cfo.tasks.molecules.xtb import evaluate_batch
+
+        key = x.detach().cpu()
+        if self._key is not None and self._key.shape == key.shape and torch.equal(self._key, key):
+            return self._values  # type: ignore[return-value]
+        mols = decode(key, layout_for_dim(x.shape[-1]))
+        charges = [int(np.sum(m["charges"])) for m in mols]
+        results = evaluate_batch([(m["numbers"], m["positions"]) for m in mols], workers=self.workers, timeout_s=self.timeout_s, charges=charges)
+        for r in results:
+            if not r.ok:
+                self.causes[r.error] = self.causes.get(r.error, 0) + 1
+        energy = torch.tensor([r.energy if r.ok else float("nan") for r in results], dtype=x.dtype, device=x.device)
+        dipole = torch.tensor([r.dipole if r.ok else float("nan") for r in results], dtype=x.dtype, device=x.device)
+        self._key, self._values = key, (energy, dipole)
+        return energy, dipole
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compute(x)[0]
+
+    def dipole(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compute(x)[1]
+
+
+def _valence_table() -> tuple[torch.Tensor, torch.Tensor]:
+    """Allowed valences of the neutral elements, padded: ``values [A, V]`` and ``mask [A, V]``."""
+    allowed = [ALLOWED_VALENCES[(ATOMIC_NUMBERS[e], 0)] for e in ELEMENTS]
+    width = max(len(a) for a in allowed)
+    values = torch.zeros(len(ELEMENTS), width)
+    mask = torch.zeros(len(ELEMENTS), width, dtype=torch.bool)
+    for k, a in enumerate(allowed):
+        values[k, : len(a)] = torch.tensor(a, dtype=torch.float32)
+        mask[k, : len(a)] = True
+    return values, mask
+
+
+def valence_violation(x: torch.Tensor) -> torch.Tensor:
+    """``c_val(x) = (1/N) sum_i sum_e p_i(e) min_{a in A_e} (v_i - a)^2`` with ``v_i = sum_j sum_b p_ij(b) o_b`` the
+    expected bond-order sum of atom ``i`` (``o = 0, 1, 2, 3, 1.5`` for none, single, double, triple, aromatic) and
+    ``A_e`` the allowed valences of neutral element ``e`` (C 4, N 3, O 2, S 2/4/6, H and halogens 1).
+
+    Channels are mapped to the simplex as in the predictors. Formal charges are ignored (a charged atom counts as a
+    violation), and aromatic bonds count 1.5, so a pyrrole-type N or a furan O (two aromatic bonds, valence 3 or 2)
+    is off by one: a surrogate, zero on valid non-aromatic neutral molecules. Differentiable in the type and bond channels; shape ``[B]``."""
+    lay = layout_for_dim(x.shape[-1])
+    _, types, _, bonds = lay.unpack(x)
+    p_type, p_bond = to_simplex(types), to_simplex(bonds)
+    order = torch.tensor(BOND_VALENCE, dtype=x.dtype, device=x.device)
+    per_pair = (p_bond * order).sum(-1)  # [B, P]
+    i, j = lay.pairs(x.device)
+    v = torch.zeros(x.shape[0], lay.n_atoms, dtype=x.dtype, device=x.device)
+    v = v.index_add(1, i, per_pair).index_add(1, j, per_pair)
+    values, mask = (t.to(x.device) for t in _valence_table())
+    dev = (v[:, :, None, None] - values.to(x.dtype)[None, None]).pow(2)  # [B, N, A, V]
+    dev = dev.masked_fill(~mask[None, None], float("inf")).min(dim=-1).values  # nearest allowed valence per element
+    return (p_type * dev).sum(-1).mean(-1)

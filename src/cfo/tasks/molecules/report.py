@@ -1,0 +1,218 @@
+"""Tables, plots and the Markdown report of a molecular run folder (``cfo mol run``, ``cfo report``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from cfo.jobs import Job
+from cfo.plots import plot_history
+
+__all__ = ["format_mol_table", "write_mol_plots", "render_mol_report", "is_molecular_run"]
+
+
+def _pm(mean: float | None, se: float | None, nd: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    return f"{mean:.{nd}f}" + ("" if se is None else f" ± {se:.{nd}f}")
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.0f}%"
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+=-]+", "_", label).strip("_")
+
+
+def format_mol_table(rows: list[dict]) -> str:
+    """The molecular table: predictor and GFN2-xTB values side by side, feasibility, chemistry and wall time."""
+    b = rows[0]["bound"]
+    extra = rows[0]["constraints"][1:]
+    head = ["method", "dipole (D), predicted", f"energy (Ha), predicted, B = {b:g}", "satisfied (pred.)",
+            "dipole (D), xTB", "energy (Ha), xTB", "satisfied (xTB)", "per-sample feasible (xTB)"]
+    head += [f"E[{c['name']}] (B = {c['bound']:g})" for c in extra]
+    head += ["validity", "connected", "QED", "Lipinski", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        m = r["metrics"]
+        cells = [r["method"], _pm(r["reward_mean"], r["reward_std"]), _pm(r["constraint_mean"], r["constraint_std"]),
+                 "yes" if r["constraints"][0]["mean"] <= r["constraints"][0]["bound"] else "no",
+                 _pm(m["xtb_dipole"]["mean"], m["xtb_dipole"]["se"]), _pm(m["xtb_energy"]["mean"], m["xtb_energy"]["se"]),
+                 "yes" if m["xtb_satisfied"] else "no", _pct(m["xtb_feasible_fraction"])]
+        cells += [f"{c['mean']:.3f} ({'yes' if c['mean'] <= c['bound'] else 'no'})" for c in r["constraints"][1:]]
+        cells += [_pct(m["chem_validity"]), _pct(m["chem_connected"]), _pm(m["chem_qed"], None), _pct(m["chem_lipinski"]), f"{r['wall_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _sdf_values(path: Path, key: str) -> list[float]:
+    from cfo.tasks.molecules.chem import rdkit_chem
+
+    Chem = rdkit_chem()
+    out = []
+    if not path.exists():
+        return out
+    for mol in Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False):
+        if mol is not None and mol.HasProp(key):
+            v = float(mol.GetProp(key))
+            if math.isfinite(v):
+                out.append(v)
+    return out
+
+
+def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[str, list]], bounds: dict) -> list[Path]:
+    """Per-round CFO curves, xTB energy and dipole histograms of every method (with ``B``), and image grids of valid
+    molecules for PRE and the CFO methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for label, per_seed in histories.items():
+        written.append(plot_history(per_seed, [bounds["energy"]], out / f"cfo_rounds_{_safe(label)}.png", title=f"{label}: rounds (energy constraint)",
+                                    margin=cfg.cfo.target_margin))
+    labels = list(dict.fromkeys(j.label for j in jobs))
+    fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
+    for label in labels:
+        sdf = out / _safe(label) / "samples.sdf"
+        e, d = _sdf_values(sdf, "xtb_energy_Ha"), _sdf_values(sdf, "xtb_dipole_D")
+        if e:
+            ax[0].hist(e, bins=25, histtype="step", lw=1.5, label=label)
+            ax[1].hist(d, bins=25, histtype="step", lw=1.5, label=label)
+    ax[0].axvline(bounds["energy"], color="red", ls="--", lw=1, label="bound B")
+    ax[0].set_xlabel("GFN2-xTB energy (Ha) of the generated geometry")
+    ax[1].set_xlabel("GFN2-xTB dipole (D)")
+    for a in ax:
+        a.legend(fontsize=7)
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "xtb_histograms.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "xtb_histograms.png")
+    rows = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
+    for r in rows:
+        if r.get("base_method", r["method"]) in ("PRE", "CFO_AM", "CFO_NFT"):
+            p = _grid(r["metrics"].get("smiles_valid", []), out / f"grid_{_safe(r['method'])}.png")
+            if p is not None:
+                written.append(p)
+    return written
+
+
+def _grid(smiles: list[str], path: Path) -> Path | None:
+    from cfo.tasks.molecules.chem import rdkit_chem
+
+    Chem = rdkit_chem()
+    from rdkit.Chem import Draw
+
+    mols = [m for m in (Chem.MolFromSmiles(s) for s in smiles[:12]) if m is not None]
+    if not mols:
+        return None
+    Draw.MolsToGridImage(mols, molsPerRow=4, subImgSize=(250, 200), legends=[Chem.MolToSmiles(m) for m in mols]).save(path)
+    return path
+
+
+def is_molecular_run(run_dir: str | Path) -> bool:
+    """True when ``run_dir/config.yaml`` is a ``cfo mol run`` configuration."""
+    import yaml
+
+    cfg = Path(run_dir) / "config.yaml"
+    if not cfg.exists():
+        return False
+    data = yaml.safe_load(cfg.read_text()) or {}
+    return isinstance(data, dict) and data.get("task") == "molecules"
+
+
+def _paper_table() -> list[str]:
+    from cfo.tasks.molecules.design import PAPER_MOL_CHEMISTRY, PAPER_MOL_TABLE
+
+    lines = ["| method | dipole (D) | energy (Ha), B = -80 | satisfied | QED | Lipinski | validity |", "|---|---|---|---|---|---|---|"]
+    for m, ((r, rs), (c, cs)) in PAPER_MOL_TABLE.items():
+        q, lip, val = PAPER_MOL_CHEMISTRY[m]
+        lines.append(f"| {m} | {r:.2f} ± {rs:.2f} | {c:.2f} ± {cs:.2f} | {'yes' if c <= -80 else 'no'} | {q:.2f} | {lip}% | {'–' if val is None else f'{val}%'} |")
+    return lines
+
+
+def _notes(rows: list[dict]) -> list[str]:
+    by = {r["method"]: r for r in rows}
+    notes = []
+    sat = [m for m, r in by.items() if r["metrics"]["xtb_satisfied"]]
+    unsat = [m for m, r in by.items() if not r["metrics"]["xtb_satisfied"]]
+    notes.append(f"- By GFN2-xTB on the generated geometries, the energy bound holds for {', '.join(sat) or 'no method'}"
+                 f" and fails for {', '.join(unsat) or 'no method'}.")
+    for solver in ("AM", "NFT"):
+        if solver in by and f"CFO_{solver}" in by and "PRE" in by:
+            pre, unc, cfo = (by[k]["metrics"]["xtb_dipole"]["mean"] for k in ("PRE", solver, f"CFO_{solver}"))
+            if None not in (pre, unc, cfo) and abs(unc - pre) > 1e-9:
+                notes.append(f"- CFO_{solver} keeps {100 * (cfo - pre) / (unc - pre):.0f}% of {solver}'s xTB dipole gain over PRE "
+                             f"({pre:.2f} -> {unc:.2f} D unconstrained, {cfo:.2f} D with CFO).")
+    for m, r in by.items():
+        mm = r["metrics"]
+        if mm.get("predictor_error_energy_mae") is not None:
+            notes.append(f"- {m}: predictor error on its samples: energy MAE {mm['predictor_error_energy_mae']:.3f} Ha "
+                         f"(bias {mm['predictor_bias_energy']:+.3f}), dipole MAE {mm['predictor_error_dipole_mae']:.2f} D "
+                         f"(bias {mm['predictor_bias_dipole']:+.2f}); xTB scored {mm['xtb_scored']} of {r['n_samples'] * r['n_seeds']}"
+                         + (f", failures {mm['xtb_failures']}" if mm["xtb_failures"] else "") + ".")
+        tf = {k: v for k, v in r.get("training_failures", {}).items() if v}
+        if tf:
+            notes.append(f"- {m}: values replaced during training (failed or non-finite): {tf}.")
+    return notes
+
+
+def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_rel: str = ".", level: int = 2) -> str:
+    """Markdown for one molecular run folder: our table, the paper's beside it, notes measured from the run, plots."""
+    import shutil
+
+    import yaml
+
+    out = Path(run_dir)
+    for name in ("config.yaml", "results.json"):
+        if not (out / name).exists():
+            raise FileNotFoundError(f"{out} is not a finished molecular run folder: {name} is missing")
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    rows = json.loads((out / "results.json").read_text())
+    machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").exists() else {}
+    bounds = json.loads((out / "bounds.json").read_text()) if (out / "bounds.json").exists() else {}
+    prefix = _safe(out.name)
+
+    def img(name: str, alt: str) -> str:
+        if not (out / name).exists():
+            return ""
+        if image_dir is not None:
+            image_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / name, image_dir / f"{prefix}_{name}")
+            return f"![{alt}]({image_rel}/{prefix}_{name})"
+        return f"![{alt}]({image_rel}/{name})"
+
+    head = "#" * level
+    c = cfg["cfo"]
+    measured = bounds.get("measured", {})
+    relax = cfg["xtb_relax_steps"]
+    scoring = "single point on the generated geometry" if not relax else f"after {relax} GFN2-xTB relaxation steps"
+    lines = [
+        f"{head} Molecules: dipole under a GFN2-xTB energy bound ({cfg['n_atoms']} atoms)", "",
+        f"Run folder `{out.name}`: methods {', '.join(cfg['methods'])}; seeds {cfg['seeds']}; K = {c['rounds']}, N = {c['steps_per_round']} "
+        f"(budget M = {c['rounds'] * c['steps_per_round']} inner iterations for every fine-tuning method); alpha = {cfg['alpha']}; "
+        f"{cfg['eval_samples']} final samples per method and seed ({cfg['eval_ode_steps']} midpoint ODE steps); machine: "
+        f"{machine.get('host', '?')}, {machine.get('cpu_count', '?')} CPUs, device {machine.get('device', '?')}, torch {machine.get('torch', '?')}. "
+        f"Bound B = {rows[0]['bound']:g} Ha" + (f" (the paper's relative placement: the PRE samples' mean predicted energy {measured['pre_energy_mean']:.2f} Ha x 80/77.86)" if measured and cfg.get("energy_bound") is None else "")
+        + f". Training reward and constraint: the predictor{' (NFT: real GFN2-xTB)' if cfg.get('reward_source') == 'xtb' else ''}; "
+        f"the xTB columns re-score the final samples with tblite GFN2-xTB ({scoring}). "
+        "Wall times: training only, per seed.", "",
+        format_mol_table(rows), "",
+        "The paper (FlowMol on GEOM-Drugs, 45 atoms, surrogate-based values, 95 % CI; validity from a secondary source):", "",
+        *_paper_table(), "",
+        *_notes(rows), "",
+    ]
+    for r in rows:
+        if r.get("base_method", "").startswith("CFO_"):
+            lines.append(img(f"cfo_rounds_{_safe(r['method'])}.png", f"rounds of {r['method']}"))
+    lines.append(img("xtb_histograms.png", "xTB energy and dipole of the final samples"))
+    for r in rows:
+        g = img(f"grid_{_safe(r['method'])}.png", f"valid molecules of {r['method']}")
+        if g:
+            lines += ["", f"Valid samples of {r['method']}:", "", g]
+    return "\n".join(line for line in lines if line is not None).rstrip() + "\n"

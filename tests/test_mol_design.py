@@ -106,6 +106,7 @@ def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
         "am": {"lr": 1e-3, "batch_size": 2, "rollout_steps": 6, "loss_times": 2, "adjoint_scheme": "euler"},
         "nft": {"lr": 1e-3, "batch_size": 4, "sample_steps": 4, "t_max": 0.95},
         "eval_samples": 6, "eval_ode_steps": 6, "xtb_workers": 1, "xtb_timeout_s": 60,
+        "workers": 2,  # jobs in worker processes that start their own xTB processes
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -157,3 +158,18 @@ def test_mol_run_rejects_bad_input(tmp_path):
     bad.write_text("n_atoms: 1\n")
     res = runner.invoke(app, ["mol", "run", "--config", str(bad), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "n_atoms" in res.output
+
+
+def test_quick_variant_with_the_shipped_model_runs_cfo(tmp_path):
+    """`cfo mol run --quick` (the shipped flow and predictor, 20 atoms, 2 rounds of 2 iterations) completes its rounds
+    and re-scores every sample with GFN2-xTB."""
+    out = tmp_path / "quick"
+    res = CliRunner().invoke(app, ["mol", "run", "--quick", "--method", "pre", "--method", "cfo-am", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {"PRE", "CFO_AM"}
+    for r in rows.values():
+        m = r["metrics"]
+        assert m["xtb_scored"] + sum(m["xtb_failures"].values()) == 16
+        assert m["xtb_energy"]["n"] == m["xtb_scored"]
+    assert len(json.loads((out / "history.json").read_text())["CFO_AM"]["seed 0"]) == 2

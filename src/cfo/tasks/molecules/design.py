@@ -370,9 +370,12 @@ def _execute(cfg: MolRunConfig, out: Path, jobs: list[Job], bounds: dict, progre
             _run_job(a)
             bar.update()
     else:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for name in pool.imap_unordered(_run_job, args):
-                bar.set_postfix(done=name)
+        # not multiprocessing.Pool: its workers are daemonic and may not start the xTB worker processes of a job
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            for fut in as_completed([pool.submit(_run_job, a) for a in args]):
+                bar.set_postfix(done=fut.result())
                 bar.update()
     bar.close()
     return {j: load_record(out, j) for j in jobs}

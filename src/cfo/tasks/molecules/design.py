@@ -432,6 +432,9 @@ def run_molecules(cfg: MolRunConfig, out_dir: str | Path, progress: bool = True)
     bounds = auto_bounds(cfg, pre, predictor, out)
     jobs = expand_mol_jobs(cfg)
     records = _execute(cfg, out, jobs, bounds, progress)
+    for j in jobs:  # a CFO job's training time is the sum of its rounds (a resumed job's own wall clock is not)
+        if records[j]["history"]:
+            records[j]["row"]["wall_s"] = float(sum(h["seconds"] for h in records[j]["history"]))
     per_seed = [records[j]["row"] for j in jobs]
     rows = write_results(out, per_seed)
     _aggregate_metrics(rows, per_seed)

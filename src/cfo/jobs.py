@@ -4,15 +4,20 @@ JSON records (so a re-run skips them), and the ``machine.json`` that says where 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
+from pydantic import BaseModel
+from tqdm.auto import tqdm
 
-__all__ = ["Job", "machine_info", "store_record", "load_record", "JOB_PRIORITY"]
+__all__ = ["JOB_PRIORITY", "Job", "execute_jobs", "load_record", "load_run_config", "machine_info", "prepare_run_folder", "store_record"]
 
 # Longest first when jobs are scheduled: CFO, then fixed-weight Lagrangian, unconstrained, pre-trained.
 JOB_PRIORITY = {"CFO_AM": 0, "CFO_NFT": 1, "LAG_AM": 2, "LAG_NFT": 3, "AM": 4, "NFT": 5, "PRE": 6}
@@ -73,3 +78,73 @@ def machine_info(device: str = "cpu") -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def load_run_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
+    """Read a YAML run configuration into the pydantic ``model``; unreadable YAML, a non-mapping, unknown keys and bad
+    values raise ``ValueError`` naming the file and the problem."""
+    from pydantic import ValidationError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(f"{path}: invalid configuration:\n{err}") from err
+
+
+def prepare_run_folder(cfg: BaseModel, out: Path, device: str) -> None:
+    """Create ``out``, refuse it if it holds finished jobs of another configuration, and write ``config.yaml`` (which
+    reproduces the run) and ``machine.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "config.yaml"
+    if cfg_file.exists() and (out / "jobs").exists() and any((out / "jobs").iterdir()):
+        saved = load_run_config(cfg_file, type(cfg))
+        if saved.model_dump() != cfg.model_dump():
+            raise ValueError(f"{out} holds a run with another configuration; use another --out or the same --config {cfg_file}")
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (out / "machine.json").write_text(json.dumps(machine_info(device), indent=2))
+
+
+def execute_jobs(
+    jobs: list[Job],
+    out: Path,
+    run_job: Callable[[tuple], str],
+    job_args: Callable[[Job, int, bool], tuple],
+    workers: int,
+    progress: bool,
+    desc: str,
+) -> dict[Job, dict]:
+    """Run every job without a stored record (longest methods first) and return every job's record.
+
+    ``run_job(args)`` (a module-level function: it may run in another process) trains, evaluates and stores one job;
+    ``job_args(job, threads, show_progress)`` builds its picklable arguments. With ``workers > 1`` the jobs run in
+    spawned processes of one thread each; these are not daemonic (``concurrent.futures``), so a job may start its own
+    worker processes (the molecular task's xTB pool)."""
+    order = sorted(jobs, key=lambda j: JOB_PRIORITY[j.method])
+    todo = [j for j in order if load_record(out, j) is None]
+    n_workers = min(workers, max(1, len(todo)))
+    args = [job_args(j, 1 if n_workers > 1 else torch.get_num_threads(), progress and n_workers == 1) for j in todo]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, disable=not progress)
+    if n_workers == 1:
+        for job, a in zip(todo, args):
+            bar.set_postfix(job=job.name)
+            run_job(a)
+            bar.update()
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
+            for fut in as_completed([pool.submit(run_job, a) for a in args]):
+                bar.set_postfix(done=fut.result())
+                bar.update()
+    bar.close()
+    records = {j: load_record(out, j) for j in jobs}
+    missing = [j.name for j, r in records.items() if r is None]
+    if missing:
+        raise RuntimeError(f"jobs finished without a stored record: {missing}")
+    return records  # type: ignore[return-value]

@@ -14,20 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import multiprocessing as mp
 import time
 from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tqdm.auto import tqdm
 
 from cfo.baselines import finetune_fixed_weight, finetune_unconstrained
 from cfo.evaluation import Evaluation, default_sampler, evaluate_model
 from cfo.flows.likelihood import kl_divergence
-from cfo.jobs import JOB_PRIORITY, Job, machine_info, store_record
+from cfo.jobs import Job, execute_jobs, load_run_config, prepare_run_folder, store_record
 from cfo.loop import CFO, CFOConfig, round_generator
 from cfo.results import format_table, write_results
 from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
@@ -213,18 +210,7 @@ def generation_config(bounds: list[float] | None = None, quick: bool = False) ->
 
 def load_toy_config(path: str | Path) -> ToyRunConfig:
     """Read a YAML run configuration; unknown keys and bad values raise ``ValueError`` naming them."""
-    from pydantic import ValidationError
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    try:
-        return ToyRunConfig.model_validate(data)
-    except ValidationError as err:
-        raise ValueError(f"{path}: invalid configuration:\n{err}") from err
+    return load_run_config(path, ToyRunConfig)  # type: ignore[return-value]
 
 
 
@@ -318,38 +304,6 @@ def _run_job(args: tuple) -> str:
     return job.name
 
 
-def _execute(cfg: ToyRunConfig, out: Path, jobs: list[ToyJob], progress: bool) -> dict[ToyJob, dict]:
-    """Run the jobs not yet stored (CFO jobs first, they are the longest) and return every job's record."""
-    order = sorted(jobs, key=lambda j: JOB_PRIORITY[j.method])
-    todo = [j for j in order if not (out / "jobs" / f"{j.name}.json").exists()]
-    workers = min(cfg.workers, max(1, len(todo)))
-    args = [(j, cfg.model_dump(), str(out), 1 if workers > 1 else torch.get_num_threads(), progress and workers == 1) for j in todo]
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"{cfg.study} jobs", disable=not progress)
-    if workers == 1:
-        for a in args:
-            bar.set_postfix(job=a[0].name)
-            _run_job(a)
-            bar.update()
-    else:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for name in pool.imap_unordered(_run_job, args):
-                bar.set_postfix(done=name)
-                bar.update()
-    bar.close()
-    return {j: json.loads((out / "jobs" / f"{j.name}.json").read_text()) for j in jobs}
-
-
-def _prepare_out(cfg: ToyRunConfig, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out / "config.yaml"
-    if cfg_file.exists() and (out / "jobs").exists() and any((out / "jobs").iterdir()):
-        saved = load_toy_config(cfg_file)
-        if saved.model_dump() != cfg.model_dump():
-            raise ValueError(f"{out} holds a run with another configuration; use another --out or the same --config {cfg_file}")
-    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (out / "machine.json").write_text(json.dumps(machine_info(cfg.device), indent=2))
-
-
 def run_toy(cfg: ToyRunConfig, out_dir: str | Path, progress: bool = True) -> list[dict]:
     """Run every job of the study not already stored in ``out_dir``, then write results, table, histories and plots.
 
@@ -359,9 +313,11 @@ def run_toy(cfg: ToyRunConfig, out_dir: str | Path, progress: bool = True) -> li
     from cfo.tasks.toy_report import write_study_plots
 
     out = Path(out_dir)
-    _prepare_out(cfg, out)
+    prepare_run_folder(cfg, out, cfg.device)
     jobs = expand_jobs(cfg)
-    records = _execute(cfg, out, jobs, progress)
+    records = execute_jobs(
+        jobs, out, _run_job, lambda j, threads, show: (j, cfg.model_dump(), str(out), threads, show), cfg.workers, progress, f"{cfg.study} jobs"
+    )
     rows = write_results(out, [records[j]["row"] for j in jobs])
     (out / "table.md").write_text(format_table(rows, reward=cfg.study != "generation") + "\n")
     histories: dict[str, dict[str, list]] = {}

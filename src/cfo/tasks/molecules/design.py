@@ -22,20 +22,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import multiprocessing as mp
 import time
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tqdm.auto import tqdm
 
 from cfo.baselines import finetune_fixed_weight, finetune_unconstrained
 from cfo.evaluation import default_sampler, evaluate_samples
-from cfo.jobs import JOB_PRIORITY, Job, load_record, machine_info, store_record
+from cfo.jobs import Job, execute_jobs, load_run_config, prepare_run_folder, store_record
 from cfo.loop import CFO, CFOConfig, round_generator
 from cfo.problem import ConstrainedProblem, Constraint, Reward
 from cfo.results import write_results
@@ -137,18 +134,7 @@ def quick_mol_config(**update) -> MolRunConfig:
 
 def load_mol_run_config(path: str | Path) -> MolRunConfig:
     """Read a YAML run configuration; unknown keys and bad values raise ``ValueError`` naming them."""
-    from pydantic import ValidationError
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    try:
-        return MolRunConfig.model_validate(data)
-    except ValidationError as err:
-        raise ValueError(f"{path}: invalid configuration:\n{err}") from err
+    return load_run_config(path, MolRunConfig)  # type: ignore[return-value]
 
 
 def expand_mol_jobs(cfg: MolRunConfig) -> list[Job]:
@@ -358,40 +344,6 @@ def _run_job(args: tuple) -> str:
     return job.name
 
 
-def _execute(cfg: MolRunConfig, out: Path, jobs: list[Job], bounds: dict, progress: bool) -> dict[Job, dict]:
-    order = sorted(jobs, key=lambda j: JOB_PRIORITY[j.method])
-    todo = [j for j in order if load_record(out, j) is None]
-    workers = min(cfg.workers, max(1, len(todo)))
-    args = [(j, cfg.model_dump(), str(out), 1 if workers > 1 else torch.get_num_threads(), progress and workers == 1, bounds) for j in todo]
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="molecule jobs", disable=not progress)
-    if workers == 1:
-        for a in args:
-            bar.set_postfix(job=a[0].name)
-            _run_job(a)
-            bar.update()
-    else:
-        # not multiprocessing.Pool: its workers are daemonic and may not start the xTB worker processes of a job
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            for fut in as_completed([pool.submit(_run_job, a) for a in args]):
-                bar.set_postfix(done=fut.result())
-                bar.update()
-    bar.close()
-    return {j: load_record(out, j) for j in jobs}
-
-
-def _prepare_out(cfg: MolRunConfig, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out / "config.yaml"
-    if cfg_file.exists() and (out / "jobs").exists() and any((out / "jobs").iterdir()):
-        saved = load_mol_run_config(cfg_file)
-        if saved.model_dump() != cfg.model_dump():
-            raise ValueError(f"{out} holds a run with another configuration; use another --out or the same --config {cfg_file}")
-    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (out / "machine.json").write_text(json.dumps(machine_info(cfg.device), indent=2))
-
-
 def _aggregate_metrics(rows: list[dict], per_seed: list[dict]) -> None:
     """Attach to each aggregated row the per-seed mean of every numeric molecular metric (``metrics``)."""
     for row in rows:
@@ -427,11 +379,13 @@ def run_molecules(cfg: MolRunConfig, out_dir: str | Path, progress: bool = True)
     from cfo.tasks.molecules.report import format_mol_table, write_mol_plots
 
     out = Path(out_dir)
-    _prepare_out(cfg, out)
+    prepare_run_folder(cfg, out, cfg.device)
     pre, predictor = _load_models(cfg)
     bounds = auto_bounds(cfg, pre, predictor, out)
     jobs = expand_mol_jobs(cfg)
-    records = _execute(cfg, out, jobs, bounds, progress)
+    records = execute_jobs(
+        jobs, out, _run_job, lambda j, threads, show: (j, cfg.model_dump(), str(out), threads, show, bounds), cfg.workers, progress, "molecule jobs"
+    )
     for j in jobs:  # a CFO job's training time is the sum of its rounds (a resumed job's own wall clock is not)
         if records[j]["history"]:
             records[j]["row"]["wall_s"] = float(sum(h["seconds"] for h in records[j]["history"]))

@@ -87,7 +87,8 @@ def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[s
     ax[0].set_xlabel("GFN2-xTB energy (Ha) of the generated geometry")
     ax[1].set_xlabel("GFN2-xTB dipole (D)")
     for a in ax:
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
         a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "xtb_histograms.png", dpi=110)

@@ -17,10 +17,15 @@ import yaml
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-__all__ = ["JOB_PRIORITY", "Job", "execute_jobs", "load_record", "load_run_config", "machine_info", "prepare_run_folder", "store_record"]
+__all__ = ["JOB_PRIORITY", "Job", "execute_jobs", "load_record", "load_run_config", "machine_info", "prepare_run_folder", "slug", "store_record"]
 
 # Longest first when jobs are scheduled: CFO, then fixed-weight Lagrangian, unconstrained, pre-trained.
 JOB_PRIORITY = {"CFO_AM": 0, "CFO_NFT": 1, "LAG_AM": 2, "LAG_NFT": 3, "AM": 4, "NFT": 5, "PRE": 6}
+
+
+def slug(label: str) -> str:
+    """A file-safe form of a table label: ``LAG_AM (mu=0.01)`` -> ``LAG_AM_mu_0.01``."""
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+-]", "_", label)).strip("_")
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class Job:
     @property
     def name(self) -> str:
         """A file-safe job name, e.g. ``LAG_AM_mu_0.01_seed0``."""
-        return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+-]", "_", self.label)).strip("_") + f"_seed{self.seed}"
+        return slug(self.label) + f"_seed{self.seed}"
 
 
 def store_record(out: Path, job: Job, record: dict) -> Path:

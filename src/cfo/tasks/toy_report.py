@@ -19,6 +19,7 @@ import torch
 from cfo.plots import plot_history, plot_history_overlay, plot_pareto
 from cfo.results import format_table
 from cfo.tasks import toy2d
+from cfo.jobs import slug
 from cfo.tasks.toy_experiment import PAPER_BUDGET_TABLE, PAPER_TOY_TABLE, ToyJob, ToyRunConfig, load_toy_config
 
 __all__ = ["write_study_plots", "render_toy_report", "sweep_summary", "STUDY_TITLES"]
@@ -29,10 +30,6 @@ STUDY_TITLES = {
     "budget_ablation": "Toy task: budget split M = K·N (paper's budget ablation)",
     "generation": "Toy task: constrained generation, dialling B (paper Sec. 5.2)",
 }
-
-
-def _safe(label: str) -> str:
-    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+-]", "_", label)).strip("_")
 
 
 def write_study_plots(cfg: ToyRunConfig, out: Path, jobs: list[ToyJob], histories: dict[str, dict[str, list]]) -> list[Path]:
@@ -63,7 +60,7 @@ def write_study_plots(cfg: ToyRunConfig, out: Path, jobs: list[ToyJob], historie
     else:
         for label, hist in histories.items():
             b = [float(re.search(r"B=([-0-9.e+]+)", label).group(1))] if cfg.study == "generation" else bound
-            paths.append(plot_history(hist, b, out / f"cfo_rounds_{_safe(label)}.png", title=f"{label} on the toy task", margin=cfg.cfo.target_margin))
+            paths.append(plot_history(hist, b, out / f"cfo_rounds_{slug(label)}.png", title=f"{label} on the toy task", margin=cfg.cfo.target_margin))
     if cfg.study == "mu_sweep":
         rows = json.loads((out / "results.json").read_text())
         points = [r for r in rows if r.get("base_method", "").startswith("LAG_")]
@@ -197,7 +194,7 @@ def _main_section(cfg: ToyRunConfig, rows: list[dict], out: Path, img) -> list[s
     lines.append(img("samples.png", "samples of each method, seed 0"))
     for r in rows:
         if r.get("base_method", r["method"]).startswith("CFO_"):
-            lines.append(img(f"cfo_rounds_{_safe(r['method'])}.png", f"per-round lambda, rho, E[c], E[r] of {r['method']}"))
+            lines.append(img(f"cfo_rounds_{slug(r['method'])}.png", f"per-round lambda, rho, E[c], E[r] of {r['method']}"))
     return lines
 
 
@@ -331,7 +328,7 @@ def _generation_section(cfg: ToyRunConfig, rows: list[dict], out: Path, img) -> 
     ]
     for r in rows:
         if r.get("base_method", "").startswith("CFO_"):
-            lines.append(img(f"cfo_rounds_{_safe(r['method'])}.png", f"rounds of {r['method']}"))
+            lines.append(img(f"cfo_rounds_{slug(r['method'])}.png", f"rounds of {r['method']}"))
     return lines
 
 
@@ -346,7 +343,7 @@ def render_toy_report(run_dir: str | Path, image_dir: Path | None = None, image_
     cfg = load_toy_config(out / "config.yaml")
     rows = json.loads((out / "results.json").read_text())
     machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").exists() else {}
-    prefix = _safe(out.name)
+    prefix = slug(out.name)
 
     def img(name: str, alt: str) -> str:
         return _image(out, name, image_dir, image_rel, prefix, alt)

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cfo.baselines import finetune_fixed_weight, finetune_unconstrained
 from cfo.evaluation import default_sampler, evaluate_samples
-from cfo.jobs import Job, execute_jobs, load_run_config, prepare_run_folder, store_record
+from cfo.jobs import Job, execute_jobs, load_run_config, prepare_run_folder, slug, store_record
 from cfo.loop import CFO, CFOConfig, round_generator
 from cfo.problem import ConstrainedProblem, Constraint, Reward
 from cfo.results import write_results
@@ -211,9 +211,7 @@ def auto_bounds(cfg: MolRunConfig, pre: MoleculeFlowModel, predictor, out: Path)
 
 def job_folder(out: Path, job: Job) -> Path:
     """``OUT/<method label>/``: the job's SDF (``seed<k>.sdf``) and final states; ``samples.sdf`` joins the seeds."""
-    import re
-
-    return out / re.sub(r"[^A-Za-z0-9.+=-]+", "_", job.label).strip("_")
+    return out / slug(job.label)
 
 
 def _join_sdfs(out: Path, jobs: list[Job]) -> None:
@@ -226,16 +224,6 @@ def _join_sdfs(out: Path, jobs: list[Job]) -> None:
 
 
 # -- one job ------------------------------------------------------------------------------------------------------------
-def _xtb_rescore(cfg: MolRunConfig, mols: list[dict]) -> list:
-    from cfo.tasks.molecules.xtb import evaluate_batch
-
-    charges = [int(np.sum(m["charges"])) for m in mols]
-    return evaluate_batch(
-        [(m["numbers"], m["positions"]) for m in mols], workers=cfg.xtb_workers, timeout_s=cfg.xtb_timeout_s,
-        relax_steps=cfg.xtb_relax_steps, charges=charges,
-    )
-
-
 def _stats(values: list[float]) -> dict:
     a = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
     if a.size == 0:
@@ -245,6 +233,7 @@ def _stats(values: list[float]) -> dict:
 
 def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, problem, bounds: dict, out: Path) -> dict:
     """Predictor values, chemistry metrics and GFN2-xTB values of the final samples; writes the SDF."""
+    from cfo.tasks.molecules.oracles import xtb_of_decoded
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics, write_sdf
 
     pred_d = problem.reward_values(x).detach().double().cpu().numpy()
@@ -252,7 +241,7 @@ def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, problem, bounds
     mols = decode(x, MolLayout(cfg.n_atoms))
     gm = [GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in mols]
     chem, rows = molecule_metrics(gm)
-    xtb = _xtb_rescore(cfg, mols)
+    xtb = xtb_of_decoded(mols, cfg.xtb_workers, cfg.xtb_timeout_s, cfg.xtb_relax_steps)
     failures: dict[str, int] = {}
     for res in xtb:
         if not res.ok:

@@ -24,7 +24,7 @@ from cfo.tasks.molecules.chem import ALLOWED_VALENCES, ATOMIC_NUMBERS, ELEMENTS
 from cfo.tasks.molecules.flow import decode, layout_for_dim
 from cfo.tasks.molecules.predictors import PropertyNet, to_simplex
 
-__all__ = ["CountedValues", "PredictorOracle", "XTBOracle", "valence_violation", "BOND_VALENCE"]
+__all__ = ["BOND_VALENCE", "CountedValues", "PredictorOracle", "XTBOracle", "valence_violation", "xtb_of_decoded"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,16 @@ class PredictorOracle:
         return self.net.from_state(x)[0].to(x.dtype)
 
 
+def xtb_of_decoded(mols: list[dict], workers: int, timeout_s: float, relax_steps: int = 0) -> list:
+    """GFN2-xTB results (:class:`~cfo.tasks.molecules.xtb.XTBResult`, failures included) of decoded molecules
+    (:func:`~cfo.tasks.molecules.flow.decode`), each with its total formal charge."""
+    from cfo.tasks.molecules.xtb import evaluate_batch
+
+    charges = [int(np.sum(m["charges"])) for m in mols]
+    return evaluate_batch([(m["numbers"], m["positions"]) for m in mols], workers=workers, timeout_s=timeout_s,
+                          relax_steps=relax_steps, charges=charges)
+
+
 class XTBOracle:
     """GFN2-xTB (tblite) single points of the decoded molecules (argmax types and charges, the generated geometry).
 
@@ -86,14 +96,10 @@ class XTBOracle:
         self.causes: dict[str, int] = {}
 
     def _compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from cfo.tasks.molecules.xtb import evaluate_batch
-
         key = x.detach().cpu()
         if self._key is not None and self._key.shape == key.shape and torch.equal(self._key, key):
             return self._values  # type: ignore[return-value]
-        mols = decode(key, layout_for_dim(x.shape[-1]))
-        charges = [int(np.sum(m["charges"])) for m in mols]
-        results = evaluate_batch([(m["numbers"], m["positions"]) for m in mols], workers=self.workers, timeout_s=self.timeout_s, charges=charges)
+        results = xtb_of_decoded(decode(key, layout_for_dim(x.shape[-1])), self.workers, self.timeout_s)
         for r in results:
             if not r.ok:
                 self.causes[r.error] = self.causes.get(r.error, 0) + 1

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
-from cfo.jobs import Job
+from cfo.jobs import Job, slug
 from cfo.plots import plot_history
 
 __all__ = ["format_mol_table", "write_mol_plots", "render_mol_report", "is_molecular_run"]
@@ -21,10 +20,6 @@ def _pm(mean: float | None, se: float | None, nd: int = 2) -> str:
 
 def _pct(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.0f}%"
-
-
-def _safe(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+=-]+", "_", label).strip("_")
 
 
 def format_mol_table(rows: list[dict]) -> str:
@@ -73,12 +68,12 @@ def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[s
 
     written = []
     for label, per_seed in histories.items():
-        written.append(plot_history(per_seed, [bounds["energy"]], out / f"cfo_rounds_{_safe(label)}.png", title=f"{label}: rounds (energy constraint)",
+        written.append(plot_history(per_seed, [bounds["energy"]], out / f"cfo_rounds_{slug(label)}.png", title=f"{label}: rounds (energy constraint)",
                                     margin=cfg.cfo.target_margin))
     labels = list(dict.fromkeys(j.label for j in jobs))
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
     for label in labels:
-        sdf = out / _safe(label) / "samples.sdf"
+        sdf = out / slug(label) / "samples.sdf"
         e, d = _sdf_values(sdf, "xtb_energy_Ha"), _sdf_values(sdf, "xtb_dipole_D")
         if e:
             ax[0].hist(e, bins=25, histtype="step", lw=1.5, label=label)
@@ -97,7 +92,7 @@ def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[s
     rows = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
     for r in rows:
         if r.get("base_method", r["method"]) in ("PRE", "CFO_AM", "CFO_NFT"):
-            p = _grid(r["metrics"].get("smiles_valid", []), out / f"grid_{_safe(r['method'])}.png")
+            p = _grid(r["metrics"].get("smiles_valid", []), out / f"grid_{slug(r['method'])}.png")
             if p is not None:
                 written.append(p)
     return written
@@ -184,7 +179,7 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
     rows = json.loads((out / "results.json").read_text())
     machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").exists() else {}
     bounds = json.loads((out / "bounds.json").read_text()) if (out / "bounds.json").exists() else {}
-    prefix = _safe(out.name)
+    prefix = slug(out.name)
 
     def img(name: str, alt: str) -> str:
         if not (out / name).exists():
@@ -218,10 +213,10 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
     ]
     for r in rows:
         if r.get("base_method", "").startswith("CFO_"):
-            lines.append(img(f"cfo_rounds_{_safe(r['method'])}.png", f"rounds of {r['method']}"))
+            lines.append(img(f"cfo_rounds_{slug(r['method'])}.png", f"rounds of {r['method']}"))
     lines.append(img("xtb_histograms.png", "xTB energy and dipole of the final samples"))
     for r in rows:
-        g = img(f"grid_{_safe(r['method'])}.png", f"valid molecules of {r['method']}")
+        g = img(f"grid_{slug(r['method'])}.png", f"valid molecules of {r['method']}")
         if g:
             lines += ["", f"Valid samples of {r['method']}:", "", g]
     return "\n".join(line for line in lines if line is not None).rstrip() + "\n"

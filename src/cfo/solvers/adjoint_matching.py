@@ -111,9 +111,9 @@ def lean_adjoint(reference: FlowModel, traj: Trajectory, a1: torch.Tensor, schem
     v_ref = torch.empty_like(traj.states)
     z = reference.project_tangent(a1)  # z_1 = a_1 / alpha_1
     adjoints[n] = z * sched.alpha(times[n])
-    with torch.no_grad():
-        v_ref[n] = reference(traj.states[n], times[n])
     if scheme == "euler":
+        with torch.no_grad():
+            v_ref[n] = reference(traj.states[n], times[n])
         for j in range(n - 1, -1, -1):
             h = times[j + 1] - times[j]
             x = traj.states[j].detach().requires_grad_(True)
@@ -128,6 +128,7 @@ def lean_adjoint(reference: FlowModel, traj: Trajectory, a1: torch.Tensor, schem
     with torch.enable_grad():
         v = reference(x, times[n])
         (jz,) = torch.autograd.grad(v, x, grad_outputs=z)  # J_t^T z_t
+    v_ref[n] = v.detach()
     for j in range(n - 1, -1, -1):
         h = times[j + 1] - times[j]
         k1 = 2.0 * jz

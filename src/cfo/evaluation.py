@@ -11,7 +11,7 @@ from cfo.flows.model import FlowModel
 from cfo.flows.sampling import sample_ode
 from cfo.problem import ConstrainedProblem
 
-__all__ = ["Evaluation", "Sampler", "default_sampler", "evaluate_samples", "evaluate_model"]
+__all__ = ["Evaluation", "Sampler", "default_sampler", "evaluate_samples", "evaluation_from_values", "evaluate_model"]
 
 Sampler = Callable[[FlowModel, int, torch.Generator | None], torch.Tensor]
 
@@ -48,13 +48,10 @@ class Evaluation:
         return asdict(self)
 
 
-@torch.no_grad()
-def evaluate_samples(problem: ConstrainedProblem, x: torch.Tensor) -> Evaluation:
-    """Statistics of ``r`` and ``c`` on given samples ``x`` (values are validated: shape ``[batch]``, finite)."""
-    r = problem.reward_values(x).double()
-    c = problem.constraint_values(x).double()
-    bounds = problem.bounds(device=x.device).double()
-    n = x.shape[0]
+def evaluation_from_values(r: torch.Tensor, c: torch.Tensor, bounds: torch.Tensor) -> Evaluation:
+    """Statistics of per-sample rewards ``r [n]`` and constraint values ``c [n, m]`` against ``bounds [m]``."""
+    r, c, bounds = r.detach().double(), c.detach().double(), bounds.to(c.device).double()
+    n = r.shape[0]
     std = (lambda v: v.std(dim=0, unbiased=True)) if n > 1 else (lambda v: torch.zeros_like(v[0]))
     return Evaluation(
         n=n,
@@ -64,6 +61,12 @@ def evaluate_samples(problem: ConstrainedProblem, x: torch.Tensor) -> Evaluation
         constraint_std=std(c).reshape(-1).tolist(),
         feasible_fraction=float((c <= bounds).all(dim=1).double().mean()),
     )
+
+
+@torch.no_grad()
+def evaluate_samples(problem: ConstrainedProblem, x: torch.Tensor) -> Evaluation:
+    """Statistics of ``r`` and ``c`` on given samples ``x`` (values are validated: shape ``[batch]``, finite)."""
+    return evaluation_from_values(problem.reward_values(x), problem.constraint_values(x), problem.bounds(device=x.device))
 
 
 def evaluate_model(

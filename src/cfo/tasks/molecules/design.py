@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cfo.baselines import finetune_fixed_weight, finetune_unconstrained
-from cfo.evaluation import default_sampler, evaluate_samples
+from cfo.evaluation import Evaluation, default_sampler, evaluation_from_values
 from cfo.jobs import Job, execute_jobs, load_run_config, prepare_run_folder, slug, store_record
 from cfo.loop import CFO, CFOConfig, round_generator
 from cfo.problem import ConstrainedProblem, Constraint, Reward
@@ -161,7 +161,8 @@ def _load_models(cfg: MolRunConfig):
 def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], black_box: bool = False):
     """The constrained problem on flat states: reward = dipole (D), constraint = energy (Ha) ``<= bounds['energy']``,
     plus ``c_val <= bounds['valence']`` when configured. ``black_box`` uses real GFN2-xTB (NFT only). Returns
-    ``(problem, counters)``: the :class:`CountedValues` wrappers that count failed values."""
+    ``(problem, counters, oracle)``: the :class:`CountedValues` wrappers that count failed values, and the oracle
+    (an :class:`XTBOracle` keeps its failure causes)."""
     from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, valence_violation
 
     oracle = XTBOracle(cfg.xtb_workers, cfg.xtb_timeout_s) if black_box else PredictorOracle(predictor)
@@ -176,7 +177,7 @@ def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], black_b
         constraints.append(Constraint(v, bounds["valence"], differentiable=True, name="valence", unit=""))
         counters["valence"] = v
     problem = ConstrainedProblem(Reward(r, differentiable=diff, name="dipole", unit="D"), constraints, alpha=cfg.alpha)
-    return problem, counters
+    return problem, counters, oracle
 
 
 def auto_bounds(cfg: MolRunConfig, pre: MoleculeFlowModel, predictor, out: Path) -> dict[str, float]:
@@ -231,13 +232,12 @@ def _stats(values: list[float]) -> dict:
     return {"n": int(a.size), "mean": float(a.mean()), "se": float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0}
 
 
-def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, problem, bounds: dict, out: Path) -> dict:
-    """Predictor values, chemistry metrics and GFN2-xTB values of the final samples; writes the SDF."""
+def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, pred_d: np.ndarray, pred_e: np.ndarray, bounds: dict, out: Path) -> dict:
+    """Chemistry metrics and GFN2-xTB values of the final samples ``x`` beside their predicted dipole ``pred_d`` and
+    energy ``pred_e``; writes the SDF."""
     from cfo.tasks.molecules.oracles import xtb_of_decoded
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics, write_sdf
 
-    pred_d = problem.reward_values(x).detach().double().cpu().numpy()
-    pred_e = problem.constraint_values(x)[:, 0].detach().double().cpu().numpy()
     mols = decode(x, MolLayout(cfg.n_atoms))
     gm = [GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in mols]
     chem, rows = molecule_metrics(gm)
@@ -288,8 +288,7 @@ def _train(cfg: MolRunConfig, job: Job, pre: MoleculeFlowModel, problem, out: Pa
     return result.model, solver.name, [h.__dict__ for h in result.history]
 
 
-def _row(cfg: MolRunConfig, job: Job, solver: str, problem, x: torch.Tensor, wall: float, metrics: dict, counters: dict) -> dict:
-    ev = evaluate_samples(problem, x)
+def _row(cfg: MolRunConfig, job: Job, solver: str, problem, ev: Evaluation, wall: float, metrics: dict, counters: dict) -> dict:
     cons = [
         {"name": c.name, "mean": ev.constraint_mean[i], "std": ev.constraint_std[i] / math.sqrt(ev.n), "bound": float(c.bound)}
         for i, c in enumerate(problem.constraint_list)
@@ -314,7 +313,7 @@ def _run_job(args: tuple) -> str:
     out = Path(out_dir)
     pre, predictor = _load_models(cfg)
     black_box = cfg.reward_source == "xtb" and job.method.endswith("NFT")
-    train_problem, counters = make_problem(cfg, predictor, bounds, black_box=black_box)
+    train_problem, counters, oracle = make_problem(cfg, predictor, bounds, black_box=black_box)
     t0 = time.perf_counter()
     model, solver, history = _train(cfg, job, pre, train_problem, out, progress)
     wall = time.perf_counter() - t0
@@ -322,12 +321,15 @@ def _run_job(args: tuple) -> str:
     model.eval()
     with torch.no_grad():
         x = default_sampler(cfg.eval_ode_steps)(model, cfg.eval_samples, gen)
-    eval_problem, eval_counters = make_problem(cfg, predictor, bounds)  # the table's predictor columns
-    metrics = _score_samples(cfg, job, x, eval_problem, bounds, out)
-    row = _row(cfg, job, solver, eval_problem, x, wall, metrics, counters)
+    eval_problem, eval_counters, _ = make_problem(cfg, predictor, bounds)  # the table's predictor columns
+    with torch.no_grad():
+        r, c = eval_problem.reward_values(x), eval_problem.constraint_values(x)  # once: failures are counted once
+    ev = evaluation_from_values(r, c, eval_problem.bounds(device=x.device))
+    metrics = _score_samples(cfg, job, x, r.double().cpu().numpy(), c[:, 0].double().cpu().numpy(), bounds, out)
+    row = _row(cfg, job, solver, eval_problem, ev, wall, metrics, counters)
     row["evaluation_failures"] = {k: v.failures for k, v in eval_counters.items()}
     if black_box:
-        row["training_xtb_failure_causes"] = counters["reward"].fn.__self__.causes
+        row["training_xtb_failure_causes"] = oracle.causes
     torch.save(x.cpu(), job_folder(out, job) / f"seed{job.seed}_states.pt")
     store_record(out, job, {"row": row, "history": history})
     return job.name

@@ -190,6 +190,10 @@ def test_pretrain_checkpoint_resume_and_sample_cli(tmp_path):
     straight = pretrain_molecules(cfg, small, tmp_path / "a", progress=False)
     with_stop = pretrain_molecules(cfg, small, tmp_path / "b", progress=False, max_steps_now=3)
     assert not with_stop["finished"] and not (tmp_path / "b" / "model.pt").exists()
+    from cfo.tasks.molecules.pretrain import load_molecule_model
+
+    _, snap = load_molecule_model(tmp_path / "b" / "snapshot.pt")  # mid-training weights load like a model
+    assert snap["steps"] == 3 and not snap["finished"]
     timed_out = pretrain_molecules(cfg, small, tmp_path / "b", progress=False, stop_after_s=0.0)  # wall-time stop
     assert not timed_out["finished"] and timed_out["steps"] == 3
     resumed = pretrain_molecules(cfg, small, tmp_path / "b", progress=False)

@@ -309,7 +309,7 @@ def mol_info(path: Path = typer.Argument(..., help="a dataset .npz")) -> None:
 @mol_app.command("pretrain")
 def mol_pretrain(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML of MolPretrainConfig (see configs/mol_pretrain.yaml)"),
-    out: Path = typer.Option(Path("runs/mol_pretrain"), help="folder: checkpoint.pt (resume), model.pt, history.json, loss.png"),
+    out: Path = typer.Option(Path("runs/mol_pretrain"), help="folder: checkpoint.pt (resume), model.pt (snapshot.pt while unfinished), history.json, loss.png"),
     dataset: Optional[Path] = typer.Option(None, help="dataset .npz (default: the shipped one)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     steps: Optional[int] = typer.Option(None, help="training steps (overrides the config)"),
@@ -335,12 +335,12 @@ def mol_pretrain(
         summary = pretrain_molecules(cfg, ds, out, device=device, time_budget_s=None if time_budget_min is None else 60 * time_budget_min,
                                      stop_after_s=None if stop_after_min is None else 60 * stop_after_min)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "size_histogram"}, indent=2))
-    typer.echo(f"wrote {out}/model.pt" if summary["finished"] else f"stopped at step {summary['steps']}; rerun to resume")
+    typer.echo(f"wrote {out}/model.pt" if summary["finished"] else f"stopped at step {summary['steps']} (weights so far: {out}/snapshot.pt); rerun to resume")
 
 
 @mol_app.command("sample")
 def mol_sample(
-    model: Path = typer.Option(..., "--model", help="model.pt written by `cfo mol pretrain`"),
+    model: Path = typer.Option(..., "--model", help="model.pt (or snapshot.pt) written by `cfo mol pretrain`"),
     n: int = typer.Option(100, help="molecules to generate (sizes from the training histogram)"),
     out: Path = typer.Option(Path("runs/mol_sample"), help="folder: samples.sdf, metrics.json, grid.png, histograms.png"),
     steps: int = typer.Option(100, help="ODE steps"),

@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+SNAPSHOT = "snapshot.pt"  # the weights of an unfinished run, in model.pt's format (sample or diagnose mid-training)
 
 
 class MolPretrainConfig(BaseModel):
@@ -227,7 +228,8 @@ def pretrain_molecules(
     stop_after_s: float | None = None,
 ) -> dict:
     """Train (or resume) in ``out_dir``; writes ``checkpoint.pt`` every ``checkpoint_every`` steps and at the end
-    ``model.pt`` (weights, config, size histogram, summary), ``history.json`` and ``loss.png``.
+    ``model.pt`` (weights, config, size histogram, summary), ``history.json`` and ``loss.png``; a call that stops
+    before the last step writes its weights as ``snapshot.pt`` (same format as ``model.pt``) instead.
 
     ``max_steps_now`` stops after that many steps in this call (the checkpoint lets the next call go on).
     ``time_budget_s`` (fresh runs only): steps 20 to 120 are timed (the first steps carry start-up costs), and ``steps``
@@ -317,8 +319,8 @@ def pretrain_molecules(
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     (out / "history.json").write_text(json.dumps({"losses": state["losses"], "parts": state["parts"], "evals": state["evals"]}))
     _plot_losses(state, out / "loss.png")
-    if done:
-        torch.save({"config": cfg.model_dump(), "model": {k: v.cpu() for k, v in net.state_dict().items()}, "summary": summary}, out / "model.pt")
+    weights = {"config": cfg.model_dump(), "model": {k: v.cpu() for k, v in net.state_dict().items()}, "summary": summary}
+    torch.save(weights, out / ("model.pt" if done else SNAPSHOT))
     return summary
 
 

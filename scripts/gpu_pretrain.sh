@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: resume (or start) the long molecule-flow training for MIN minutes, diagnose the
+# weights it reached, and copy the training folder to $OUT so it can be committed here.
+#   usage (device tool): bash scripts/gpu_pretrain.sh [MIN]       (carry .whl when the machine lacks pydantic)
+# The device machine's torch differs from ours and lacks pydantic: wheels downloaded here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 pydantic==2.14.4 pydantic-core==2.50.5 \
+#       annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 -d .whl
+# are installed into /tmp/site when .whl exists.
+set -eu
+MIN=${1:-8}
+RUN=checkpoints/mol_pretrain_long
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1
+python3 -m cfo mol pretrain --config configs/mol_pretrain_long.yaml --device cuda --out "$RUN" --stop-after-min "$MIN" 2>&1 \
+  | tr '\r' '\n' | grep -v "it/s\]$" | tail -40
+WEIGHTS="$RUN/model.pt"; [ -f "$WEIGHTS" ] || WEIGHTS="$RUN/snapshot.pt"
+python3 benchmarks/mol_flow_diagnostics.py --model "$WEIGHTS" --device cuda
+mkdir -p "${OUT:-/tmp/out}/$RUN"
+cp "$RUN"/* "${OUT:-/tmp/out}/$RUN/"

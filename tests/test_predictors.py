@@ -101,3 +101,39 @@ def test_shipped_predictor_on_held_out_molecules():
             err_d.append(abs(float(mu) - m["dipole"]))
     assert np.mean(err_e) < 0.05 and np.mean(err_d) < 1.3
     assert summary["energy_mae_Ha"] < 0.05 and summary["val_molecules"] == 1200
+
+
+def test_generated_molecules_are_labelled_resumably_and_train_a_predictor(tmp_path):
+    """`cfo mol label-samples`: every generated molecule is labelled by xTB at its stored geometry or counted as a
+    failure; a rerun reuses finished chunks; `train-predictor --generated --init` trains on them and reports their
+    held-out error apart."""
+    from cfo.tasks.molecules import assets
+    from cfo.tasks.molecules.dataset import MoleculeDataset
+    from cfo.tasks.molecules.generated import label_generated
+    from cfo.tasks.molecules.predictors import load_predictor
+    from cfo.tasks.molecules.xtb import xtb_singlepoint
+
+    kw = dict(n=6, n_atoms=12, steps=6, chunk=3, workers=1, progress=False)
+    gen, summary = label_generated(assets.MODEL_PATH, tmp_path / "g", **kw)
+    assert summary["labelled"] + sum(summary["failures"].values()) == 6 and len(gen) == summary["labelled"] >= 1
+    assert set(gen.n_atoms().tolist()) == {12}
+    m = gen.molecule(0)
+    again = xtb_singlepoint(m["numbers"], m["positions"], charge=int(m["charges"].sum()))
+    assert again.energy == pytest.approx(m["energy"], abs=1e-6) and again.dipole == pytest.approx(m["dipole"], abs=1e-4)
+    shard = tmp_path / "g" / "shards" / "chunk_0000.npz"
+    stamp = shard.stat().st_mtime_ns
+    gen2, _ = label_generated(assets.MODEL_PATH, tmp_path / "g", **kw)
+    assert shard.stat().st_mtime_ns == stamp and len(gen2) == len(gen)  # finished chunks are not redone
+    with pytest.raises(ValueError, match="other settings"):
+        label_generated(assets.MODEL_PATH, tmp_path / "g", **{**kw, "n": 7})
+
+    full = MoleculeDataset.load(assets.DATASET_PATH)
+    small = MoleculeDataset.from_records([full.molecule(i) | {"converged": True} for i in range(40)])
+    cfg = PredictorConfig(steps=3, batch_size=4, val_fraction=0.2)
+    res = train_predictor(cfg, small, tmp_path / "p", progress=False, generated=gen, init=assets.PREDICTOR_PATH)
+    assert res["generated_val_molecules"] >= 1 and np.isfinite(res["generated_energy_mae_Ha"])
+    assert res["train_molecules"] == 32 + res["generated_train_molecules"]
+    shipped, _ = load_predictor(assets.PREDICTOR_PATH)
+    tuned, _ = load_predictor(tmp_path / "p" / "predictor.pt")
+    assert torch.equal(shipped.eps, tuned.eps)  # --init keeps the composition term it started from
+    assert any(not torch.equal(a, b) for a, b in zip(shipped.parameters(), tuned.parameters()))  # and trains the rest

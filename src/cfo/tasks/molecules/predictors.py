@@ -154,19 +154,49 @@ def _evaluate(net: PropertyNet, data: dict[int, dict[str, torch.Tensor]]) -> dic
             "n": int(len(te)), "pred_energy": pe.tolist(), "true_energy": te.tolist(), "pred_dipole": pd.tolist(), "true_dipole": td.tolist()}
 
 
-def train_predictor(cfg: PredictorConfig, ds: MoleculeDataset, out_dir: str | Path, progress: bool = True) -> dict:
+def _split(n: int, fraction: float, seed: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded held-out split of ``n`` items (indices shifted by ``offset``): ``(val, train)``, each sorted."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(fraction * n)))
+    return np.sort(order[:n_val]) + offset, np.sort(order[n_val:]) + offset
+
+
+def train_predictor(
+    cfg: PredictorConfig,
+    ds: MoleculeDataset,
+    out_dir: str | Path,
+    progress: bool = True,
+    generated: MoleculeDataset | None = None,
+    init: str | Path | None = None,
+) -> dict:
     """Train on ``1 - val_fraction`` of ``ds`` (seeded split), report held-out MAEs, write ``predictor.pt``,
-    ``metrics.json`` and ``parity.png`` in ``out_dir``."""
+    ``metrics.json`` and ``parity.png`` in ``out_dir``.
+
+    ``generated``: molecules sampled from a flow model and labelled by xTB (:mod:`cfo.tasks.molecules.generated`),
+    split the same way and trained on together with ``ds``; their held-out MAEs are reported separately
+    (``generated_energy_mae_Ha``, ``generated_dipole_mae_D``), since they measure the error on the kind of molecule
+    the fine-tuning runs produce. ``init``: a ``predictor.pt`` to start from (its architecture and per-element
+    energies are kept; ``cfg``'s network settings are then ignored)."""
     from cfo.tasks.molecules.energy import fit_element_energies
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    order = np.random.default_rng(cfg.seed).permutation(len(ds))
-    n_val = max(1, int(round(cfg.val_fraction * len(ds))))
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-    eps = fit_element_energies([ds.molecule(int(i))["numbers"] for i in train_idx], ds.energy[train_idx])
+    val_idx, train_idx = _split(len(ds), cfg.val_fraction, cfg.seed)
+    gen_val, gen_train = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if generated is not None and len(generated):
+        gen_val, gen_train = _split(len(generated), cfg.val_fraction, cfg.seed, offset=len(ds))
+        ds = MoleculeDataset.from_records([ds.molecule(i) | {"converged": True} for i in range(len(ds))]
+                                          + [generated.molecule(i) | {"converged": True} for i in range(len(generated))])
+        train_idx = np.concatenate([train_idx, gen_train])
     torch.manual_seed(cfg.seed)
-    net = PropertyNet(eps, cfg.hidden, cfg.layers, cfg.n_rbf, cfg.cutoff)
+    if init is not None:
+        net, _ = load_predictor(init)
+        net.train()
+        for p in net.parameters():
+            p.requires_grad_(True)
+    else:
+        eps = fit_element_energies([ds.molecule(int(i))["numbers"] for i in train_idx], ds.energy[train_idx])
+        net = PropertyNet(eps, cfg.hidden, cfg.layers, cfg.n_rbf, cfg.cutoff)
     train, val = _batches(ds, train_idx), _batches(ds, val_idx)
     sizes = sorted(train)
     counts = torch.tensor([train[n]["pos"].shape[0] for n in sizes], dtype=torch.float64)
@@ -197,14 +227,24 @@ def train_predictor(cfg: PredictorConfig, ds: MoleculeDataset, out_dir: str | Pa
     summary = {"energy_mae_Ha": held["energy_mae_Ha"], "dipole_mae_D": held["dipole_mae_D"], "val_molecules": held["n"],
                "train_molecules": int(len(train_idx)), "steps": cfg.steps, "wall_s": time.perf_counter() - t0,
                "parameters": sum(p.numel() for p in net.parameters()),
-               "energy_std_Ha": float(np.std(held["true_energy"])), "dipole_std_D": float(np.std(held["true_dipole"]))}
+               "energy_std_Ha": float(np.std(held["true_energy"])), "dipole_std_D": float(np.std(held["true_dipole"])),
+               "init": None if init is None else str(init)}
+    held_gen = None
+    if len(gen_val):
+        held_gen = _evaluate(net, _batches(ds, gen_val))
+        summary.update({
+            "generated_energy_mae_Ha": held_gen["energy_mae_Ha"], "generated_dipole_mae_D": held_gen["dipole_mae_D"],
+            "generated_energy_bias_Ha": float(np.mean(np.subtract(held_gen["pred_energy"], held_gen["true_energy"]))),
+            "generated_dipole_bias_D": float(np.mean(np.subtract(held_gen["pred_dipole"], held_gen["true_dipole"]))),
+            "generated_val_molecules": held_gen["n"], "generated_train_molecules": int(len(gen_train)),
+        })
     torch.save({"config": cfg.model_dump(), "net_config": net.config, "model": net.state_dict(), "summary": summary}, out / "predictor.pt")
     (out / "metrics.json").write_text(json.dumps({**summary, "losses": losses}, indent=1))
-    _parity(held, out / "parity.png")
+    _parity(held, out / "parity.png", held_gen)
     return summary
 
 
-def _parity(held: dict, path: Path) -> None:
+def _parity(held: dict, path: Path, held_generated: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +253,13 @@ def _parity(held: dict, path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(9, 4))
     for a, key, unit, mae in ((ax[0], "energy", "Ha", held["energy_mae_Ha"]), (ax[1], "dipole", "D", held["dipole_mae_D"])):
         t, p = np.asarray(held[f"true_{key}"]), np.asarray(held[f"pred_{key}"])
-        a.scatter(t, p, s=3, alpha=0.5)
+        a.scatter(t, p, s=3, alpha=0.5, label="dataset (held out)")
+        if held_generated is not None:
+            tg, pg = np.asarray(held_generated[f"true_{key}"]), np.asarray(held_generated[f"pred_{key}"])
+            a.scatter(tg, pg, s=5, alpha=0.6, color="tab:orange",
+                      label=f"generated (held out), MAE {held_generated[f'{key}_mae_' + unit]:.3f}")
+            t, p = np.concatenate([t, tg]), np.concatenate([p, pg])
+            a.legend(fontsize=7)
         lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
         a.plot([lo, hi], [lo, hi], color="red", lw=1)
         a.set_xlabel(f"GFN2-xTB {key} ({unit})")

@@ -377,6 +377,7 @@ def mol_train_predictor(
     lr: float = typer.Option(2e-3, help="peak learning rate (cosine decay)"),
     generated: Optional[Path] = typer.Option(None, help="generated.npz from `cfo mol label-samples`: train on it too, report its held-out error apart"),
     init: Optional[Path] = typer.Option(None, help="predictor.pt to start from (fine-tune) instead of a fresh network"),
+    generated_fraction: float = typer.Option(0.5, help="share of the steps that train on the generated molecules"),
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:
     """Train the differentiable energy (Ha) and dipole (D) predictor on the dataset's GFN2-xTB labels (and, with
@@ -389,7 +390,8 @@ def mol_train_predictor(
 
     torch.set_num_threads(threads)
     with _user_errors(ValueError, FileNotFoundError, DatasetError):
-        cfg = PredictorConfig(steps=steps, batch_size=batch_size, hidden=hidden, layers=layers, seed=seed, lr=lr)
+        cfg = PredictorConfig(steps=steps, batch_size=batch_size, hidden=hidden, layers=layers, seed=seed, lr=lr,
+                              generated_fraction=generated_fraction)
         gen = MoleculeDataset.load(generated) if generated is not None else None
         summary = train_predictor(cfg, MoleculeDataset.load(dataset or DATASET_PATH), out, generated=gen, init=init)
     typer.echo(json.dumps(summary, indent=2))

@@ -52,6 +52,7 @@ class PredictorConfig(BaseModel):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     w_energy: float = Field(1.0, ge=0, description="weight of the energy MSE, in units of (0.05 Ha)^2")
     w_dipole: float = Field(1.0, ge=0, description="weight of the dipole MSE, in units of (0.5 D)^2")
+    generated_fraction: float = Field(0.5, ge=0, le=1, description="share of the steps whose batch comes from the generated molecules (when given)")
     seed: int = 0
 
 
@@ -173,7 +174,8 @@ def train_predictor(
     ``metrics.json`` and ``parity.png`` in ``out_dir``.
 
     ``generated``: molecules sampled from a flow model and labelled by xTB (:mod:`cfo.tasks.molecules.generated`),
-    split the same way and trained on together with ``ds``; their held-out MAEs are reported separately
+    split the same way and trained on together with ``ds`` (a share ``cfg.generated_fraction`` of the steps draws its
+    batch from them, the rest from ``ds``); their held-out MAEs are reported separately
     (``generated_energy_mae_Ha``, ``generated_dipole_mae_D``), since they measure the error on the kind of molecule
     the fine-tuning runs produce. ``init``: a ``predictor.pt`` to start from (its architecture and per-element
     energies are kept; ``cfg``'s network settings are then ignored)."""
@@ -197,9 +199,14 @@ def train_predictor(
     else:
         eps = fit_element_energies([ds.molecule(int(i))["numbers"] for i in train_idx], ds.energy[train_idx])
         net = PropertyNet(eps, cfg.hidden, cfg.layers, cfg.n_rbf, cfg.cutoff)
-    train, val = _batches(ds, train_idx), _batches(ds, val_idx)
-    sizes = sorted(train)
-    counts = torch.tensor([train[n]["pos"].shape[0] for n in sizes], dtype=torch.float64)
+    n_data_train = len(train_idx) - len(gen_train)
+    pools = [_batches(ds, train_idx[:n_data_train])]  # the dataset's training split, then the generated one
+    if len(gen_train):
+        pools.append(_batches(ds, gen_train))
+    pool_p = torch.tensor([1.0] if len(pools) == 1 else [1.0 - cfg.generated_fraction, cfg.generated_fraction], dtype=torch.float64)
+    val = _batches(ds, val_idx)
+    pool_sizes = [sorted(pool) for pool in pools]
+    pool_counts = [torch.tensor([pool[n]["pos"].shape[0] for n in sz], dtype=torch.float64) for pool, sz in zip(pools, pool_sizes)]
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     t0 = time.perf_counter()
@@ -208,8 +215,9 @@ def train_predictor(
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * step / cfg.steps))
-        n = sizes[int(torch.multinomial(counts, 1, generator=gen))]
-        d = train[n]
+        src = int(torch.multinomial(pool_p, 1, generator=gen)) if len(pools) > 1 else 0  # (data only: same draws as before)
+        n = pool_sizes[src][int(torch.multinomial(pool_counts[src], 1, generator=gen))]
+        d = pools[src][n]
         idx = torch.randint(d["pos"].shape[0], (cfg.batch_size,), generator=gen)
         rot = torch.linalg.qr(torch.randn(3, 3, generator=gen))[0]  # random rotations: the heads are invariant anyway
         e, mu = net(d["pos"][idx] @ rot.T, d["types"][idx], d["charges"][idx])

@@ -66,6 +66,7 @@ def label_generated(
     Returns the dataset of the successfully labelled molecules and the summary (failures by cause)."""
     from cfo.tasks.molecules.oracles import xtb_of_decoded
     from cfo.tasks.molecules.pretrain import load_molecule_model, sample_molecules
+    from cfo.tasks.molecules.sample import sizes_from_histogram
 
     if n < 1 or chunk < 1:
         raise ValueError("n and chunk must be positive")
@@ -73,7 +74,6 @@ def label_generated(
     shards = out / "shards"
     shards.mkdir(parents=True, exist_ok=True)
     net, model_summary = load_molecule_model(model_path, device=device)
-    histogram = {int(k): float(v) for k, v in model_summary["size_histogram"].items()}
     settings = {"model": str(model_path), "n": n, "n_atoms": n_atoms, "steps": steps, "seed": seed, "chunk": chunk}
     settings_file = out / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
@@ -85,14 +85,8 @@ def label_generated(
         if data_file.exists() and fail_file.exists():
             continue
         m = min(chunk, n - k * chunk)
-        rng = np.random.default_rng([seed, k])
-        if n_atoms is None:
-            sizes_all = np.array(sorted(histogram))
-            p = np.array([histogram[s] for s in sizes_all])
-            sizes = [int(s) for s in rng.choice(sizes_all, m, p=p / p.sum())]
-        else:
-            sizes = [n_atoms] * m
-        gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**31)))
+        sizes = [n_atoms] * m if n_atoms is not None else sizes_from_histogram(model_summary["size_histogram"], m, [seed, k])
+        gen = torch.Generator(device=device).manual_seed(int(np.random.default_rng([seed, k]).integers(2**31)))
         with torch.no_grad():
             mols = sample_molecules(net, sizes, steps=steps, generator=gen, device=device)
         records, failures = generated_records(mols, xtb_of_decoded(mols, workers, timeout_s))

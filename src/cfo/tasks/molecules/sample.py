@@ -20,10 +20,11 @@ from cfo.tasks.molecules.pretrain import load_molecule_model, sample_molecules
 from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics, write_sdf
 from cfo.tasks.molecules.xtb import evaluate_batch
 
-__all__ = ["sample_and_report"]
+__all__ = ["sample_and_report", "sizes_from_histogram"]
 
 
-def _sizes(histogram: dict, n: int, seed: int) -> list[int]:
+def sizes_from_histogram(histogram: dict, n: int, seed) -> list[int]:
+    """``n`` atom counts drawn (seeded) from a model's training size histogram ``{size: count}``."""
     sizes = np.array([int(k) for k in histogram])
     p = np.array([float(v) for v in histogram.values()])
     return [int(s) for s in np.random.default_rng(seed).choice(sizes, n, p=p / p.sum())]
@@ -51,7 +52,7 @@ def sample_and_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net, summary = load_molecule_model(model_path, device=device)
-    sizes = _sizes(summary["size_histogram"], n, seed)
+    sizes = sizes_from_histogram(summary["size_histogram"], n, seed)
     with torch.no_grad():
         raw = sample_molecules(net, sizes, steps=steps, generator=torch.Generator(device=device).manual_seed(seed), device=device)
     mols = [GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in raw]

@@ -27,15 +27,14 @@ from scipy.sparse.csgraph import connected_components
 from cfo.tasks.molecules.assets import DATASET_PATH, MODEL_PATH
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import MoleculeFlowModel, decode
-from cfo.tasks.molecules.pretrain import MolPretrainConfig, align_prior, buckets_from_dataset, data_state, load_molecule_model
+from cfo.tasks.molecules.pretrain import (
+    MolPretrainConfig, align_prior, buckets_from_dataset, data_state, load_molecule_model, validation_split,
+)
 
 
 def held_out_batch(dataset: MoleculeDataset, saved_config: dict, n_atoms: int, n: int) -> dict[str, torch.Tensor]:
     """Up to ``n`` molecules of ``n_atoms`` atoms from the validation split that pre-training held out."""
-    cfg = MolPretrainConfig.model_validate(saved_config)
-    order = np.random.default_rng(cfg.seed).permutation(len(dataset))
-    n_val = int(round(cfg.val_fraction * len(dataset)))
-    buckets = buckets_from_dataset(dataset, order[:n_val])
+    buckets = buckets_from_dataset(dataset, validation_split(MolPretrainConfig.model_validate(saved_config), len(dataset))[0])
     if n_atoms not in buckets.data:
         raise SystemExit(f"no held-out molecule has {n_atoms} atoms; sizes: {buckets.sizes()}")
     return {k: v[:n] for k, v in buckets.data[n_atoms].items()}

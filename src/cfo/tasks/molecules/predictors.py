@@ -189,7 +189,7 @@ def train_predictor(
         gen_val, gen_train = _split(len(generated), cfg.val_fraction, cfg.seed, offset=len(ds))
         ds = MoleculeDataset.from_records([ds.molecule(i) | {"converged": True} for i in range(len(ds))]
                                           + [generated.molecule(i) | {"converged": True} for i in range(len(generated))])
-        train_idx = np.concatenate([train_idx, gen_train])
+    all_train = np.concatenate([train_idx, gen_train])
     torch.manual_seed(cfg.seed)
     if init is not None:
         net, _ = load_predictor(init)
@@ -197,10 +197,9 @@ def train_predictor(
         for p in net.parameters():
             p.requires_grad_(True)
     else:
-        eps = fit_element_energies([ds.molecule(int(i))["numbers"] for i in train_idx], ds.energy[train_idx])
+        eps = fit_element_energies([ds.molecule(int(i))["numbers"] for i in all_train], ds.energy[all_train])
         net = PropertyNet(eps, cfg.hidden, cfg.layers, cfg.n_rbf, cfg.cutoff)
-    n_data_train = len(train_idx) - len(gen_train)
-    pools = [_batches(ds, train_idx[:n_data_train])]  # the dataset's training split, then the generated one
+    pools = [_batches(ds, train_idx)]  # the dataset's training split, then the generated one
     if len(gen_train):
         pools.append(_batches(ds, gen_train))
     pool_p = torch.tensor([1.0] if len(pools) == 1 else [1.0 - cfg.generated_fraction, cfg.generated_fraction], dtype=torch.float64)
@@ -233,7 +232,7 @@ def train_predictor(
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
     held = _evaluate(net, val)
     summary = {"energy_mae_Ha": held["energy_mae_Ha"], "dipole_mae_D": held["dipole_mae_D"], "val_molecules": held["n"],
-               "train_molecules": int(len(train_idx)), "steps": cfg.steps, "wall_s": time.perf_counter() - t0,
+               "train_molecules": int(len(all_train)), "steps": cfg.steps, "wall_s": time.perf_counter() - t0,
                "parameters": sum(p.numel() for p in net.parameters()),
                "energy_std_Ha": float(np.std(held["true_energy"])), "dipole_std_D": float(np.std(held["true_dipole"])),
                "init": None if init is None else str(init)}

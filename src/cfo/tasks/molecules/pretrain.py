@@ -28,7 +28,7 @@ from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet, MoleculeFlowModel, MolLayout, decode
 
 __all__ = [
-    "MolPretrainConfig", "SizeBuckets", "buckets_from_dataset", "align_prior", "data_state", "training_loss",
+    "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "align_prior", "data_state", "training_loss",
     "pretrain_molecules", "load_molecule_model", "sample_molecules",
 ]
 
@@ -141,6 +141,14 @@ def align_prior(x0_pos: torch.Tensor, x1_pos: torch.Tensor) -> torch.Tensor:
     return x0 @ r.transpose(1, 2)
 
 
+def validation_split(cfg: MolPretrainConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(validation, training)`` of a dataset of ``n`` molecules: the seeded split pre-training uses
+    (``cfg.val_fraction`` held out)."""
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    n_val = int(round(cfg.val_fraction * n))
+    return order[:n_val], order[n_val:]
+
+
 def _sample_batch(buckets: SizeBuckets, batch_size: int, gen: torch.Generator) -> tuple[int, dict[str, torch.Tensor]]:
     sizes = buckets.sizes()
     counts = torch.tensor([buckets.histogram()[n] for n in sizes], dtype=torch.float64)
@@ -238,10 +246,7 @@ def pretrain_molecules(
     and keeps the schedule, so a long training can be spread over several sessions."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(dataset))
-    n_val = int(round(cfg.val_fraction * len(dataset)))
-    train = buckets_from_dataset(dataset, order[n_val:])
+    train = buckets_from_dataset(dataset, validation_split(cfg, len(dataset))[1])
     torch.manual_seed(cfg.seed)
     net = cfg.network().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)

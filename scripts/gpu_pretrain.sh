@@ -18,7 +18,9 @@ fi
 export PYTHONUNBUFFERED=1
 python3 -m cfo mol pretrain --config configs/mol_pretrain_long.yaml --device cuda --out "$RUN" --stop-after-min "$MIN" 2>&1 \
   | tr '\r' '\n' | grep -v "it/s\]$" | tail -40
-WEIGHTS="$RUN/model.pt"; [ -f "$WEIGHTS" ] || WEIGHTS="$RUN/snapshot.pt"
-python3 benchmarks/mol_flow_diagnostics.py --model "$WEIGHTS" --device cuda
+# copy first, so the weights come back even when the diagnostics run past the call's limit
 mkdir -p "${OUT:-/tmp/out}/$RUN"
 cp "$RUN"/* "${OUT:-/tmp/out}/$RUN/"
+WEIGHTS="$RUN/model.pt"; [ -f "$WEIGHTS" ] || WEIGHTS="$RUN/snapshot.pt"
+timeout "${DIAG_S:-120}" python3 benchmarks/mol_flow_diagnostics.py --model "$WEIGHTS" --device cuda \
+  | tee "${OUT:-/tmp/out}/diagnostics.txt" || echo "diagnostics stopped (limit ${DIAG_S:-120} s)"

@@ -259,7 +259,7 @@ def pretrain_molecules(
             raise ValueError(f"{ckpt} was written with other settings; use another --out or the same config")
         net.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
-        gen.set_state(saved["generator"])
+        gen.set_state(saved["generator"].cpu())  # map_location moved it; RNG states are CPU byte tensors
         state = saved["state"]
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     start = state["step"]

@@ -2,9 +2,10 @@
 # One call on a lent GPU machine: resume (or start) the long molecule-flow training for MIN minutes, diagnose the
 # weights it reached, and copy the training folder to $OUT so it can be committed here.
 #   usage (device tool): bash scripts/gpu_pretrain.sh [MIN]       (carry .whl when the machine lacks pydantic)
-# The device machine's torch differs from ours and lacks pydantic: wheels downloaded here with
+# The device machine's torch differs from ours and lacks pydantic and RDKit (the evaluation during training needs it): wheels downloaded here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 pydantic==2.14.4 pydantic-core==2.50.5 \
 #       annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 -d .whl
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 rdkit==2026.9.1 -d .whl
 # are installed into /tmp/site when .whl exists.
 set -eu
 MIN=${1:-8}

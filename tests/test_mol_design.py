@@ -71,6 +71,17 @@ def test_counted_values_replace_failures_by_the_worst_and_count_them():
         c(torch.tensor([float("nan"), float("nan")]))
 
 
+def test_counted_values_warn_for_the_first_failed_batches_then_only_count(caplog):
+    c = CountedValues(lambda x: x, "energy", "max", True)
+    with caplog.at_level("DEBUG", logger="cfo.tasks.molecules.oracles"):
+        for _ in range(CountedValues.WARN_BATCHES + 4):
+            c(torch.tensor([1.0, float("nan")]))
+    levels = [r.levelname for r in caplog.records]
+    assert levels == ["WARNING"] * CountedValues.WARN_BATCHES + ["DEBUG"] * 4
+    assert "later failed batches" in caplog.records[CountedValues.WARN_BATCHES - 1].getMessage()
+    assert c.failures == CountedValues.WARN_BATCHES + 4 and c.failed_batches == CountedValues.WARN_BATCHES + 4
+
+
 def test_xtb_oracle_reproduces_dataset_labels_and_reports_a_broken_molecule(data):
     x, idx = _neutral_states(data, 30, 2)
     lay = MolLayout(30)

@@ -33,13 +33,18 @@ BOND_VALENCE = (0.0, 1.0, 2.0, 3.0, 1.5)  # none, single, double, triple, aromat
 
 class CountedValues:
     """Wrap ``fn(x) -> [B]``: non-finite entries become the batch's worst finite value (``worst="min"`` for a reward,
-    ``"max"`` for a constraint) and are counted in ``failures``; ``calls`` and ``values`` count the work done."""
+    ``"max"`` for a constraint) and are counted in ``failures``; ``values`` counts the work done. The first
+    ``WARN_BATCHES`` failing batches are logged as warnings, later ones at debug level (a long xTB run would otherwise
+    print one warning per step)."""
+
+    WARN_BATCHES = 3
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str, worst: str, differentiable: bool) -> None:
         if worst not in ("min", "max"):
             raise ValueError("worst must be 'min' or 'max'")
         self.fn, self.name, self.worst, self.differentiable = fn, name, worst, differentiable
         self.failures = 0
+        self.failed_batches = 0
         self.values = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +59,11 @@ class CountedValues:
         self.failures += bad
         finite = v.detach()[ok]
         fill = finite.min() if self.worst == "min" else finite.max()
-        log.warning("%s: %d of %d values were not finite (replaced by the batch's worst, %.4g)", self.name, bad, v.numel(), float(fill))
+        self.failed_batches += 1
+        level = logging.WARNING if self.failed_batches <= self.WARN_BATCHES else logging.DEBUG
+        more = " (later failed batches are logged at debug level; all are counted)" if self.failed_batches == self.WARN_BATCHES else ""
+        log.log(level, "%s: %d of %d values were not finite (replaced by the batch's worst, %.4g)%s",
+                self.name, bad, v.numel(), float(fill), more)
         return torch.where(ok, v, fill.to(v.dtype))
 
 

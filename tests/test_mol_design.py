@@ -171,6 +171,7 @@ def test_mol_run_rejects_bad_input(tmp_path):
     assert res.exit_code == 2 and "n_atoms" in res.output
 
 
+@pytest.mark.slow
 def test_quick_variant_with_the_shipped_model_runs_cfo(tmp_path):
     """`cfo mol run --quick` (the shipped flow and predictor, 20 atoms, 2 rounds of 2 iterations) completes its rounds
     and re-scores every sample with GFN2-xTB."""

@@ -64,6 +64,7 @@ def test_gradients_match_finite_differences_in_positions_and_type_channels():
         assert pos_g.abs().sum() > 0 and type_g.abs().sum() > 0  # both channels are steered
 
 
+@pytest.mark.slow
 def test_training_on_a_small_set_learns_both_labels(tmp_path):
     from cfo.tasks.molecules import assets
     from cfo.tasks.molecules.dataset import MoleculeDataset

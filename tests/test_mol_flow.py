@@ -203,10 +203,48 @@ def test_pretrain_checkpoint_resume_and_sample_cli(tmp_path):
     assert np.allclose(la, lb, rtol=1e-5)  # the resumed run repeats the uninterrupted one
     assert (tmp_path / "a" / "loss.png").exists()
     res = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--n", "4", "--steps", "4",
-                                   "--workers", "1", "--relax-steps", "0", "--out", str(tmp_path / "s")])
+                                   "--workers", "1", "--relax-steps", "0", "--out", str(tmp_path / "s"), "--bonds", "valence"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
-    assert metrics["n"] == 4 and 0.0 <= metrics["validity"] <= 1.0
+    assert metrics["n"] == 4 and 0.0 <= metrics["validity"] <= 1.0 and metrics["bonds"] == "valence"
+    bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--bonds", "greedy", "--out", str(tmp_path / "t")])
+    assert bad.exit_code != 0 and "bonds must be one of" in bad.output
     from rdkit import Chem
 
     assert len([m for m in Chem.SDMolSupplier(str(tmp_path / "s" / "samples.sdf"), removeHs=False, sanitize=False)]) == 4
+
+
+def test_pretraining_ema_weights_and_switching_it_on_at_resume(tmp_path):
+    """With ``ema_decay = d`` the shipped weights are ``d^2 theta_0 + d (1 - d) theta_1 + (1 - d) theta_2`` after two
+    steps; a checkpoint written without the EMA resumes with it switched on, one with another learning rate does not."""
+    from cfo.tasks.molecules import assets
+    from cfo.tasks.molecules.dataset import MoleculeDataset
+    from cfo.tasks.molecules.pretrain import pretrain_molecules
+
+    full = MoleculeDataset.load(assets.DATASET_PATH)
+    small = MoleculeDataset.from_records([full.molecule(i) | {"converged": True} for i in range(24)])
+    d = 0.5
+    cfg = TINY.model_copy(update={"steps": 2, "batch_size": 4, "eval_samples": 0, "warmup": 1, "ema_decay": d})
+    torch.manual_seed(cfg.seed)
+    theta0 = cfg.network().state_dict()
+    pretrain_molecules(cfg, small, tmp_path / "one", progress=False, max_steps_now=1)
+    theta1 = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
+    summary = pretrain_molecules(cfg, small, tmp_path / "two", progress=False)
+    theta2 = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    shipped = torch.load(tmp_path / "two" / "model.pt", weights_only=False)["model"]
+    assert summary["ema_decay"] == d and summary["ema_from_step"] == 0
+    moved = 0
+    for k, v in shipped.items():
+        if v.dtype.is_floating_point:
+            expect = d * d * theta0[k] + d * (1 - d) * theta1[k] + (1 - d) * theta2[k]
+            assert torch.allclose(v, expect, atol=1e-6), k
+            moved += int(not torch.allclose(v, theta2[k]))
+    assert moved > 0  # the EMA is not the last iterate
+
+    plain = cfg.model_copy(update={"ema_decay": 0.0})
+    pretrain_molecules(plain, small, tmp_path / "late", progress=False, max_steps_now=1)
+    assert torch.load(tmp_path / "late" / "checkpoint.pt", weights_only=False)["ema"] is None
+    late = pretrain_molecules(cfg, small, tmp_path / "late", progress=False)
+    assert late["finished"] and late["ema_from_step"] == 1
+    with pytest.raises(ValueError, match="other settings \\(lr, steps\\)"):
+        pretrain_molecules(cfg.model_copy(update={"lr": cfg.lr * 2, "steps": 3}), small, tmp_path / "late", progress=False)

@@ -348,6 +348,7 @@ def mol_sample(
     device: str = typer.Option("cpu"),
     workers: int = typer.Option(2, help="processes for GFN2-xTB"),
     relax_steps: int = typer.Option(50, help="GFN2-xTB relaxation steps before the second scoring (0: none)"),
+    bonds: str = typer.Option("argmax", help="bond decoding: argmax (FlowMol's) or valence (drop the least confident bonds of over-valent atoms)"),
 ) -> None:
     """Generate molecules, write an SDF, print validity, stability, uniqueness, QED, Lipinski, SA and the GFN2-xTB
     energy and dipole of the valid samples beside the training data's."""
@@ -360,7 +361,7 @@ def mol_sample(
 
     with _user_errors(ValueError, FileNotFoundError):
         _check_device(device)
-        report = sample_and_report(model, out, n=n, steps=steps, seed=seed, device=device, workers=workers, relax_steps=relax_steps, dataset=MoleculeDataset.load(DATASET_PATH))
+        report = sample_and_report(model, out, n=n, steps=steps, seed=seed, device=device, workers=workers, relax_steps=relax_steps, dataset=MoleculeDataset.load(DATASET_PATH), bonds=bonds)
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"wrote {out}/samples.sdf, metrics.json, grid.png, histograms.png")
 

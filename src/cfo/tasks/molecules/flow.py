@@ -214,21 +214,27 @@ class MoleculeFlowModel(FlowModel):
         return MoleculeFlowModel(self.network, n_atoms)
 
 
-def decode(x: torch.Tensor, layout: MolLayout) -> list[dict]:
-    """Samples ``[B, D]`` -> per molecule ``numbers``, ``charges``, ``positions`` and the bonds of class > 0 (argmax
-    of every categorical channel)."""
-    pos, types, charges, bonds = layout.unpack(x.detach().float().cpu())
+def decode(x: torch.Tensor, layout: MolLayout, bonds: str = "argmax") -> list[dict]:
+    """Samples ``[B, D]`` -> per molecule ``numbers``, ``charges``, ``positions`` (argmax of the type and charge
+    channels), and ``bonds`` with ``bond_orders``: ``bonds="argmax"`` keeps every pair whose argmax class is a bond
+    (FlowMol's convention), ``"valence"`` drops the least confident of them where an atom would exceed its largest
+    allowed valence (:mod:`cfo.tasks.molecules.bond_decoding`)."""
+    from cfo.tasks.molecules.bond_decoding import BOND_DECODINGS, valence_capped_bonds
+
+    if bonds not in BOND_DECODINGS:
+        raise ValueError(f"bonds must be one of {BOND_DECODINGS}, got {bonds!r}")
+    pos, types, charges, bond_p = layout.unpack(x.detach().float().cpu())
     z_of = torch.tensor([ATOMIC_NUMBERS[e] for e in ELEMENTS])
     i, j = layout.pairs()
     out = []
     for k in range(x.shape[0]):
-        cls = bonds[k].argmax(-1)
-        keep = cls > 0
-        out.append({
-            "numbers": z_of[types[k].argmax(-1)].numpy(),
-            "charges": torch.tensor(CHARGES)[charges[k].argmax(-1)].numpy(),
-            "positions": pos[k].numpy(),
-            "bonds": torch.stack([i[keep], j[keep]], dim=1).numpy(),
-            "bond_orders": cls[keep].numpy(),
-        })
+        numbers = z_of[types[k].argmax(-1)].numpy()
+        q = torch.tensor(CHARGES)[charges[k].argmax(-1)].numpy()
+        if bonds == "valence":
+            pairs, orders = valence_capped_bonds(bond_p[k].numpy(), numbers, q, i.numpy(), j.numpy())
+        else:
+            cls = bond_p[k].argmax(-1)
+            keep = cls > 0
+            pairs, orders = torch.stack([i[keep], j[keep]], dim=1).numpy(), cls[keep].numpy()
+        out.append({"numbers": numbers, "charges": q, "positions": pos[k].numpy(), "bonds": pairs, "bond_orders": orders})
     return out

@@ -29,11 +29,13 @@ from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet
 
 __all__ = [
     "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "align_prior", "data_state", "training_loss",
-    "pretrain_molecules", "load_molecule_model", "sample_molecules",
+    "pretrain_molecules", "load_molecule_model", "sample_states", "decode_groups", "sample_molecules",
 ]
 
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOT = "snapshot.pt"  # the weights of an unfinished run, in model.pt's format (sample or diagnose mid-training)
+# Settings that do not change the optimisation trajectory, so a resumed run may change them (e.g. switch on the EMA).
+RESUMABLE_CHANGES = frozenset({"ema_decay", "eval_every", "eval_samples", "eval_steps", "checkpoint_every"})
 
 
 class MolPretrainConfig(BaseModel):
@@ -62,6 +64,9 @@ class MolPretrainConfig(BaseModel):
     eval_samples: int = Field(64, ge=0)
     eval_steps: int = Field(50, ge=1)
     val_fraction: float = Field(0.05, ge=0, lt=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    """``d`` of the weights' exponential moving average ``theta_ema <- d theta_ema + (1 - d) theta``, updated after
+    every step; when ``d > 0`` the evaluations, ``snapshot.pt`` and ``model.pt`` use ``theta_ema`` (0: off)."""
 
     def network(self) -> EquivariantFlowNet:
         return EquivariantFlowNet(self.hidden, self.edge_hidden, self.layers, self.n_rbf, self.cutoff)
@@ -182,25 +187,72 @@ def training_loss(net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, t
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
+def sample_states(
+    net: EquivariantFlowNet,
+    sizes: list[int],
+    steps: int = 100,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> list[tuple[MolLayout, torch.Tensor, list[int]]]:
+    """Generate one molecule per entry of ``sizes`` (atom counts) by the ODE sampler, one batch per distinct size;
+    returns ``(layout, states [b, D], positions in sizes)`` per size, in increasing size."""
+    from cfo.flows.sampling import sample_ode
+
+    groups = []
+    for n in sorted(set(sizes)):
+        where = [k for k, s in enumerate(sizes) if s == n]
+        model = MoleculeFlowModel(net, n).to(device)
+        groups.append((model.layout, sample_ode(model, len(where), steps=steps, generator=generator), where))
+    return groups
+
+
+def decode_groups(groups: list[tuple[MolLayout, torch.Tensor, list[int]]], n: int, bonds: str = "argmax") -> list[dict]:
+    """Decode the output of :func:`sample_states` (``n`` molecules) back into the order of ``sizes``."""
+    out: list[dict | None] = [None] * n
+    for layout, x, where in groups:
+        for k, mol in zip(where, decode(x, layout, bonds=bonds)):
+            out[k] = mol
+    return out  # type: ignore[return-value]
+
+
 def sample_molecules(
     net: EquivariantFlowNet,
     sizes: list[int],
     steps: int = 100,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
+    bonds: str = "argmax",
 ) -> list[dict]:
     """Generate one molecule per entry of ``sizes`` (atom counts) by the ODE sampler; returns decoded molecules
-    (``numbers``, ``charges``, ``positions``, ``bonds``, ``bond_orders``) in the order of ``sizes``."""
-    from cfo.flows.sampling import sample_ode
+    (``numbers``, ``charges``, ``positions``, ``bonds``, ``bond_orders``; ``bonds`` as in
+    :func:`~cfo.tasks.molecules.flow.decode`) in the order of ``sizes``."""
+    return decode_groups(sample_states(net, sizes, steps, generator, device), len(sizes), bonds=bonds)
 
-    out: list[dict | None] = [None] * len(sizes)
-    for n in sorted(set(sizes)):
-        where = [k for k, s in enumerate(sizes) if s == n]
-        model = MoleculeFlowModel(net, n).to(device)
-        x = sample_ode(model, len(where), steps=steps, generator=generator)
-        for k, mol in zip(where, decode(x, model.layout)):
-            out[k] = mol
-    return out  # type: ignore[return-value]
+
+def _trajectory_changes(saved: dict, cfg: MolPretrainConfig) -> list[str]:
+    """The settings (outside :data:`RESUMABLE_CHANGES`) in which a checkpoint's config differs from ``cfg``."""
+    old = MolPretrainConfig.model_validate(saved).model_dump()
+    new = cfg.model_dump()
+    return sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+
+
+def _update_ema(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float) -> None:
+    """``theta_ema <- d theta_ema + (1 - d) theta`` for every floating-point entry of the state dict."""
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(decay).add_(v, alpha=1.0 - decay)
+            else:
+                ema[k].copy_(v)
+
+
+def _sampling_net(net: EquivariantFlowNet, ema: dict | None, cfg: MolPretrainConfig, device: str) -> EquivariantFlowNet:
+    """The network that evaluations sample from: ``net`` itself, or a copy holding the EMA weights."""
+    if ema is None:
+        return net
+    copy = cfg.network().to(device)
+    copy.load_state_dict(ema)
+    return copy
 
 
 def _lr(cfg: MolPretrainConfig, step: int) -> float:
@@ -253,14 +305,22 @@ def pretrain_molecules(
     gen = torch.Generator().manual_seed(cfg.seed)
     state = {"step": 0, "losses": [], "parts": [], "evals": [], "wall_s": 0.0}
     ckpt = out / CHECKPOINT
+    ema = None
     if ckpt.exists():
         saved = torch.load(ckpt, map_location=device, weights_only=False)
-        if saved["config"] != cfg.model_dump():
-            raise ValueError(f"{ckpt} was written with other settings; use another --out or the same config")
+        changed = _trajectory_changes(saved["config"], cfg)
+        if changed:
+            raise ValueError(f"{ckpt} was written with other settings ({', '.join(changed)}); use another --out or the same config")
         net.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         gen.set_state(saved["generator"].cpu())  # map_location moved it; RNG states are CPU byte tensors
         state = saved["state"]
+        ema = saved.get("ema")
+    if cfg.ema_decay > 0 and ema is None:  # a fresh run, or one resumed with the EMA newly switched on
+        ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        state.setdefault("ema_from_step", state["step"])
+    if cfg.ema_decay == 0:
+        ema = None
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     start = state["step"]
     stop = cfg.steps if max_steps_now is None else min(cfg.steps, start + max_steps_now)
@@ -270,7 +330,7 @@ def pretrain_molecules(
     def save_checkpoint() -> None:
         tmp = out / (CHECKPOINT + ".tmp")
         torch.save({"config": cfg.model_dump(), "model": net.state_dict(), "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(), "state": state}, tmp)
+                    "generator": gen.get_state(), "state": state, "ema": ema}, tmp)
         tmp.replace(ckpt)
 
     net.train()
@@ -301,13 +361,15 @@ def pretrain_molecules(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
+        if ema is not None:
+            _update_ema(ema, net, cfg.ema_decay)
         state["step"] = step + 1
         state["losses"].append(float(loss.detach()))
         state["parts"].append(parts)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.3f}", atoms=n)
         if cfg.eval_samples and (step + 1) % cfg.eval_every == 0:
-            state["evals"].append({"step": step + 1, **_evaluate(net, train, cfg, device, cfg.seed + step)})
+            state["evals"].append({"step": step + 1, **_evaluate(_sampling_net(net, ema, cfg, device), train, cfg, device, cfg.seed + step)})
         if (step + 1) % cfg.checkpoint_every == 0:
             state["wall_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -320,11 +382,13 @@ def pretrain_molecules(
         "parameters": sum(p.numel() for p in net.parameters()),
         "final_loss": float(np.mean(state["losses"][-200:])) if state["losses"] else None,
         "evals": state["evals"], "train_molecules": len(train), "size_histogram": train.histogram(),
+        "ema_decay": cfg.ema_decay, "ema_from_step": state.get("ema_from_step") if ema is not None else None,
     }
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     (out / "history.json").write_text(json.dumps({"losses": state["losses"], "parts": state["parts"], "evals": state["evals"]}))
     _plot_losses(state, out / "loss.png")
-    weights = {"config": cfg.model_dump(), "model": {k: v.cpu() for k, v in net.state_dict().items()}, "summary": summary}
+    final = ema if ema is not None else net.state_dict()
+    weights = {"config": cfg.model_dump(), "model": {k: v.cpu() for k, v in final.items()}, "summary": summary}
     torch.save(weights, out / ("model.pt" if done else SNAPSHOT))
     return summary
 

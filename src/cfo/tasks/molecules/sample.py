@@ -47,14 +47,21 @@ def sample_and_report(
     workers: int = 2,
     relax_steps: int = 50,
     dataset: MoleculeDataset | None = None,
+    bonds: str = "argmax",
 ) -> dict:
-    """Sample ``n`` molecules (sizes from the training histogram), score them, write the outputs; returns metrics."""
+    """Sample ``n`` molecules (sizes from the training histogram), score them, write the outputs; returns metrics.
+    ``bonds``: how bond channels become bonds (``"argmax"``, FlowMol's convention, or ``"valence"``; see
+    :mod:`cfo.tasks.molecules.bond_decoding`)."""
+    from cfo.tasks.molecules.bond_decoding import BOND_DECODINGS
+
+    if bonds not in BOND_DECODINGS:
+        raise ValueError(f"bonds must be one of {BOND_DECODINGS}, got {bonds!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net, summary = load_molecule_model(model_path, device=device)
     sizes = sizes_from_histogram(summary["size_histogram"], n, seed)
     with torch.no_grad():
-        raw = sample_molecules(net, sizes, steps=steps, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+        raw = sample_molecules(net, sizes, steps=steps, generator=torch.Generator(device=device).manual_seed(seed), device=device, bonds=bonds)
     mols = [GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in raw]
     metrics, rows = molecule_metrics(mols)
     scored = [k for k, r in enumerate(rows) if r["valid_connected"]]
@@ -68,7 +75,7 @@ def sample_and_report(
             failures[res.error] = failures.get(res.error, 0) + 1
     write_sdf(mols, out / "samples.sdf")
     report = {
-        "model": str(model_path), "n": n, "steps": steps, "seed": seed, **metrics,
+        "model": str(model_path), "n": n, "steps": steps, "seed": seed, "bonds": bonds, **metrics,
         "xtb_scored": len(scored), "xtb_failures": failures,
         "energy_Ha": _stats([s.energy for s in singles]), "dipole_D": _stats([s.dipole for s in singles]),
         "relaxed_energy_Ha": _stats([r.energy for r in relaxed]), "relaxed_dipole_D": _stats([r.dipole for r in relaxed]),

@@ -1,0 +1,102 @@
+"""The bond decodings: argmax (FlowMol's) and the valence-capped decode."""
+
+import numpy as np
+import pytest
+import torch
+
+from cfo.tasks.molecules.assets import DATASET_PATH
+from cfo.tasks.molecules.bond_decoding import max_valence, valence_capped_bonds
+from cfo.tasks.molecules.chem import BOND_ORDERS
+from cfo.tasks.molecules.dataset import MoleculeDataset
+from cfo.tasks.molecules.flow import MolLayout, decode
+from cfo.tasks.molecules.toolkit import GeneratedMolecule, fragment_validity, to_rdkit
+
+H, C, N, O = 1, 6, 7, 8
+
+
+def _probs(rows):
+    """Pair probabilities [P, 5] from rows over (none, single, double, triple, aromatic)."""
+    p = np.asarray(rows, dtype=float)
+    return p / p.sum(1, keepdims=True)
+
+
+def _valence(n_atoms, bonds, orders):
+    """Bond-order sums with aromatic bonds counted 1 (the decode's cap)."""
+    v = np.zeros(n_atoms)
+    for (a, b), o in zip(bonds, orders):
+        w = 1.0 if o == 4 else BOND_ORDERS[int(o)]
+        v[a] += w
+        v[b] += w
+    return v
+
+
+def test_a_hydrogen_keeps_only_its_most_confident_bond():
+    numbers, charges = np.array([H, C, C]), np.zeros(3, int)
+    i, j = np.array([0, 0, 1]), np.array([1, 2, 2])
+    probs = _probs([[0.1, 0.9, 0, 0, 0], [0.3, 0.7, 0, 0, 0], [0.2, 0.8, 0, 0, 0]])
+    bonds, orders = valence_capped_bonds(probs, numbers, charges, i, j)
+    assert sorted(map(tuple, bonds)) == [(0, 1), (1, 2)]  # H-C2 (confidence 0.7) loses to H-C1 (0.9)
+    assert list(orders) == [1, 1]
+
+
+def test_an_order_that_does_not_fit_falls_back_to_the_next_most_probable():
+    # a nitrogen offered two double bonds keeps the more confident one; the other becomes single
+    numbers, charges = np.array([N, C, C]), np.zeros(3, int)
+    i, j = np.array([0, 0, 1]), np.array([1, 2, 2])
+    probs = _probs([[0.05, 0.1, 0.85, 0, 0], [0.1, 0.3, 0.6, 0, 0], [0.9, 0.1, 0, 0, 0]])
+    bonds, orders = valence_capped_bonds(probs, numbers, charges, i, j)
+    assert [tuple(b) for b in bonds] == [(0, 1), (0, 2)] and list(orders) == [2, 1]
+    # a third bond to an oxygen that is already full is dropped
+    numbers = np.array([O, C, C, H])
+    i, j = np.array([0, 0, 0]), np.array([1, 2, 3])
+    probs = _probs([[0.05, 0.95, 0, 0, 0], [0.1, 0.9, 0, 0, 0], [0.2, 0.8, 0, 0, 0]])
+    bonds, orders = valence_capped_bonds(probs, numbers, np.zeros(4, int), i, j)
+    assert [tuple(b) for b in bonds] == [(0, 1), (0, 2)]
+
+
+def test_charges_raise_the_cap_and_bad_shapes_are_refused():
+    assert max_valence(7, 0) == 3 and max_valence(7, 1) == 4 and max_valence(16, 0) == 6 and max_valence(1, 1) == 0
+    i, j = np.array([0]), np.array([1])
+    with pytest.raises(ValueError, match="probs must be"):
+        valence_capped_bonds(np.ones((1, 4)), np.array([C, C]), np.zeros(2, int), i, j)
+    with pytest.raises(ValueError, match="bonds must be one of"):
+        decode(torch.zeros(1, MolLayout(3).dim), MolLayout(3), bonds="greedy")
+
+
+def test_random_bond_channels_never_leave_an_atom_over_its_largest_valence():
+    rng = np.random.default_rng(0)
+    layout = MolLayout(12)
+    i, j = (t.numpy() for t in layout.pairs())
+    for _ in range(20):
+        numbers = rng.choice([1, 6, 7, 8, 9, 16, 17, 35], size=12)
+        charges = rng.choice([-1, 0, 1], size=12, p=[0.1, 0.8, 0.1])
+        probs = rng.dirichlet(np.full(5, 0.3), size=len(i))
+        bonds, orders = valence_capped_bonds(probs, numbers, charges, i, j)
+        cap = np.array([max_valence(z, q) for z, q in zip(numbers, charges)])
+        assert np.all(_valence(12, bonds, orders) <= cap + 1e-9)
+        # every kept bond is one the argmax decode has
+        argmax_pairs = {(int(a), int(b)) for a, b, c in zip(i, j, probs.argmax(-1)) if c > 0}
+        assert {tuple(map(int, b)) for b in bonds} <= argmax_pairs
+
+
+def test_on_real_molecules_the_valence_decode_changes_nothing():
+    """One-hot bond channels of 60 shipped molecules (aromatic rings, charges, S(VI) included): no bond is dropped."""
+    data = MoleculeDataset.load(DATASET_PATH)
+    n_aromatic = 0
+    for k in range(60):
+        m = data.molecule(k)
+        n = len(m["numbers"])
+        layout = MolLayout(n)
+        i, j = (t.numpy() for t in layout.pairs())
+        index = {(int(a), int(b)): p for p, (a, b) in enumerate(zip(i, j))}
+        probs = np.zeros((len(i), 5))
+        probs[:, 0] = 1.0
+        for (a, b), o in zip(m["bonds"], m["bond_orders"]):
+            p = index[(min(a, b), max(a, b))]
+            probs[p] = 0.0
+            probs[p, o] = 1.0
+        n_aromatic += int((m["bond_orders"] == 4).sum())
+        bonds, orders = valence_capped_bonds(probs, m["numbers"], m["charges"], i, j)
+        assert len(bonds) == len(m["bonds"])
+        assert fragment_validity(to_rdkit(GeneratedMolecule(m["numbers"], m["positions"], m["charges"], bonds, orders)))["valid_connected"]
+    assert n_aromatic > 0

@@ -34,7 +34,8 @@ from cfo.tasks.molecules.pretrain import (
 
 def held_out_batch(dataset: MoleculeDataset, saved_config: dict, n_atoms: int, n: int) -> dict[str, torch.Tensor]:
     """Up to ``n`` molecules of ``n_atoms`` atoms from the validation split that pre-training held out."""
-    buckets = buckets_from_dataset(dataset, validation_split(MolPretrainConfig.model_validate(saved_config), len(dataset))[0])
+    cfg = MolPretrainConfig.model_validate(saved_config)
+    buckets = buckets_from_dataset(dataset, validation_split(cfg, len(dataset))[0], kekulize=cfg.kekulize)
     if n_atoms not in buckets.data:
         raise SystemExit(f"no held-out molecule has {n_atoms} atoms; sizes: {buckets.sizes()}")
     return {k: v[:n] for k, v in buckets.data[n_atoms].items()}

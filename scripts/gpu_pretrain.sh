@@ -2,6 +2,7 @@
 # One call on a lent GPU machine: resume (or start) the long molecule-flow training for MIN minutes, diagnose the
 # weights it reached, and copy the training folder to $OUT so it can be committed here.
 #   usage (device tool): bash scripts/gpu_pretrain.sh [MIN]       (carry .whl when the machine lacks pydantic)
+#   another training: CONFIG=configs/mol_pretrain_kekule.yaml RUN=checkpoints/mol_pretrain_kekule bash scripts/gpu_pretrain.sh 9
 # The device machine's torch differs from ours and lacks pydantic and RDKit (the evaluation during training needs it): wheels downloaded here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 pydantic==2.14.4 pydantic-core==2.50.5 \
 #       annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 -d .whl
@@ -9,7 +10,8 @@
 # are installed into /tmp/site when .whl exists.
 set -eu
 MIN=${1:-8}
-RUN=checkpoints/mol_pretrain_long
+CONFIG=${CONFIG:-configs/mol_pretrain_long.yaml}
+RUN=${RUN:-checkpoints/mol_pretrain_long}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD/src
@@ -17,7 +19,7 @@ else
   export PYTHONPATH=$PWD/src
 fi
 export PYTHONUNBUFFERED=1
-python3 -m cfo mol pretrain --config configs/mol_pretrain_long.yaml --device cuda --out "$RUN" --stop-after-min "$MIN" 2>&1 \
+python3 -m cfo mol pretrain --config "$CONFIG" --device cuda --out "$RUN" --stop-after-min "$MIN" 2>&1 \
   | tr '\r' '\n' | grep -v "it/s\]$" | tail -40
 # copy first, so the weights come back even when the diagnostics run past the call's limit
 mkdir -p "${OUT:-/tmp/out}/$RUN"

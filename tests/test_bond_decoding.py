@@ -100,3 +100,32 @@ def test_on_real_molecules_the_valence_decode_changes_nothing():
         assert len(bonds) == len(m["bonds"])
         assert fragment_validity(to_rdkit(GeneratedMolecule(m["numbers"], m["positions"], m["charges"], bonds, orders)))["valid_connected"]
     assert n_aromatic > 0
+
+
+def test_kekulised_labels_keep_the_molecule_and_drop_the_aromatic_class():
+    """Training labels in Kekule form (``MolPretrainConfig.kekulize``): the same bonds, no aromatic class, and the
+    same molecule (canonical SMILES) as with the aromatic labels."""
+    from cfo.tasks.molecules.pretrain import buckets_from_dataset
+    from cfo.tasks.molecules.toolkit import kekulized_orders
+
+    data = MoleculeDataset.load(DATASET_PATH)
+    checked = 0
+    for k in range(40):
+        m = data.molecule(k)
+        if not (m["bond_orders"] == 4).any():
+            continue
+        mol = GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"])
+        kek = kekulized_orders(mol)
+        assert set(kek.tolist()) <= {1, 2, 3} and (kek[m["bond_orders"] == 4] == 2).any()
+        assert np.array_equal(kek[m["bond_orders"] != 4], m["bond_orders"][m["bond_orders"] != 4])
+        same = GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], kek)
+        assert fragment_validity(to_rdkit(same))["smiles"] == fragment_validity(to_rdkit(mol))["smiles"]
+        checked += 1
+    assert checked >= 10
+    plain, kekule = buckets_from_dataset(data, np.arange(30)), buckets_from_dataset(data, np.arange(30), kekulize=True)
+    for n in plain.sizes():
+        a, b = plain.data[n]["bonds"], kekule.data[n]["bonds"]
+        assert torch.equal(a > 0, b > 0) and not (b == 4).any()
+    broken = GeneratedMolecule(np.array([6, 6]), np.array([[0.0, 0, 0], [1.4, 0, 0]]), None, np.array([[0, 1]]), np.array([4]))
+    with pytest.raises(ValueError):
+        kekulized_orders(broken)  # an aromatic bond outside a ring has no Kekule form

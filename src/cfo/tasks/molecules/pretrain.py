@@ -64,6 +64,9 @@ class MolPretrainConfig(BaseModel):
     eval_samples: int = Field(64, ge=0)
     eval_steps: int = Field(50, ge=1)
     val_fraction: float = Field(0.05, ge=0, lt=1)
+    kekulize: bool = False
+    """Train on bond labels in Kekule form (aromatic bonds as alternating single and double; the aromatic class is
+    then never a target), instead of the dataset's aromatic labels."""
     ema_decay: float = Field(0.0, ge=0, lt=1)
     """``d`` of the weights' exponential moving average ``theta_ema <- d theta_ema + (1 - d) theta``, updated after
     every step; when ``d > 0`` the evaluations, ``snapshot.pt`` and ``model.pt`` use ``theta_ema`` (0: off)."""
@@ -89,8 +92,11 @@ class SizeBuckets:
         return sum(self.histogram().values())
 
 
-def buckets_from_dataset(ds: MoleculeDataset, indices: np.ndarray | None = None) -> SizeBuckets:
-    """Dense per-size tensors of the molecules ``indices`` of ``ds`` (all by default)."""
+def buckets_from_dataset(ds: MoleculeDataset, indices: np.ndarray | None = None, kekulize: bool = False) -> SizeBuckets:
+    """Dense per-size tensors of the molecules ``indices`` of ``ds`` (all by default); ``kekulize`` replaces aromatic
+    bond labels by a Kekule form (:func:`~cfo.tasks.molecules.toolkit.kekulized_orders`)."""
+    from cfo.tasks.molecules.toolkit import GeneratedMolecule, kekulized_orders
+
     type_index = {ATOMIC_NUMBERS[e]: k for k, e in enumerate(ELEMENTS)}
     charge_index = {q: k for k, q in enumerate(CHARGES)}
     groups: dict[int, list[dict]] = {}
@@ -99,7 +105,10 @@ def buckets_from_dataset(ds: MoleculeDataset, indices: np.ndarray | None = None)
         n = len(m["numbers"])
         lay = MolLayout(n)
         bonds = np.zeros(lay.n_pairs, dtype=np.int64)
-        for (a, b), order in zip(m["bonds"], m["bond_orders"]):
+        orders = m["bond_orders"]
+        if kekulize and (orders == 4).any():
+            orders = kekulized_orders(GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], orders))
+        for (a, b), order in zip(m["bonds"], orders):
             a, b = (int(a), int(b)) if a < b else (int(b), int(a))
             bonds[a * n - a * (a + 1) // 2 + (b - a - 1)] = int(order)  # row-major index of (a, b), a < b
         pos = m["positions"].astype(np.float32)
@@ -298,7 +307,7 @@ def pretrain_molecules(
     and keeps the schedule, so a long training can be spread over several sessions."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = buckets_from_dataset(dataset, validation_split(cfg, len(dataset))[1])
+    train = buckets_from_dataset(dataset, validation_split(cfg, len(dataset))[1], kekulize=cfg.kekulize)
     torch.manual_seed(cfg.seed)
     net = cfg.network().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)

@@ -30,7 +30,7 @@ from cfo.tasks.molecules.chem import ALLOWED_VALENCES, AROMATIC, BOND_ORDERS, rd
 
 __all__ = [
     "GeneratedMolecule", "to_rdkit", "perceive_bonds", "sanitize", "fragment_validity", "atom_stability", "qed",
-    "lipinski_pass", "sa_score", "molecule_metrics", "write_sdf",
+    "lipinski_pass", "sa_score", "molecule_metrics", "write_sdf", "kekulized_orders",
 ]
 
 
@@ -111,6 +111,24 @@ def perceive_bonds(mol: GeneratedMolecule, charge: int | None = None):
             return raw
         except Exception:
             return Chem.MolFromXYZBlock("\n".join(lines) + "\n")
+
+
+def kekulized_orders(mol: GeneratedMolecule) -> np.ndarray:
+    """The bond orders of ``mol`` (in the order of ``mol.bonds``) in a Kekule form: every aromatic bond (4) becomes
+    single (1) or double (2), as RDKit's ``Kekulize`` assigns them; other bonds are unchanged. Raises ``ValueError``
+    if the molecule does not sanitise or cannot be kekulised."""
+    Chem = rdkit_chem()
+    if mol.bonds is None:
+        raise ValueError("kekulized_orders needs a molecule with bonds")
+    ok, clean = sanitize(to_rdkit(mol))
+    if not ok:
+        raise ValueError("molecule does not sanitise, so it has no Kekule form")
+    try:
+        Chem.Kekulize(clean, clearAromaticFlags=True)
+    except Exception as err:
+        raise ValueError(f"cannot kekulise: {err}") from err
+    codes = {Chem.BondType.SINGLE: 1, Chem.BondType.DOUBLE: 2, Chem.BondType.TRIPLE: 3}
+    return np.asarray([codes[clean.GetBondBetweenAtoms(int(i), int(j)).GetBondType()] for i, j in mol.bonds], dtype=np.int64)
 
 
 def sanitize(rdmol) -> tuple[bool, object]:

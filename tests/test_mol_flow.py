@@ -240,6 +240,10 @@ def test_pretraining_ema_weights_and_switching_it_on_at_resume(tmp_path):
             assert torch.allclose(v, expect, atol=1e-6), k
             moved += int(not torch.allclose(v, theta2[k]))
     assert moved > 0  # the EMA is not the last iterate
+    # evaluating the EMA weights during training leaves the training trajectory as it was
+    evald = pretrain_molecules(cfg.model_copy(update={"eval_every": 1, "eval_samples": 2, "eval_steps": 2}), small, tmp_path / "evald", progress=False)
+    assert len(evald["evals"]) == 2
+    assert torch.equal(torch.load(tmp_path / "evald" / "model.pt", weights_only=False)["model"]["head_bonds.0.weight"], shipped["head_bonds.0.weight"])
 
     plain = cfg.model_copy(update={"ema_decay": 0.0})
     pretrain_molecules(plain, small, tmp_path / "late", progress=False, max_steps_now=1)

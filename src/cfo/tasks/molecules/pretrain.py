@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,11 +256,11 @@ def _update_ema(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float
                 ema[k].copy_(v)
 
 
-def _sampling_net(net: EquivariantFlowNet, ema: dict | None, cfg: MolPretrainConfig, device: str) -> EquivariantFlowNet:
+def _sampling_net(net: EquivariantFlowNet, ema: dict | None) -> EquivariantFlowNet:
     """The network that evaluations sample from: ``net`` itself, or a copy holding the EMA weights."""
     if ema is None:
         return net
-    copy = cfg.network().to(device)
+    copy = deepcopy(net)  # not cfg.network(): a fresh initialisation would draw from the global RNG
     copy.load_state_dict(ema)
     return copy
 
@@ -378,7 +379,7 @@ def pretrain_molecules(
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.3f}", atoms=n)
         if cfg.eval_samples and (step + 1) % cfg.eval_every == 0:
-            state["evals"].append({"step": step + 1, **_evaluate(_sampling_net(net, ema, cfg, device), train, cfg, device, cfg.seed + step)})
+            state["evals"].append({"step": step + 1, **_evaluate(_sampling_net(net, ema), train, cfg, device, cfg.seed + step)})
         if (step + 1) % cfg.checkpoint_every == 0:
             state["wall_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()

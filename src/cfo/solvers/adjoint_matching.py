@@ -235,7 +235,7 @@ class AdjointMatching:
                 continue
             gradient_step(opt, params, loss, cfg.grad_clip)
             stats.record(loss, values)
-            if progress and step % 10 == 0:
+            if progress and (step % 10 == 0 or step == steps - 1):
                 bar.set_postfix(loss=f"{stats.losses[-1]:.3g}", reward=f"{stats.reward_means[-1]:.3g}")
         model.eval()
         return model

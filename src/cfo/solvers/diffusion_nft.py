@@ -168,7 +168,7 @@ class DiffusionNFT:
                 for p_old, p in zip(old.parameters(), model.parameters()):
                     p_old.mul_(d).add_(p.detach(), alpha=1.0 - d)
             stats.record(loss, values)
-            if progress and step % 10 == 0:
+            if progress and (step % 10 == 0 or step == steps - 1):
                 bar.set_postfix(loss=f"{stats.losses[-1]:.3g}", reward=f"{stats.reward_means[-1]:.3g}")
         model.eval()
         return model

@@ -56,7 +56,7 @@ class CFOConfig(BaseModel):
 
     rounds: int = Field(20, ge=1, description="K, number of augmented-Lagrangian rounds")
     steps_per_round: int = Field(300, ge=1, description="N, inner-solver iterations per round (budget M = K*N)")
-    rho_init: float = Field(1.0, description="rho_1 > 0")
+    rho_init: float = Field(1.0, description="rho_1 > 0; scale it to the constraint's units: the first dual step is lambda_2 = -rho_1 G_1, which should be of the size of the expected multiplier, not of the initial violation")
     eta: float = Field(1.25, description="penalty growth factor eta >= 1")
     tau: float = Field(0.99, description="required contraction 0 < tau < 1 of V_k")
     lambda_min: float = Field(-50.0, description="safeguard lambda_min < 0 of the projected multiplier")

@@ -19,10 +19,16 @@ import numpy as np
 
 from cfo.tasks.molecules.chem import ALLOWED_VALENCES
 
-__all__ = ["BOND_DECODINGS", "max_valence", "valence_capped_bonds"]
+__all__ = ["BOND_DECODINGS", "check_bond_decoding", "max_valence", "valence_capped_bonds"]
 
 BOND_DECODINGS = ("argmax", "valence")
 _ORDER_VALENCE = np.array([0.0, 1.0, 2.0, 3.0, 1.0])  # none, single, double, triple, aromatic (its least valence)
+
+
+def check_bond_decoding(bonds: str) -> None:
+    """Raise ``ValueError`` unless ``bonds`` names one of :data:`BOND_DECODINGS`."""
+    if bonds not in BOND_DECODINGS:
+        raise ValueError(f"bonds must be one of {BOND_DECODINGS}, got {bonds!r}")
 
 
 def max_valence(number: int, charge: int) -> float:

@@ -219,10 +219,9 @@ def decode(x: torch.Tensor, layout: MolLayout, bonds: str = "argmax") -> list[di
     channels), and ``bonds`` with ``bond_orders``: ``bonds="argmax"`` keeps every pair whose argmax class is a bond
     (FlowMol's convention), ``"valence"`` drops the least confident of them where an atom would exceed its largest
     allowed valence (:mod:`cfo.tasks.molecules.bond_decoding`)."""
-    from cfo.tasks.molecules.bond_decoding import BOND_DECODINGS, valence_capped_bonds
+    from cfo.tasks.molecules.bond_decoding import check_bond_decoding, valence_capped_bonds
 
-    if bonds not in BOND_DECODINGS:
-        raise ValueError(f"bonds must be one of {BOND_DECODINGS}, got {bonds!r}")
+    check_bond_decoding(bonds)
     pos, types, charges, bond_p = layout.unpack(x.detach().float().cpu())
     z_of = torch.tensor([ATOMIC_NUMBERS[e] for e in ELEMENTS])
     i, j = layout.pairs()

@@ -326,11 +326,11 @@ def pretrain_molecules(
         gen.set_state(saved["generator"].cpu())  # map_location moved it; RNG states are CPU byte tensors
         state = saved["state"]
         ema = saved.get("ema")
-    if cfg.ema_decay > 0 and ema is None:  # a fresh run, or one resumed with the EMA newly switched on
-        ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        state.setdefault("ema_from_step", state["step"])
     if cfg.ema_decay == 0:
         ema = None
+    elif ema is None:  # a fresh run, or one resumed with the EMA newly switched on
+        ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        state["ema_from_step"] = state["step"]
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     start = state["step"]
     stop = cfg.steps if max_steps_now is None else min(cfg.steps, start + max_steps_now)

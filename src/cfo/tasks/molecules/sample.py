@@ -52,10 +52,9 @@ def sample_and_report(
     """Sample ``n`` molecules (sizes from the training histogram), score them, write the outputs; returns metrics.
     ``bonds``: how bond channels become bonds (``"argmax"``, FlowMol's convention, or ``"valence"``; see
     :mod:`cfo.tasks.molecules.bond_decoding`)."""
-    from cfo.tasks.molecules.bond_decoding import BOND_DECODINGS
+    from cfo.tasks.molecules.bond_decoding import check_bond_decoding
 
-    if bonds not in BOND_DECODINGS:
-        raise ValueError(f"bonds must be one of {BOND_DECODINGS}, got {bonds!r}")
+    check_bond_decoding(bonds)  # before sampling, not after it
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net, summary = load_molecule_model(model_path, device=device)

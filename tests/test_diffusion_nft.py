@@ -35,12 +35,31 @@ def test_nft_tilts_gaussian_to_closed_form(alpha):
     assert torch.allclose(torch.cov(x.T), COV, atol=0.06)
 
 
+def test_nft_batch_std_advantage_tilts_by_one_standard_deviation():
+    """With the official z-scored advantage the temperature is std(a.x) = sqrt(a^T S a), whatever alpha is: the fixed
+    point is N(m + S a / sqrt(a^T S a), S)."""
+    model = gaussian_finetunable()
+    solver = DiffusionNFT(DiffusionNFTConfig(lr=3e-3, batch_size=256, adv_clip=20.0, lr_schedule="cosine", advantage="batch_std"))
+    solver.finetune(model, BlackBoxLinear(), 100.0, 400, reference=gaussian_reference(), generator=torch.Generator().manual_seed(0))
+    x = sample_ode(model, 40_000, steps=40, generator=torch.Generator().manual_seed(1))
+    a = torch.from_numpy(A)
+    target = MEAN + COV @ a / torch.sqrt(a @ COV @ a)
+    assert torch.allclose(x.mean(0), target, atol=0.05), (x.mean(0), target)
+    assert torch.allclose(torch.cov(x.T), COV, atol=0.06)
+
+
 def test_optimality_probability_by_hand():
     f = torch.tensor([0.0, 1.0, 2.0, 30.0])  # mean 8.25
     r = optimality_probability(f, alpha=2.0, adv_clip=5.0)
     adv = torch.tensor([-4.125, -3.625, -3.125, 5.0])  # (f - 8.25)/2, last one clipped from 10.875
     assert torch.allclose(r, 0.5 + adv / 10.0)
     assert (r >= 0).all() and (r <= 1).all()
+    z = optimality_probability(f, alpha=2.0, adv_clip=5.0, kind="batch_std")  # population std of f: 12.53
+    std = float(torch.sqrt(((f - 8.25) ** 2).mean())) + 1e-4
+    assert torch.allclose(z, 0.5 + ((f - 8.25) / std) / 10.0)
+    assert torch.allclose(optimality_probability(100.0 * f, 2.0, 5.0, "batch_std"), z, atol=1e-5)  # scale-free
+    with pytest.raises(ValueError, match="unknown advantage"):
+        optimality_probability(f, 2.0, 5.0, "rank")
 
 
 def test_nft_loss_by_hand():

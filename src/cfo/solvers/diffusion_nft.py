@@ -20,7 +20,9 @@ the KL trade-off.  We keep the scale: writing ``v_theta = v_old + delta``, the l
 point satisfies ``v* - v_ref = Cov(A, u | x_t)`` while no advantage is clipped.  That is the linear response of the
 KL-regularised optimum ``p_ref exp(f/alpha)``, and it is *exact* for a Gaussian reference with a linear reward (the
 conditional covariance of a Gaussian is exact), which the tests check.  ``beta`` and the decay schedule set only how
-fast the iteration moves, not where it stops.
+fast the iteration moves, not where it stops.  ``advantage="batch_std"`` gives the official z-score instead: the same
+fixed point with ``alpha`` replaced by the batch standard deviation of ``f`` (for a linear reward ``a.x`` on a Gaussian
+``N(m, S)``: ``N(m + S a / sqrt(a^T S a), S)``, one standard deviation along ``S a``, tested).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from cfo.flows.sampling import sample_ode
 from cfo.solvers.base import FinetuneStats, TerminalReward, gradient_step, schedule_lr, start_finetune
 from cfo.validation import NonFiniteValueError, check_batch_values
 
-__all__ = ["DiffusionNFTConfig", "DiffusionNFT", "optimality_probability", "nft_loss", "old_policy_decay"]
+__all__ = ["DiffusionNFTConfig", "DiffusionNFT", "advantage_scale", "optimality_probability", "nft_loss", "old_policy_decay"]
 
 
 
@@ -51,7 +53,12 @@ class DiffusionNFTConfig(BaseModel):
     sample_steps: int = Field(20, ge=1, description="ODE steps (midpoint) to collect samples with theta_old")
     times_per_sample: int = Field(4, ge=1, description="random times t per sample in the loss")
     beta: float = Field(1.0, gt=0, description="mixing of the implicit policies v+ / v-")
-    adv_clip: float = Field(5.0, gt=0, description="A_max, clip of the advantage (f - mean f)/alpha")
+    adv_clip: float = Field(5.0, gt=0, description="A_max, clip of the advantage")
+    advantage: Literal["alpha", "batch_std"] = Field(
+        "alpha", description="advantage A: 'alpha' = (f - mean f)/alpha (ours: keeps the KL trade-off); 'batch_std' = "
+        "(f - mean f)/(std f + 1e-4), the official DiffusionNFT's z-score (its fixed point is the tilt at temperature "
+        "std f, whatever alpha is)"
+    )
     decay: Literal[0, 1, 2] = Field(0, description="theta_old EMA schedule: 0 on-policy; 1 min(1e-3 k, 0.5); 2 delayed")
     grad_clip: float = Field(1.0, gt=0)
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="within one finetune call")
@@ -78,9 +85,20 @@ def old_policy_decay(step: int, kind: int) -> float:
     raise ValueError(f"unknown decay schedule {kind}; use 0, 1 or 2")
 
 
-def optimality_probability(values: torch.Tensor, alpha: float, adv_clip: float) -> torch.Tensor:
-    """``r = 1/2 + clip((f - mean f)/alpha, -A_max, A_max) / (2 A_max)`` in ``[0, 1]``."""
-    adv = ((values - values.mean()) / alpha).clamp(-adv_clip, adv_clip)
+def advantage_scale(values: torch.Tensor, alpha: float, kind: str = "alpha") -> float:
+    """The temperature that divides ``f - mean f``: ``alpha`` (``kind="alpha"``), or the batch standard deviation of
+    ``f`` plus ``1e-4`` (``kind="batch_std"``, DiffusionNFT's z-score; population std, as in its code)."""
+    if kind == "alpha":
+        return alpha
+    if kind == "batch_std":
+        return float(values.std(unbiased=False)) + 1e-4
+    raise ValueError(f"unknown advantage {kind!r}; use 'alpha' or 'batch_std'")
+
+
+def optimality_probability(values: torch.Tensor, alpha: float, adv_clip: float, kind: str = "alpha") -> torch.Tensor:
+    """``r = 1/2 + clip((f - mean f)/T, -A_max, A_max) / (2 A_max)`` in ``[0, 1]``, with the temperature
+    ``T = advantage_scale(f, alpha, kind)`` (``alpha`` by default)."""
+    adv = ((values - values.mean()) / advantage_scale(values, alpha, kind)).clamp(-adv_clip, adv_clip)
     return 0.5 + adv / (2.0 * adv_clip)
 
 
@@ -146,7 +164,7 @@ class DiffusionNFT:
             except NonFiniteValueError as err:
                 stats.skip("diffusion nft", step, steps, str(err), cfg.max_skip_fraction)
                 continue
-            r = optimality_probability(values.to(x1.dtype), alpha, cfg.adv_clip)
+            r = optimality_probability(values.to(x1.dtype), alpha, cfg.adv_clip, cfg.advantage)
             n = cfg.batch_size * cfg.times_per_sample
             x1_rep = x1.repeat_interleave(cfg.times_per_sample, dim=0)
             r_rep = r.repeat_interleave(cfg.times_per_sample)

@@ -198,6 +198,8 @@ def test_pretrain_checkpoint_resume_and_sample_cli(tmp_path):
     assert not timed_out["finished"] and timed_out["steps"] == 3
     resumed = pretrain_molecules(cfg, small, tmp_path / "b", progress=False)
     assert straight["finished"] and resumed["finished"] and resumed["steps"] == 6
+    call = resumed["this_call"]  # the resuming call's own steps and timing
+    assert call["steps"] == 3 and 0.0 < call["batch_prep_s"] < call["wall_s"]
     la = json.loads((tmp_path / "a" / "history.json").read_text())["losses"]
     lb = json.loads((tmp_path / "b" / "history.json").read_text())["losses"]
     assert np.allclose(la, lb, rtol=1e-5)  # the resumed run repeats the uninterrupted one

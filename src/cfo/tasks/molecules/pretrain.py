@@ -29,7 +29,7 @@ from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet, MoleculeFlowModel, MolLayout, decode
 
 __all__ = [
-    "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "align_prior", "data_state", "training_loss",
+    "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "align_prior", "data_state", "training_point", "endpoint_loss", "training_loss",
     "pretrain_molecules", "load_molecule_model", "sample_states", "decode_groups", "sample_molecules",
 ]
 
@@ -173,18 +173,32 @@ def _sample_batch(buckets: SizeBuckets, batch_size: int, gen: torch.Generator) -
     return n, {k: v[idx] for k, v in pool.items()}
 
 
-def training_loss(net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], cfg: MolPretrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """The endpoint loss of one same-size batch (see the module docstring); returns the loss and its parts."""
-    dev = next(net.parameters()).device
-    batch = {k: v.to(dev) for k, v in batch.items()}
+def training_point(
+    layout: MolLayout, batch: dict[str, torch.Tensor], gen: torch.Generator, device: torch.device | str
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The batch on ``device``, and a point ``x_t = t x_1 + (1 - t) x_0`` of the training path per molecule with its
+    time ``t ~ U(0, 1)``: the prior draw ``x_0`` is centred and aligned to the data (:func:`align_prior`)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
     x1 = data_state(layout, batch)
     b = x1.shape[0]
-    x0 = layout.remove_com(torch.randn(x1.shape, generator=gen).to(dev))
+    x0 = layout.remove_com(torch.randn(x1.shape, generator=gen).to(device))
     p0, t0, c0, e0 = layout.unpack(x0)
     p0 = align_prior(p0, batch["pos"].float())
     x0 = layout.pack(p0, t0, c0, e0)
-    t = torch.rand(b, generator=gen).to(dev)
-    xt = t[:, None] * x1 + (1 - t[:, None]) * x0
+    t = torch.rand(b, generator=gen).to(device)
+    return batch, t[:, None] * x1 + (1 - t[:, None]) * x0, t
+
+
+def training_loss(net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], cfg: MolPretrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """The endpoint loss of one same-size batch (see the module docstring); returns the loss and its parts."""
+    return endpoint_loss(net, layout, *training_point(layout, batch, gen, next(net.parameters()).device), cfg)
+
+
+def endpoint_loss(
+    net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], xt: torch.Tensor, t: torch.Tensor, cfg: MolPretrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``w_pos |x1_hat - x1|^2 + w_types CE + w_charges CE + w_bonds CE`` at the path points ``(x_t, t)`` of ``batch``
+    (already on the network's device); returns the loss and its parts."""
     out = net.endpoint(xt, t)
     ce = torch.nn.functional.cross_entropy
     parts = {
@@ -336,6 +350,7 @@ def pretrain_molecules(
     stop = cfg.steps if max_steps_now is None else min(cfg.steps, start + max_steps_now)
     bar = tqdm(range(start, stop), initial=start, total=cfg.steps, desc="mol pretrain", disable=not progress)
     t0 = time.perf_counter()
+    prep_s = 0.0  # this call's time spent drawing batches and aligning priors (the device waits for it)
 
     def save_checkpoint() -> None:
         tmp = out / (CHECKPOINT + ".tmp")
@@ -363,8 +378,12 @@ def pretrain_molecules(
             break
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step)
+        t_prep = time.perf_counter()
         n, batch = _sample_batch(train, cfg.batch_size, gen)
-        loss, parts = training_loss(net, MolLayout(n), batch, cfg, gen)
+        lay = MolLayout(n)
+        batch, xt, t = training_point(lay, batch, gen, device)
+        prep_s += time.perf_counter() - t_prep
+        loss, parts = endpoint_loss(net, lay, batch, xt, t, cfg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step} (atoms {n})")
         opt.zero_grad(set_to_none=True)
@@ -393,6 +412,7 @@ def pretrain_molecules(
         "final_loss": float(np.mean(state["losses"][-200:])) if state["losses"] else None,
         "evals": state["evals"], "train_molecules": len(train), "size_histogram": train.histogram(),
         "ema_decay": cfg.ema_decay, "ema_from_step": state.get("ema_from_step") if ema is not None else None,
+        "this_call": {"steps": state["step"] - start, "wall_s": time.perf_counter() - call_t0, "batch_prep_s": prep_s},
     }
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     (out / "history.json").write_text(json.dumps({"losses": state["losses"], "parts": state["parts"], "evals": state["evals"]}))

@@ -159,6 +159,20 @@ def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
     assert "Molecules: dipole under a GFN2-xTB energy bound" in text and "| CFO_NFT | 8.27 ± 0.19 |" in text
 
 
+def test_per_seed_table_lists_every_seed():
+    from cfo.tasks.molecules.report import format_per_seed_table
+
+    def row(method, seed, dip, en, sat):
+        metrics = {"xtb_dipole": {"mean": dip, "se": 0.5}, "xtb_energy": {"mean": en, "se": 0.6}, "xtb_satisfied": sat,
+                   "xtb_feasible_fraction": 0.25, "chem_validity": 0.03}
+        return {"method": method, "seed": seed, "metrics": metrics, "wall_s": 120.4}
+
+    lines = format_per_seed_table([row("NFT", 0, 13.2, -56.9, False), row("NFT", 1, 12.1, -58.4, True)]).splitlines()
+    assert len(lines) == 4
+    assert lines[2] == "| NFT | 0 | 13.20 ± 0.50 | -56.90 ± 0.60 | no | 25% | 3% | 120 |"
+    assert lines[3].startswith("| NFT | 1 | 12.10 ± 0.50 | -58.40 ± 0.60 | yes |")
+
+
 def test_mol_run_rejects_bad_input(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["mol", "run", "--method", "bogus", "--out", str(tmp_path / "x")])

@@ -9,11 +9,13 @@ from cfo.tasks.molecules.flow import MolLayout, MoleculeFlowModel, decode, layou
 from cfo.tasks.molecules.pretrain import MolPretrainConfig, _kabsch, align_prior, sample_molecules, training_loss
 
 TINY = MolPretrainConfig(hidden=24, edge_hidden=12, layers=2, n_rbf=8)
+FLOWMOL_NU = {"pos": 1.0, "types": 2.0, "charges": 2.0, "bonds": 1.5}  # FlowMol's gaussian variant
+TINY_COS = TINY.model_copy(update={"cosine_nu": FLOWMOL_NU, "time_scaled_loss": True})
 
 
-def _net(dtype=torch.float64):
+def _net(dtype=torch.float64, cfg=TINY):
     torch.manual_seed(0)
-    return TINY.network().to(dtype)
+    return cfg.network().to(dtype)
 
 
 def _state(lay: MolLayout, b: int = 3, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -38,9 +40,9 @@ def test_layout_roundtrip_and_dimension_lookup():
         layout_for_dim(lay.dim + 1)
 
 
-@pytest.mark.parametrize("proper", [True, False])
-def test_velocity_is_e3_equivariant(proper):
-    net, lay = _net(), MolLayout(9)
+@pytest.mark.parametrize("proper,cfg", [(True, TINY), (False, TINY), (True, TINY_COS)], ids=["rotation", "reflection", "cosine-schedule"])
+def test_velocity_is_e3_equivariant(proper, cfg):
+    net, lay = _net(cfg=cfg), MolLayout(9)
     x, t = _state(lay), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     r = _rotation(1, proper)
     pos, ty, ch, bo = lay.unpack(x)
@@ -128,6 +130,47 @@ def test_training_steps_on_a_tiny_batch_reduce_the_loss():
     assert loss_at(123).item() < 0.8 * before
 
 
+def test_per_channel_cosine_schedule_velocity_training_and_round_trip(tmp_path):
+    """With FlowMol's schedules the model's scheduler is per channel, its velocity is alpha'/(1 - alpha) (x1_hat - x)
+    channel by channel, time-scaled training lowers the loss, and a saved model keeps its schedules."""
+    from cfo.flows.schedulers import ChannelScheduler, CosineScheduler, LinearScheduler
+    from cfo.tasks.molecules.pretrain import load_molecule_model
+
+    assert isinstance(MoleculeFlowModel(_net(), 6).scheduler, LinearScheduler)  # default: the linear path, as before
+    net, lay = _net(cfg=TINY_COS), MolLayout(6)
+    model = MoleculeFlowModel(net, 6)
+    assert isinstance(model.scheduler, ChannelScheduler) and model.scheduler.dim == lay.dim
+    x, t = _state(lay, b=2), torch.tensor([0.3, 0.8], dtype=torch.float64)
+    out = net.endpoint(x, t)
+    x1 = lay.pack(out["pos"], out["types"].softmax(-1), out["charges"].softmax(-1), out["bonds"].softmax(-1))
+    v = lay.unpack(net(x, t))
+    for k, (name, nu) in enumerate(FLOWMOL_NU.items()):
+        s = CosineScheduler(nu)
+        factor = torch.tensor([s.d_alpha(ti) / s.beta(ti) for ti in t.tolist()], dtype=torch.float64)
+        expected = lay.unpack(x1 - x)[k] * factor.reshape(-1, *([1] * (v[k].dim() - 1)))
+        assert torch.allclose(v[k], expected, rtol=1e-9, atol=1e-9), name
+    with pytest.raises(ValueError, match="unknown channels"):
+        MolPretrainConfig(cosine_nu={"atoms": 2.0}).network()
+
+    torch.manual_seed(0)
+    net = TINY_COS.network()
+    batch = _batch()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    before = training_loss(net, MolLayout(7), batch, TINY_COS, torch.Generator().manual_seed(123))[0].item()
+    for step in range(30):
+        loss, _ = training_loss(net, MolLayout(7), batch, TINY_COS, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert training_loss(net, MolLayout(7), batch, TINY_COS, torch.Generator().manual_seed(123))[0].item() < 0.8 * before
+
+    torch.save({"config": TINY_COS.model_dump(), "model": net.state_dict(), "summary": {}}, tmp_path / "model.pt")
+    loaded, _ = load_molecule_model(tmp_path / "model.pt")
+    assert loaded.cosine_nu == FLOWMOL_NU
+    y = _state(MolLayout(7), b=2, dtype=torch.float32)
+    assert torch.allclose(loaded(y, torch.tensor([0.4, 0.6])), net.eval()(y, torch.tensor([0.4, 0.6])), atol=1e-6)
+
+
 def test_sampling_returns_molecules_of_the_requested_sizes():
     net = _net(torch.float32)
     sizes = [5, 9, 5, 12]
@@ -151,20 +194,21 @@ def test_sampling_returns_molecules_of_the_requested_sizes():
     assert m["numbers"].tolist() == [6, 6, 6] and m["bonds"].tolist() == [[0, 1]] and m["bond_orders"].tolist() == [2]
 
 
-def test_adjoint_matching_runs_unchanged_on_the_molecule_model():
+@pytest.mark.parametrize("cfg", [TINY, TINY_COS], ids=["linear", "cosine-schedule"])
+def test_adjoint_matching_runs_unchanged_on_the_molecule_model(cfg):
     """The core's AM fine-tunes the molecule model through its hooks (no molecule code in the solver)."""
     from cfo.flows.model import frozen_copy, trainable_copy
     from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 
     torch.manual_seed(0)
-    pre = MoleculeFlowModel(TINY.network(), 5)
+    pre = MoleculeFlowModel(cfg.network(), 5)
     lay = pre.layout
 
     def reward(x):  # pull atom 0 along +z: a differentiable, equivariance-breaking toy reward
         return lay.unpack(x)[0][:, 0, 2]
 
     reward.differentiable = True
-    solver = AdjointMatching(AdjointMatchingConfig(batch_size=8, rollout_steps=8, lr=1e-3))
+    solver = AdjointMatching(AdjointMatchingConfig(batch_size=8, rollout_steps=8, lr=1e-3, adjoint_scheme="euler"))
     model = solver.finetune(trainable_copy(pre), reward, 1.0, 3, reference=frozen_copy(pre), generator=torch.Generator().manual_seed(0))
     x = sample_ode(model, 4, steps=6, generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(x).all() and lay.unpack(x)[0].mean(1).abs().max() < 1e-5

@@ -126,9 +126,14 @@ class GaussianVelocity(nn.Module):
     With ``x_t = t x_1 + (1 - t) x_0`` and ``C_t = t^2 S + (1 - t)^2 I``:
 
         v(x, t) = E[x_1 - x_0 | x_t = x] = m + (t S - (1 - t) I) C_t^{-1} (x - t m).
+
+    With a ``scheduler`` (scalar or per-coordinate, :mod:`cfo.flows.schedulers`), the path is
+    ``x_t = A x_1 + B x_0`` with ``A = diag(alpha_t)``, ``B = diag(beta_t)``, and
+
+        v(x, t) = E[A' x_1 + B' x_0 | x_t = x] = A' m + (A' S A + B' B) (A S A + B^2)^{-1} (x - A m).
     """
 
-    def __init__(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
+    def __init__(self, mean: torch.Tensor, cov: torch.Tensor, scheduler=None) -> None:
         super().__init__()
         mean = torch.as_tensor(mean, dtype=torch.float64)
         cov = torch.as_tensor(cov, dtype=torch.float64)
@@ -139,8 +144,11 @@ class GaussianVelocity(nn.Module):
             raise ValueError("cov must be symmetric positive definite")
         self.register_buffer("mean", mean)
         self.register_buffer("cov", cov)
+        self.scheduler = scheduler
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.scheduler is not None:
+            return self._scheduled(x, t)
         d = self.mean.shape[0]
         eye = torch.eye(d, dtype=torch.float64, device=x.device)
         times, inverse = torch.unique(t.to(torch.float64), return_inverse=True)  # few distinct times per call
@@ -150,6 +158,19 @@ class GaussianVelocity(nn.Module):
         gain = (a @ torch.linalg.inv(c))[inverse]  # [batch, d, d]
         centred = x.to(torch.float64) - t.to(torch.float64)[:, None] * self.mean
         v = self.mean + (gain @ centred[:, :, None])[:, :, 0]
+        return v.to(x.dtype)
+
+    def _scheduled(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        d = self.mean.shape[0]
+        times, inverse = torch.unique(t.to(torch.float64), return_inverse=True)
+        tt = times.reshape(-1, 1)
+        a, b, da, db = (torch.as_tensor(q(tt), dtype=torch.float64, device=x.device).expand(len(times), d)
+                        for q in (self.scheduler.alpha, self.scheduler.beta, self.scheduler.d_alpha, self.scheduler.d_beta))
+        cov_t = a[:, :, None] * self.cov * a[:, None, :] + torch.diag_embed(b * b)  # A S A + B^2
+        cross = da[:, :, None] * self.cov * a[:, None, :] + torch.diag_embed(db * b)  # A' S A + B' B
+        gain = (cross @ torch.linalg.inv(cov_t))[inverse]  # [batch, d, d]
+        centred = x.to(torch.float64) - a[inverse] * self.mean
+        v = da[inverse] * self.mean + (gain @ centred[:, :, None])[:, :, 0]
         return v.to(x.dtype)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from cfo.flows.model import FlowModel
+from cfo.flows.schedulers import as_coefficient
 
 __all__ = ["Trajectory", "time_grid", "sample_ode", "sample_memoryless_sde"]
 
@@ -103,10 +104,10 @@ def sample_memoryless_sde(
     states = [x0]
     x = x0
     for j, (s, t) in enumerate(zip(grid[:-1], grid[1:])):
-        tr = sched.memoryless_transition(s, t)
-        x = tr.decay * x + tr.drift_coef * model(x, s)
+        tr = sched.memoryless_transition(s, t)  # floats, or per-coordinate tensors for per-channel schedules
+        x = as_coefficient(tr.decay, x) * x + as_coefficient(tr.drift_coef, x) * model(x, s)
         if final_noise or j < steps - 1:
-            x = x + tr.noise_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + as_coefficient(tr.noise_std, x) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = model.project(x)
         states.append(x)
     return Trajectory(times=torch.tensor(grid, dtype=torch.float64), states=torch.stack(states))

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from cfo.flows.model import FlowModel
 from cfo.flows.sampling import Trajectory, sample_memoryless_sde
+from cfo.flows.schedulers import as_coefficient
 from cfo.solvers.base import FinetuneStats, TerminalReward, gradient_step, schedule_lr, start_finetune
 from cfo.validation import NonFiniteValueError, check_batch_values
 
@@ -107,6 +108,11 @@ def lean_adjoint(reference: FlowModel, traj: Trajectory, a1: torch.Tensor, schem
     times = traj.times.tolist()
     n = len(times) - 1
     sched = reference.scheduler
+    if not getattr(sched, "scalar", True):
+        if scheme != "euler":
+            raise ValueError("per-channel schedules need adjoint_scheme='euler' (the scaled variable z = a/alpha_t is "
+                             "one change of variables only when alpha_t is the same for every coordinate)")
+        return _lean_adjoint_channelwise(reference, traj, a1)
     adjoints = torch.empty_like(traj.states)
     v_ref = torch.empty_like(traj.states)
     z = reference.project_tangent(a1)  # z_1 = a_1 / alpha_1
@@ -145,6 +151,38 @@ def lean_adjoint(reference: FlowModel, traj: Trajectory, a1: torch.Tensor, schem
     return adjoints, v_ref
 
 
+def _lean_adjoint_channelwise(reference: FlowModel, traj: Trajectory, a1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Euler scheme of :func:`lean_adjoint` for per-coordinate ``alpha_t`` (a :class:`ChannelScheduler`).
+
+    Lie splitting of ``da/dt = kappa_t a - 2 J^T a`` over ``[t_j, t_{j+1}]``: an explicit step of the Jacobian part
+    from ``t_{j+1}`` (with ``J`` at ``(X_{t_j}, t_j)``, as in the scalar scheme), then the ``kappa`` part exactly,
+    which multiplies coordinate ``i`` by ``alpha_{t_j, i} / alpha_{t_{j+1}, i}``:
+
+        a_j = (alpha_{t_j} / alpha_{t_{j+1}}) * (a_{j+1} + 2 h J(X_{t_j}, t_j)^T a_{j+1}).
+
+    With one ``alpha_t`` for all coordinates this is exactly the scalar Euler scheme in ``z = a/alpha_t``."""
+    times = traj.times.tolist()
+    n = len(times) - 1
+    sched = reference.scheduler
+    adjoints = torch.empty_like(traj.states)
+    v_ref = torch.empty_like(traj.states)
+    a = reference.project_tangent(a1)  # alpha_1 = 1 in every coordinate
+    adjoints[n] = a
+    with torch.no_grad():
+        v_ref[n] = reference(traj.states[n], times[n])
+    for j in range(n - 1, -1, -1):
+        h = times[j + 1] - times[j]
+        x = traj.states[j].detach().requires_grad_(True)
+        with torch.enable_grad():
+            v = reference(x, times[j])
+            (ja,) = torch.autograd.grad(v, x, grad_outputs=a)
+        ratio = as_coefficient(sched.alpha(times[j]) / sched.alpha(times[j + 1]), a)
+        a = reference.project_tangent(ratio * (a + 2.0 * h * ja))
+        v_ref[j] = v.detach()
+        adjoints[j] = a
+    return adjoints, v_ref
+
+
 def clip_per_sample(adjoints: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Scale every ``adjoints[j, i]`` (time ``j``, sample ``i``) down to norm ``<= max_norm``; directions are kept."""
     norms = adjoints.flatten(2).norm(dim=2).clamp_min(1e-12)
@@ -169,12 +207,15 @@ def adjoint_matching_loss(
     idx = torch.tensor(time_indices, dtype=torch.long)
     if any(not (0.0 < times[j] < 1.0) for j in time_indices):
         raise ValueError("adjoint matching loss times must be interior grid points (0 < t < 1)")
-    sigma = torch.tensor([sched.memoryless_sigma(times[j]) for j in time_indices], dtype=traj.states.dtype, device=traj.states.device)
     x = traj.states[idx].flatten(0, 1)
     t = torch.tensor([times[j] for j in time_indices], dtype=traj.states.dtype, device=x.device).repeat_interleave(batch)
     v = model(x, t).reshape(len(time_indices), batch, *traj.states.shape[2:])
-    shape = (-1, 1) + (1,) * (traj.states.dim() - 2)
-    sig = sigma.reshape(shape)
+    if getattr(sched, "scalar", True):
+        sigma = torch.tensor([sched.memoryless_sigma(times[j]) for j in time_indices], dtype=traj.states.dtype, device=traj.states.device)
+        sig = sigma.reshape((-1, 1) + (1,) * (traj.states.dim() - 2))
+    else:  # per-coordinate sigma_t: [times, 1, *data_shape]
+        sig = torch.stack([as_coefficient(sched.memoryless_sigma(times[j]), x) for j in time_indices])
+        sig = sig.reshape(len(time_indices), 1, *traj.states.shape[2:])
     residual = (2.0 / sig) * (v - v_ref[idx]) + sig * adjoints[idx]
     return residual.pow(2).flatten(2).sum(-1).mean()
 

@@ -14,10 +14,14 @@ count), and the core's samplers and solvers run on it unchanged. The molecule-sp
 :meth:`MoleculeFlowModel.project` and ``project_tangent`` remove the centre of mass of positions, velocities and
 adjoints; the prior is centred.
 
-Path: linear on every channel, ``x_t = t x_1 + (1 - t) x_0`` (FlowMol3 also uses linear schedules; one scalar schedule
-keeps AM's memoryless SDE exact). Endpoint parameterisation: the network predicts ``x_1`` (positions) and logits
-(categorical channels); the velocity is ``v = (x1_hat - x_t) / (1 - t)`` with ``x1_hat = softmax(logits)`` for the
-categorical channels.
+Path: by default linear on every channel, ``x_t = t x_1 + (1 - t) x_0`` (FlowMol3's choice). With ``cosine_nu`` each
+named channel (``pos``, ``types``, ``charges``, ``bonds``) follows FlowMol's cosine schedule
+``alpha_t = sin^2(pi/2 t^nu)`` instead (FlowMol's gaussian variant: nu = 1, 2, 2, 1.5, so the categorical channels stay
+near their prior until the positions have formed), ``x_t = alpha_t x_1 + (1 - alpha_t) x_0`` per channel; the model's
+scheduler is then a :class:`cfo.flows.schedulers.ChannelScheduler` and AM's memoryless SDE and lean adjoint work per
+coordinate. Endpoint parameterisation: the network predicts ``x_1`` (positions) and logits (categorical channels); the
+velocity is ``v = alpha'_t / (1 - alpha_t) * (x1_hat - x_t)`` (``(x1_hat - x_t)/(1 - t)`` on the linear path) with
+``x1_hat = softmax(logits)`` for the categorical channels.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ import torch
 from torch import nn
 
 from cfo.flows.model import FlowModel
+from cfo.flows.schedulers import ChannelScheduler, CosineScheduler, LinearScheduler, Scheduler
 from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS
 
-__all__ = ["CHARGES", "N_BOND_CLASSES", "MolLayout", "layout_for_dim", "EquivariantFlowNet", "MoleculeFlowModel", "decode"]
+__all__ = ["CHARGES", "CHANNELS", "N_BOND_CLASSES", "MolLayout", "channel_scheduler", "layout_for_dim", "EquivariantFlowNet", "MoleculeFlowModel", "decode"]
 
 CHARGES = (-1, 0, 1)
+CHANNELS = ("pos", "types", "charges", "bonds")  # the blocks of the flat state, in order
 N_BOND_CLASSES = 5  # none, single, double, triple, aromatic
 T_MAX = 1.0 - 1e-3  # the endpoint velocity divides by 1 - t
 
@@ -83,6 +89,19 @@ class MolLayout:
         pos = pos.reshape(*x.shape[:-1], self.n_atoms, 3)
         pos = pos - pos.mean(dim=-2, keepdim=True)
         return torch.cat([pos.reshape(*x.shape[:-1], -1), rest], dim=-1)
+
+
+def channel_scheduler(layout: MolLayout, cosine_nu: dict[str, float] | None) -> Scheduler:
+    """The interpolant of a molecule state: the scalar linear path when ``cosine_nu`` is empty, else a
+    :class:`ChannelScheduler` whose channels named in ``cosine_nu`` follow ``CosineScheduler(nu)`` and the others the
+    linear path."""
+    if not cosine_nu:
+        return LinearScheduler()
+    unknown = set(cosine_nu) - set(CHANNELS)
+    if unknown:
+        raise ValueError(f"cosine_nu names unknown channels {sorted(unknown)}; use {CHANNELS}")
+    return ChannelScheduler([(size, CosineScheduler(cosine_nu[name]) if name in cosine_nu else LinearScheduler())
+                             for name, size in zip(CHANNELS, layout.split_sizes())])
 
 
 @lru_cache(maxsize=256)
@@ -143,9 +162,12 @@ class EquivariantFlowNet(nn.Module):
     :meth:`endpoint` returns the predicted clean positions and the logits of every categorical channel;
     ``forward`` turns them into the velocity of the linear path."""
 
-    def __init__(self, hidden: int = 128, edge_hidden: int = 64, layers: int = 4, n_rbf: int = 16, cutoff: float = 8.0, time_features: int = 8) -> None:
+    def __init__(self, hidden: int = 128, edge_hidden: int = 64, layers: int = 4, n_rbf: int = 16, cutoff: float = 8.0, time_features: int = 8,
+                 cosine_nu: dict[str, float] | None = None) -> None:
         super().__init__()
         self.config = {"hidden": hidden, "edge_hidden": edge_hidden, "layers": layers, "n_rbf": n_rbf, "cutoff": cutoff, "time_features": time_features}
+        self.cosine_nu = dict(cosine_nu) if cosine_nu else None
+        channel_scheduler(MolLayout(2), self.cosine_nu)  # validate the channel names now
         self.register_buffer("freqs", math.pi * torch.arange(1, time_features + 1, dtype=torch.float32), persistent=False)
         a, c = len(ELEMENTS), len(CHARGES)
         self.embed_h = _mlp(a + c + 2 * time_features + 1, hidden, hidden)
@@ -189,7 +211,19 @@ class EquivariantFlowNet(nn.Module):
         out = self.endpoint(x, t)
         x1 = lay.pack(out["pos"], out["types"].softmax(-1), out["charges"].softmax(-1), out["bonds"].softmax(-1))
         tt = t.to(x.dtype).clamp(max=T_MAX)[:, None]
-        return (x1 - x) / (1.0 - tt)
+        if not self.cosine_nu:
+            return (x1 - x) / (1.0 - tt)
+        sched = self.scheduler_for(lay)
+        return sched.d_alpha(tt) / sched.beta(tt) * (x1 - x)  # alpha'_t / (1 - alpha_t), per coordinate
+
+    def scheduler_for(self, layout: MolLayout) -> Scheduler:
+        """This network's interpolant for molecules of ``layout`` (see :func:`channel_scheduler`)."""
+        return _cached_scheduler(layout, tuple(sorted(self.cosine_nu.items())) if self.cosine_nu else ())
+
+
+@lru_cache(maxsize=64)
+def _cached_scheduler(layout: MolLayout, nu_items: tuple) -> Scheduler:
+    return channel_scheduler(layout, dict(nu_items))
 
 
 class MoleculeFlowModel(FlowModel):
@@ -197,7 +231,7 @@ class MoleculeFlowModel(FlowModel):
 
     def __init__(self, network: EquivariantFlowNet, n_atoms: int) -> None:
         self.layout = MolLayout(n_atoms)
-        super().__init__(network, (self.layout.dim,))
+        super().__init__(network, (self.layout.dim,), scheduler=network.scheduler_for(self.layout))
 
     @property
     def n_atoms(self) -> int:

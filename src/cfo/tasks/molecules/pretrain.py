@@ -6,8 +6,9 @@ dense tensor and the atom count of generated molecules follows the data. Per bat
 1. ``x_1``: positions (centred), one-hot types, charges and bond classes of the data;
 2. ``x_0``: a standard normal state, positions centred and **aligned to the data** by the optimal permutation of atoms
    (Hungarian algorithm on squared distances) and then the optimal rotation (Kabsch, no reflection);
-3. ``t ~ U(0, 1)``, ``x_t = t x_1 + (1 - t) x_0``;
-4. loss (FlowMol's weights): ``3 MSE(pos) + 0.4 CE(types) + 1 CE(charges) + 2 CE(bonds)`` of the endpoint prediction.
+3. ``t ~ U(0, 1)``, ``x_t = t x_1 + (1 - t) x_0`` (with ``cosine_nu``: ``alpha_t x_1 + (1 - alpha_t) x_0`` per channel);
+4. loss (FlowMol's weights): ``3 MSE(pos) + 0.4 CE(types) + 1 CE(charges) + 2 CE(bonds)`` of the endpoint prediction
+   (with ``time_scaled_loss``: each channel's term weighted per molecule by ``clip(alpha_t / (1 - alpha_t), 0.05, 1.5)``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from cfo.flows.schedulers import Scheduler
 from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet, MoleculeFlowModel, MolLayout, decode
@@ -71,9 +73,16 @@ class MolPretrainConfig(BaseModel):
     ema_decay: float = Field(0.0, ge=0, lt=1)
     """``d`` of the weights' exponential moving average ``theta_ema <- d theta_ema + (1 - d) theta``, updated after
     every step; when ``d > 0`` the evaluations, ``snapshot.pt`` and ``model.pt`` use ``theta_ema`` (0: off)."""
+    cosine_nu: dict[str, float] | None = None
+    """Per-channel schedules: channels named here (``pos``, ``types``, ``charges``, ``bonds``) follow FlowMol's cosine
+    schedule ``alpha_t = sin^2(pi/2 t^nu)`` with this ``nu >= 1``, the others the linear path (None: linear on every
+    channel). FlowMol's gaussian variant: ``{pos: 1, types: 2, charges: 2, bonds: 1.5}``."""
+    time_scaled_loss: bool = False
+    """FlowMol's time-scaled loss: each channel's per-molecule loss is weighted by ``clip(alpha_t / (1 - alpha_t),
+    0.05, 1.5)`` of that channel (late times, where the state already shows the answer, weigh more)."""
 
     def network(self) -> EquivariantFlowNet:
-        return EquivariantFlowNet(self.hidden, self.edge_hidden, self.layers, self.n_rbf, self.cutoff)
+        return EquivariantFlowNet(self.hidden, self.edge_hidden, self.layers, self.n_rbf, self.cutoff, cosine_nu=self.cosine_nu)
 
 
 @dataclass
@@ -174,10 +183,11 @@ def _sample_batch(buckets: SizeBuckets, batch_size: int, gen: torch.Generator) -
 
 
 def training_point(
-    layout: MolLayout, batch: dict[str, torch.Tensor], gen: torch.Generator, device: torch.device | str
+    layout: MolLayout, batch: dict[str, torch.Tensor], gen: torch.Generator, device: torch.device | str, scheduler: Scheduler | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The batch on ``device``, and a point ``x_t = t x_1 + (1 - t) x_0`` of the training path per molecule with its
-    time ``t ~ U(0, 1)``: the prior draw ``x_0`` is centred and aligned to the data (:func:`align_prior`)."""
+    """The batch on ``device``, and a point ``x_t = alpha_t x_1 + (1 - alpha_t) x_0`` of the training path per molecule
+    with its time ``t ~ U(0, 1)`` (``scheduler``: the network's, per channel; None: linear, ``alpha_t = t``): the prior
+    draw ``x_0`` is centred and aligned to the data (:func:`align_prior`)."""
     batch = {k: v.to(device) for k, v in batch.items()}
     x1 = data_state(layout, batch)
     b = x1.shape[0]
@@ -186,12 +196,14 @@ def training_point(
     p0 = align_prior(p0, batch["pos"].float())
     x0 = layout.pack(p0, t0, c0, e0)
     t = torch.rand(b, generator=gen).to(device)
+    if scheduler is not None and not scheduler.scalar:
+        return batch, scheduler.interpolate(x0, x1, t), t
     return batch, t[:, None] * x1 + (1 - t[:, None]) * x0, t
 
 
 def training_loss(net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], cfg: MolPretrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """The endpoint loss of one same-size batch (see the module docstring); returns the loss and its parts."""
-    return endpoint_loss(net, layout, *training_point(layout, batch, gen, next(net.parameters()).device), cfg)
+    return endpoint_loss(net, layout, *training_point(layout, batch, gen, next(net.parameters()).device, net.scheduler_for(layout)), cfg)
 
 
 def endpoint_loss(
@@ -201,12 +213,38 @@ def endpoint_loss(
     (already on the network's device); returns the loss and its parts."""
     out = net.endpoint(xt, t)
     ce = torch.nn.functional.cross_entropy
+    if cfg.time_scaled_loss:
+        return _time_scaled_loss(net, layout, batch, out, t, cfg)
     parts = {
         "pos": (out["pos"] - batch["pos"].float()).pow(2).sum(-1).mean(),
         "types": ce(out["types"].reshape(-1, layout.n_types), batch["types"].reshape(-1)),
         "charges": ce(out["charges"].reshape(-1, layout.n_charges), batch["charges"].reshape(-1)),
         "bonds": ce(out["bonds"].reshape(-1, N_BOND_CLASSES), batch["bonds"].reshape(-1)),
     }
+    loss = cfg.w_pos * parts["pos"] + cfg.w_types * parts["types"] + cfg.w_charges * parts["charges"] + cfg.w_bonds * parts["bonds"]
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def _time_scaled_loss(
+    net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], t: torch.Tensor, cfg: MolPretrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """FlowMol's time-scaled endpoint loss: per molecule and channel, the channel's mean loss times
+    ``clip(alpha_t / (1 - alpha_t), 0.05, 1.5)`` of that channel's schedule, averaged over the batch."""
+    ce = torch.nn.functional.cross_entropy
+    b = t.shape[0]
+    per_mol = {
+        "pos": (out["pos"] - batch["pos"].float()).pow(2).sum(-1).mean(-1),
+        "types": ce(out["types"].reshape(-1, layout.n_types), batch["types"].reshape(-1), reduction="none").reshape(b, -1).mean(-1),
+        "charges": ce(out["charges"].reshape(-1, layout.n_charges), batch["charges"].reshape(-1), reduction="none").reshape(b, -1).mean(-1),
+        "bonds": ce(out["bonds"].reshape(-1, N_BOND_CLASSES), batch["bonds"].reshape(-1), reduction="none").reshape(b, -1).mean(-1),
+    }
+    sched = net.scheduler_for(layout)
+    tt = t.to(torch.float64).reshape(-1, 1)
+    alpha = sched.alpha(tt) if not sched.scalar else tt.expand(-1, layout.dim)
+    starts = torch.cumsum(torch.tensor([0] + layout.split_sizes()[:-1]), 0).tolist()  # first coordinate of each channel
+    weights = {name: (alpha[:, i] / (1.0 - alpha[:, i]).clamp_min(1e-12)).clamp(0.05, 1.5).to(out["pos"].dtype)
+               for name, i in zip(("pos", "types", "charges", "bonds"), starts)}
+    parts = {k: (weights[k] * v).mean() for k, v in per_mol.items()}
     loss = cfg.w_pos * parts["pos"] + cfg.w_types * parts["types"] + cfg.w_charges * parts["charges"] + cfg.w_bonds * parts["bonds"]
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
@@ -381,7 +419,7 @@ def pretrain_molecules(
         t_prep = time.perf_counter()
         n, batch = _sample_batch(train, cfg.batch_size, gen)
         lay = MolLayout(n)
-        batch, xt, t = training_point(lay, batch, gen, device)
+        batch, xt, t = training_point(lay, batch, gen, device, net.scheduler_for(lay))
         prep_s += time.perf_counter() - t_prep
         loss, parts = endpoint_loss(net, lay, batch, xt, t, cfg)
         if not torch.isfinite(loss):

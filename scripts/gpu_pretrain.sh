@@ -2,7 +2,8 @@
 # One call on a lent GPU machine: resume (or start) the long molecule-flow training for MIN minutes, diagnose the
 # weights it reached, and copy the training folder to $OUT so it can be committed here.
 #   usage (device tool): bash scripts/gpu_pretrain.sh [MIN]       (carry .whl when the machine lacks pydantic)
-#   another training: CONFIG=configs/mol_pretrain_kekule.yaml RUN=checkpoints/mol_pretrain_kekule bash scripts/gpu_pretrain.sh 9
+#   another training: CONFIG=configs/mol_pretrain_flowmol.yaml RUN=checkpoints/mol_pretrain_flowmol bash scripts/gpu_pretrain.sh 9
+#   (FlowMol's per-channel schedules; or configs/mol_pretrain_kekule.yaml, checkpoints/mol_pretrain_kekule)
 # The device machine's torch differs from ours and lacks pydantic and RDKit (the evaluation during training needs it): wheels downloaded here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 pydantic==2.14.4 pydantic-core==2.50.5 \
 #       annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 -d .whl

@@ -35,6 +35,7 @@ def test_nft_tilts_gaussian_to_closed_form(alpha):
     assert torch.allclose(torch.cov(x.T), COV, atol=0.06)
 
 
+@pytest.mark.slow  # the advantage itself is checked by hand in the default suite (test_optimality_probability_by_hand)
 def test_nft_batch_std_advantage_tilts_by_one_standard_deviation():
     """With the official z-scored advantage the temperature is std(a.x) = sqrt(a^T S a), whatever alpha is: the fixed
     point is N(m + S a / sqrt(a^T S a), S)."""

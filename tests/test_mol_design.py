@@ -17,6 +17,7 @@ from cfo.tasks.molecules.flow import MolLayout
 from cfo.tasks.molecules.oracles import CountedValues, XTBOracle, valence_violation
 from cfo.tasks.molecules.predictors import load_predictor
 from cfo.tasks.molecules.pretrain import MolPretrainConfig, buckets_from_dataset, data_state
+from cfo.validation import NonFiniteValueError
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,30 @@ def test_counted_values_replace_failures_by_the_worst_and_count_them():
     assert out.tolist() == [1.0, 3.0, 3.0, 3.0] and c.failures == 2 and c.values == 4
     r = CountedValues(lambda x: x, "dipole", "min", True)
     assert r(torch.tensor([2.0, float("nan")])).tolist() == [2.0, 2.0]
-    with pytest.raises(FloatingPointError, match="no finite value"):
+    with pytest.raises(NonFiniteValueError, match="no finite value"):
         c(torch.tensor([float("nan"), float("nan")]))
+    assert c.failures == 4
+
+
+def test_a_training_batch_where_every_value_fails_is_a_skipped_step_not_a_lost_run():
+    """A black box (xTB) that fails on a whole batch: DiffusionNFT skips and counts that step and finishes the run."""
+    from conftest import gaussian_finetunable, gaussian_reference
+
+    from cfo.solvers import DiffusionNFT, DiffusionNFTConfig
+
+    calls = {"n": 0}
+
+    def flaky(x):
+        calls["n"] += 1
+        v = x.detach().sum(1)
+        return torch.full_like(v, float("nan")) if calls["n"] == 3 else v
+
+    reward = CountedValues(flaky, "xtb dipole", "min", False, explain=lambda: "causes: scf 4")
+    reward.differentiable = False
+    solver = DiffusionNFT(DiffusionNFTConfig(batch_size=4, sample_steps=2, lr=1e-3))
+    solver.finetune(gaussian_finetunable(), reward, 1.0, 10, reference=gaussian_reference(), generator=torch.Generator().manual_seed(0))
+    assert solver.last_stats.skipped_steps == 1 and solver.last_stats.steps_done == 9
+    assert reward.failures == 4 and calls["n"] == 10
 
 
 def test_counted_values_warn_for_the_first_failed_batches_then_only_count(caplog):

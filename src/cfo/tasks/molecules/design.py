@@ -168,8 +168,9 @@ def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], black_b
     oracle = XTBOracle(cfg.xtb_workers, cfg.xtb_timeout_s) if black_box else PredictorOracle(predictor)
     diff = not black_box
     src = "xtb" if black_box else "predicted"
-    r = CountedValues(oracle.dipole, f"{src} dipole", "min", diff)
-    c = CountedValues(oracle.energy, f"{src} energy", "max", diff)
+    explain = oracle.explain_last if black_box else None
+    r = CountedValues(oracle.dipole, f"{src} dipole", "min", diff, explain)
+    c = CountedValues(oracle.energy, f"{src} energy", "max", diff, explain)
     constraints = [Constraint(c, bounds["energy"], differentiable=diff, name="energy", unit="Ha")]
     counters = {"reward": r, "energy": c}
     if cfg.valence_constraint:

@@ -23,6 +23,7 @@ import torch
 from cfo.tasks.molecules.chem import ALLOWED_VALENCES, ATOMIC_NUMBERS, ELEMENTS
 from cfo.tasks.molecules.flow import decode, layout_for_dim
 from cfo.tasks.molecules.predictors import PropertyNet, to_simplex
+from cfo.validation import NonFiniteValueError
 
 __all__ = ["BOND_VALENCE", "CountedValues", "PredictorOracle", "XTBOracle", "valence_violation", "xtb_of_decoded"]
 
@@ -35,14 +36,17 @@ class CountedValues:
     """Wrap ``fn(x) -> [B]``: non-finite entries become the batch's worst finite value (``worst="min"`` for a reward,
     ``"max"`` for a constraint) and are counted in ``failures``; ``values`` counts the work done. The first
     ``WARN_BATCHES`` failing batches are logged as warnings, later ones at debug level (a long xTB run would otherwise
-    print one warning per step)."""
+    print one warning per step). A batch without any finite value raises :class:`NonFiniteValueError` (its failures
+    counted first): the solvers skip, count and log that step (up to their ``max_skip_fraction``) and go on."""
 
     WARN_BATCHES = 3
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str, worst: str, differentiable: bool) -> None:
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str, worst: str, differentiable: bool,
+                 explain: Callable[[], str] | None = None) -> None:
         if worst not in ("min", "max"):
             raise ValueError("worst must be 'min' or 'max'")
         self.fn, self.name, self.worst, self.differentiable = fn, name, worst, differentiable
+        self.explain = explain  # e.g. the failure causes of the oracle's last batch, added to warnings and errors
         self.failures = 0
         self.failed_batches = 0
         self.values = 0
@@ -54,16 +58,17 @@ class CountedValues:
         if bool(ok.all()):
             return v
         bad = int((~ok).sum())
-        if bad == v.numel():
-            raise FloatingPointError(f"{self.name}: no finite value in a batch of {v.numel()} molecules")
         self.failures += bad
+        why = f" ({self.explain()})" if self.explain is not None else ""
+        if bad == v.numel():  # nothing to fill with: the solver skips (and counts) the step, an evaluation stops
+            raise NonFiniteValueError(f"{self.name}: no finite value in a batch of {v.numel()} molecules{why}")
         finite = v.detach()[ok]
         fill = finite.min() if self.worst == "min" else finite.max()
         self.failed_batches += 1
         level = logging.WARNING if self.failed_batches <= self.WARN_BATCHES else logging.DEBUG
         more = " (later failed batches are logged at debug level; all are counted)" if self.failed_batches == self.WARN_BATCHES else ""
-        log.log(level, "%s: %d of %d values were not finite (replaced by the batch's worst, %.4g)%s",
-                self.name, bad, v.numel(), float(fill), more)
+        log.log(level, "%s: %d of %d values were not finite%s (replaced by the batch's worst, %.4g)%s",
+                self.name, bad, v.numel(), why, float(fill), more)
         return torch.where(ok, v, fill.to(v.dtype))
 
 
@@ -103,15 +108,18 @@ class XTBOracle:
         self._key: torch.Tensor | None = None
         self._values: tuple[torch.Tensor, torch.Tensor] | None = None
         self.causes: dict[str, int] = {}
+        self.last_causes: dict[str, int] = {}  # failure causes in the last batch computed
 
     def _compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = x.detach().cpu()
         if self._key is not None and self._key.shape == key.shape and torch.equal(self._key, key):
             return self._values  # type: ignore[return-value]
         results = xtb_of_decoded(decode(key, layout_for_dim(x.shape[-1])), self.workers, self.timeout_s)
+        self.last_causes = {}
         for r in results:
             if not r.ok:
                 self.causes[r.error] = self.causes.get(r.error, 0) + 1
+                self.last_causes[r.error] = self.last_causes.get(r.error, 0) + 1
         energy = torch.tensor([r.energy if r.ok else float("nan") for r in results], dtype=x.dtype, device=x.device)
         dipole = torch.tensor([r.dipole if r.ok else float("nan") for r in results], dtype=x.dtype, device=x.device)
         self._key, self._values = key, (energy, dipole)
@@ -122,6 +130,10 @@ class XTBOracle:
 
     def dipole(self, x: torch.Tensor) -> torch.Tensor:
         return self._compute(x)[1]
+
+    def explain_last(self) -> str:
+        """The failure causes of the last batch, e.g. ``"causes: scf 30, too_close 2"``."""
+        return "causes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.last_causes.items())) if self.last_causes else "no xTB failure recorded"
 
 
 def _valence_table() -> tuple[torch.Tensor, torch.Tensor]:

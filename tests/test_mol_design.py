@@ -185,15 +185,15 @@ def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
 def test_per_seed_table_lists_every_seed():
     from cfo.tasks.molecules.report import format_per_seed_table
 
-    def row(method, seed, dip, en, sat):
+    def row(method, seed, dip, en, sat, scored=100, failures=None):
         metrics = {"xtb_dipole": {"mean": dip, "se": 0.5}, "xtb_energy": {"mean": en, "se": 0.6}, "xtb_satisfied": sat,
-                   "xtb_feasible_fraction": 0.25, "chem_validity": 0.03}
+                   "xtb_feasible_fraction": 0.25, "chem_validity": 0.03, "xtb_scored": scored, "xtb_failures": failures or {}}
         return {"method": method, "seed": seed, "metrics": metrics, "wall_s": 120.4}
 
-    lines = format_per_seed_table([row("NFT", 0, 13.2, -56.9, False), row("NFT", 1, 12.1, -58.4, True)]).splitlines()
-    assert len(lines) == 4
-    assert lines[2] == "| NFT | 0 | 13.20 ± 0.50 | -56.90 ± 0.60 | no | 25% | 3% | 120 |"
-    assert lines[3].startswith("| NFT | 1 | 12.10 ± 0.50 | -58.40 ± 0.60 | yes |")
+    lines = format_per_seed_table([row("NFT", 0, 13.2, -56.9, False, 98, {"scf": 2}), row("NFT", 1, 36.1, -31.2, False, 4, {"too_close": 96})]).splitlines()
+    assert lines[2] == "| NFT | 0 | 98 of 100 | 13.20 ± 0.50 | -56.90 ± 0.60 | no | 25% | 3% | 120 |"
+    assert lines[3].startswith("| NFT | 1 | 4 of 100 | 36.10 ± 0.50 | -31.20 ± 0.60 | no |")
+    assert len(lines) == 6 and lines[5].startswith("- NFT seed 1: xTB failed on 96 of its 100 final samples")  # flagged
 
 
 def test_mol_run_rejects_bad_input(tmp_path):

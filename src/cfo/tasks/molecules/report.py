@@ -135,14 +135,20 @@ def _paper_table() -> list[str]:
 def format_per_seed_table(per_seed: list[dict]) -> str:
     """One line per method and seed: xTB dipole and energy (mean ± standard error over that seed's samples), whether
     the bound holds by xTB, the per-sample feasible fraction, validity and training wall time."""
-    lines = ["| method | seed | dipole (D), xTB | energy (Ha), xTB | satisfied (xTB) | per-sample feasible (xTB) | validity | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seed | xTB scored | dipole (D), xTB | energy (Ha), xTB | satisfied (xTB) | per-sample feasible (xTB) | validity | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for r in per_seed:
         m = r["metrics"]
-        lines.append(f"| {r['method']} | {r['seed']} | {_pm(m['xtb_dipole']['mean'], m['xtb_dipole']['se'])} | "
+        failures = m.get("xtb_failures") or {}
+        scored, total = int(m.get("xtb_scored", 0)), int(m.get("xtb_scored", 0)) + sum(failures.values())
+        lines.append(f"| {r['method']} | {r['seed']} | {scored} of {total} | {_pm(m['xtb_dipole']['mean'], m['xtb_dipole']['se'])} | "
                      f"{_pm(m['xtb_energy']['mean'], m['xtb_energy']['se'])} | {'yes' if m['xtb_satisfied'] else 'no'} | "
                      f"{_pct(m['xtb_feasible_fraction'])} | {_pct(m['chem_validity'])} | {r['wall_s']:.0f} |")
-    return "\n".join(lines)
+        if total and scored < 0.5 * total:
+            notes.append(f"- {r['method']} seed {r['seed']}: xTB failed on {total - scored} of its {total} final samples "
+                         f"({failures}); its xTB means describe the {scored} that were scored, and the mean over seeds inherits that.")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _notes(rows: list[dict]) -> list[str]:

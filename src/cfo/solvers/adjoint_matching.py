@@ -105,31 +105,18 @@ def lean_adjoint(reference: FlowModel, traj: Trajectory, a1: torch.Tensor, schem
     """
     if scheme not in ("heun", "euler"):
         raise ValueError(f"unknown adjoint scheme {scheme!r}; use heun or euler")
-    times = traj.times.tolist()
-    n = len(times) - 1
+    if scheme == "euler":
+        return _lean_adjoint_euler(reference, traj, a1)
     sched = reference.scheduler
     if not getattr(sched, "scalar", True):
-        if scheme != "euler":
-            raise ValueError("per-channel schedules need adjoint_scheme='euler' (the scaled variable z = a/alpha_t is "
-                             "one change of variables only when alpha_t is the same for every coordinate)")
-        return _lean_adjoint_channelwise(reference, traj, a1)
+        raise ValueError("per-channel schedules need adjoint_scheme='euler' (the scaled variable z = a/alpha_t is "
+                         "one change of variables only when alpha_t is the same for every coordinate)")
+    times = traj.times.tolist()
+    n = len(times) - 1
     adjoints = torch.empty_like(traj.states)
     v_ref = torch.empty_like(traj.states)
     z = reference.project_tangent(a1)  # z_1 = a_1 / alpha_1
     adjoints[n] = z * sched.alpha(times[n])
-    if scheme == "euler":
-        with torch.no_grad():
-            v_ref[n] = reference(traj.states[n], times[n])
-        for j in range(n - 1, -1, -1):
-            h = times[j + 1] - times[j]
-            x = traj.states[j].detach().requires_grad_(True)
-            with torch.enable_grad():
-                v = reference(x, times[j])
-                (jz,) = torch.autograd.grad(v, x, grad_outputs=z)
-            z = reference.project_tangent(z + 2.0 * h * jz)
-            v_ref[j] = v.detach()
-            adjoints[j] = z * sched.alpha(times[j])
-        return adjoints, v_ref
     x = traj.states[n].detach().requires_grad_(True)
     with torch.enable_grad():
         v = reference(x, times[n])
@@ -151,16 +138,17 @@ def lean_adjoint(reference: FlowModel, traj: Trajectory, a1: torch.Tensor, schem
     return adjoints, v_ref
 
 
-def _lean_adjoint_channelwise(reference: FlowModel, traj: Trajectory, a1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Euler scheme of :func:`lean_adjoint` for per-coordinate ``alpha_t`` (a :class:`ChannelScheduler`).
+def _lean_adjoint_euler(reference: FlowModel, traj: Trajectory, a1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Euler scheme of :func:`lean_adjoint`, for one ``alpha_t`` or per-coordinate ones (a :class:`ChannelScheduler`).
 
     Lie splitting of ``da/dt = kappa_t a - 2 J^T a`` over ``[t_j, t_{j+1}]``: an explicit step of the Jacobian part
-    from ``t_{j+1}`` (with ``J`` at ``(X_{t_j}, t_j)``, as in the scalar scheme), then the ``kappa`` part exactly,
-    which multiplies coordinate ``i`` by ``alpha_{t_j, i} / alpha_{t_{j+1}, i}``:
+    from ``t_{j+1}`` with ``J`` at ``(X_{t_j}, t_j)``, then the ``kappa`` part exactly, which multiplies coordinate
+    ``i`` by ``alpha_{t_j, i} / alpha_{t_{j+1}, i}``:
 
         a_j = (alpha_{t_j} / alpha_{t_{j+1}}) * (a_{j+1} + 2 h J(X_{t_j}, t_j)^T a_{j+1}).
 
-    With one ``alpha_t`` for all coordinates this is exactly the scalar Euler scheme in ``z = a/alpha_t``."""
+    With one ``alpha_t`` for all coordinates this is ``z_j = z_{j+1} + 2 h J^T z_{j+1}`` in ``z = a/alpha_t``: the
+    discrete adjoint of the Euler-Maruyama rollout."""
     times = traj.times.tolist()
     n = len(times) - 1
     sched = reference.scheduler

@@ -23,3 +23,15 @@ def gaussian_finetunable(seed: int = 0) -> FlowModel:
     """The exact Gaussian velocity plus a zero-initialised trainable MLP correction."""
     torch.manual_seed(seed)
     return FlowModel(ResidualVelocity(GaussianVelocity(MEAN, COV), VelocityMLP(2, hidden=64, depth=2).zero_output_()), (2,))
+
+
+class Linear:
+    """The differentiable linear reward ``a.x`` (its KL tilt of a Gaussian is known in closed form)."""
+
+    differentiable = True
+
+    def __init__(self, a):
+        self.a = torch.as_tensor(a, dtype=torch.float32)
+
+    def __call__(self, x):
+        return x @ self.a

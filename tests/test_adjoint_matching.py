@@ -7,17 +7,7 @@ from cfo.flows import frozen_copy, sample_memoryless_sde, sample_ode
 from cfo.solvers import AdjointMatching, AdjointMatchingConfig
 from cfo.solvers.adjoint_matching import adjoint_matching_loss, lean_adjoint
 from cfo.validation import NonFiniteValueError
-from conftest import COV, MEAN, gaussian_finetunable, gaussian_reference
-
-
-class Linear:
-    differentiable = True
-
-    def __init__(self, a):
-        self.a = torch.as_tensor(a, dtype=torch.float32)
-
-    def __call__(self, x):
-        return x @ self.a
+from conftest import COV, MEAN, Linear, gaussian_finetunable, gaussian_reference
 
 
 def test_am_tilts_gaussian_to_closed_form():

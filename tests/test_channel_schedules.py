@@ -10,7 +10,7 @@ from cfo.flows import FlowModel, GaussianVelocity, LinearScheduler, ResidualVelo
 from cfo.flows.schedulers import ChannelScheduler, CosineScheduler, Scheduler
 from cfo.solvers import AdjointMatching, AdjointMatchingConfig, DiffusionNFT, DiffusionNFTConfig
 from cfo.solvers.adjoint_matching import lean_adjoint
-from conftest import COV, MEAN
+from conftest import COV, MEAN, Linear
 
 SCHED = ChannelScheduler([(1, LinearScheduler()), (1, CosineScheduler(2.0))])
 
@@ -110,16 +110,6 @@ def test_channelwise_lean_adjoint_converges_to_the_exact_adjoint_at_first_order(
     assert 1.6 < errors[0] / errors[1] < 2.5, errors
     with pytest.raises(ValueError, match="euler"):
         lean_adjoint(ref, traj, a1, scheme="heun")
-
-
-class Linear:
-    differentiable = True
-
-    def __init__(self, a):
-        self.a = torch.as_tensor(a, dtype=torch.float32)
-
-    def __call__(self, x):
-        return x @ self.a
 
 
 @pytest.mark.slow  # about a minute on 2 cores (80 rollout steps: the Euler adjoint is first order)

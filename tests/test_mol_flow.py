@@ -171,6 +171,26 @@ def test_per_channel_cosine_schedule_velocity_training_and_round_trip(tmp_path):
     assert torch.allclose(loaded(y, torch.tensor([0.4, 0.6])), net.eval()(y, torch.tensor([0.4, 0.6])), atol=1e-6)
 
 
+def test_time_scaled_weights_follow_each_channels_schedule():
+    """FlowMol's loss weights clip(alpha/(1 - alpha), 0.05, 1.5) use each channel's own alpha_t: the closed form
+    sin^2(pi/2 t^nu) and the full per-channel scheduler agree, and the linear default gives t/(1 - t)."""
+    import math
+
+    from cfo.tasks.molecules.pretrain import time_scaled_weights
+
+    t = torch.tensor([0.02, 0.3, 0.5, 0.7, 0.95], dtype=torch.float64)
+    weights = time_scaled_weights(FLOWMOL_NU, t)
+    lay = MolLayout(5)
+    alpha_full = MoleculeFlowModel(_net(cfg=TINY_COS), 5).scheduler.alpha(t.reshape(-1, 1))
+    for (name, nu), part in zip(FLOWMOL_NU.items(), lay.unpack(alpha_full)):
+        closed = torch.tensor([math.sin(math.pi / 2 * ti**nu) ** 2 for ti in t.tolist()], dtype=torch.float64)
+        expected = (closed / (1 - closed)).clamp(0.05, 1.5)
+        assert torch.allclose(weights[name], expected, atol=1e-12), name
+        assert torch.allclose(part.reshape(len(t), -1), closed.reshape(-1, 1).expand(len(t), part[0].numel())), name
+    assert torch.allclose(time_scaled_weights(None, t)["bonds"], (t / (1 - t)).clamp(0.05, 1.5))
+    assert weights["types"][0] == 0.05 and weights["pos"][-1] == 1.5  # both clips reached
+
+
 def test_sampling_returns_molecules_of_the_requested_sizes():
     net = _net(torch.float32)
     sizes = [5, 9, 5, 12]

@@ -69,6 +69,7 @@ def _sqrt_nonneg(value: Coefficient) -> Coefficient:
         return torch.sqrt(value.clamp_min(0.0))
     return math.sqrt(max(value, 0.0))
 
+
 class Scheduler:
     """An interpolant ``X_t = alpha_t X_1 + beta_t X_0``; subclasses give ``alpha``, ``beta`` and their derivatives.
 
@@ -258,13 +259,11 @@ class ChannelScheduler(Scheduler):
 
     def interpolate(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self._check_state(x1)
-        a = self.alpha(t.reshape(-1, 1).to(x1.dtype))
-        return a * x1 + self.beta(t.reshape(-1, 1).to(x1.dtype)) * x0
+        return super().interpolate(x0, x1, t)
 
     def target_velocity(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self._check_state(x1)
-        tt = t.reshape(-1, 1).to(x1.dtype)
-        return self.d_alpha(tt) * x1 + self.d_beta(tt) * x0
+        return super().target_velocity(x0, x1, t)
 
     def _check_state(self, x: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.dim:

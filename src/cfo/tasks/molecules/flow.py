@@ -91,17 +91,23 @@ class MolLayout:
         return torch.cat([pos.reshape(*x.shape[:-1], -1), rest], dim=-1)
 
 
-def channel_scheduler(layout: MolLayout, cosine_nu: dict[str, float] | None) -> Scheduler:
-    """The interpolant of a molecule state: the scalar linear path when ``cosine_nu`` is empty, else a
-    :class:`ChannelScheduler` whose channels named in ``cosine_nu`` follow ``CosineScheduler(nu)`` and the others the
-    linear path."""
-    if not cosine_nu:
-        return LinearScheduler()
-    unknown = set(cosine_nu) - set(CHANNELS)
+def channel_schedules(cosine_nu: dict[str, float] | None) -> dict[str, Scheduler]:
+    """Each channel's scalar schedule: ``CosineScheduler(nu)`` for the channels named in ``cosine_nu``, the linear path
+    for the others."""
+    unknown = set(cosine_nu or ()) - set(CHANNELS)
     if unknown:
         raise ValueError(f"cosine_nu names unknown channels {sorted(unknown)}; use {CHANNELS}")
-    return ChannelScheduler([(size, CosineScheduler(cosine_nu[name]) if name in cosine_nu else LinearScheduler())
-                             for name, size in zip(CHANNELS, layout.split_sizes())])
+    nu = cosine_nu or {}
+    return {name: CosineScheduler(nu[name]) if name in nu else LinearScheduler() for name in CHANNELS}
+
+
+def channel_scheduler(layout: MolLayout, cosine_nu: dict[str, float] | None) -> Scheduler:
+    """The interpolant of a molecule state: the scalar linear path when ``cosine_nu`` is empty, else a
+    :class:`ChannelScheduler` over :func:`channel_schedules`, one block per channel."""
+    schedules = channel_schedules(cosine_nu)
+    if not cosine_nu:
+        return LinearScheduler()
+    return ChannelScheduler([(size, schedules[name]) for name, size in zip(CHANNELS, layout.split_sizes())])
 
 
 @lru_cache(maxsize=256)
@@ -167,7 +173,7 @@ class EquivariantFlowNet(nn.Module):
         super().__init__()
         self.config = {"hidden": hidden, "edge_hidden": edge_hidden, "layers": layers, "n_rbf": n_rbf, "cutoff": cutoff, "time_features": time_features}
         self.cosine_nu = dict(cosine_nu) if cosine_nu else None
-        channel_scheduler(MolLayout(2), self.cosine_nu)  # validate the channel names now
+        channel_schedules(self.cosine_nu)  # validate the channel names now
         self.register_buffer("freqs", math.pi * torch.arange(1, time_features + 1, dtype=torch.float32), persistent=False)
         a, c = len(ELEMENTS), len(CHARGES)
         self.embed_h = _mlp(a + c + 2 * time_features + 1, hidden, hidden)

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from cfo.flows.schedulers import Scheduler
 from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS
 from cfo.tasks.molecules.dataset import MoleculeDataset
-from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet, MoleculeFlowModel, MolLayout, decode
+from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet, MoleculeFlowModel, MolLayout, channel_schedules, decode
 
 __all__ = [
-    "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "align_prior", "data_state", "training_point", "endpoint_loss", "training_loss",
+    "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "align_prior", "data_state", "training_point", "endpoint_loss", "time_scaled_weights", "training_loss",
     "pretrain_molecules", "load_molecule_model", "sample_states", "decode_groups", "sample_molecules",
 ]
 
@@ -225,6 +225,17 @@ def endpoint_loss(
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
+def time_scaled_weights(cosine_nu: dict[str, float] | None, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """FlowMol's per-channel loss weight ``clip(alpha_t / (1 - alpha_t), 0.05, 1.5)`` from each channel's own schedule
+    (:func:`channel_schedules`), for times ``t`` of shape ``[batch]``; float64 tensors ``[batch]`` by channel."""
+    tt = t.to(torch.float64)
+    weights = {}
+    for name, sched in channel_schedules(cosine_nu).items():
+        alpha = torch.as_tensor(sched.alpha(tt), dtype=torch.float64)
+        weights[name] = (alpha / (1.0 - alpha).clamp_min(1e-12)).clamp(0.05, 1.5)
+    return weights
+
+
 def _time_scaled_loss(
     net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], t: torch.Tensor, cfg: MolPretrainConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -238,12 +249,7 @@ def _time_scaled_loss(
         "charges": ce(out["charges"].reshape(-1, layout.n_charges), batch["charges"].reshape(-1), reduction="none").reshape(b, -1).mean(-1),
         "bonds": ce(out["bonds"].reshape(-1, N_BOND_CLASSES), batch["bonds"].reshape(-1), reduction="none").reshape(b, -1).mean(-1),
     }
-    sched = net.scheduler_for(layout)
-    tt = t.to(torch.float64).reshape(-1, 1)
-    alpha = sched.alpha(tt) if not sched.scalar else tt.expand(-1, layout.dim)
-    starts = torch.cumsum(torch.tensor([0] + layout.split_sizes()[:-1]), 0).tolist()  # first coordinate of each channel
-    weights = {name: (alpha[:, i] / (1.0 - alpha[:, i]).clamp_min(1e-12)).clamp(0.05, 1.5).to(out["pos"].dtype)
-               for name, i in zip(("pos", "types", "charges", "bonds"), starts)}
+    weights = {name: w.to(out["pos"].dtype) for name, w in time_scaled_weights(net.cosine_nu, t).items()}
     parts = {k: (weights[k] * v).mean() for k, v in per_mol.items()}
     loss = cfg.w_pos * parts["pos"] + cfg.w_types * parts["types"] + cfg.w_charges * parts["charges"] + cfg.w_bonds * parts["bonds"]
     return loss, {k: float(v.detach()) for k, v in parts.items()}

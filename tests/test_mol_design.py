@@ -182,6 +182,54 @@ def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
     assert "Molecules: dipole under a GFN2-xTB energy bound" in text and "| CFO_NFT | 8.27 ± 0.19 |" in text
 
 
+def test_a_killed_unconstrained_job_resumes_mid_call_to_the_uninterrupted_result(tmp_path, tiny_model, monkeypatch):
+    """An AM job killed after two of its three iterations resumes from its solver checkpoint (saved every step here)
+    and stores the same final model, evaluation and failure counts as an uninterrupted run; the state file is removed
+    once the job's record is stored."""
+    from cfo.solvers import adjoint_matching as am_module
+    from cfo.tasks.molecules import design
+
+    cfg = {
+        "model": str(tiny_model), "n_atoms": 8, "methods": ["AM"], "energy_bound": -30.0,
+        "cfo": {"rounds": 3, "steps_per_round": 1, "rho_init": 1.0, "eval_samples": 4},
+        "am": {"lr": 1e-3, "batch_size": 2, "rollout_steps": 6, "loss_times": 2, "adjoint_scheme": "euler"},
+        "eval_samples": 4, "eval_ode_steps": 6, "xtb_workers": 1, "xtb_timeout_s": 60,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(design, "SOLVER_CHECKPOINT_EVERY", 1)
+    real_step, calls = am_module.gradient_step, []
+
+    def killed_at_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(am_module, "gradient_step", killed_at_third_step)
+    res = CliRunner().invoke(app, ["mol", "run", "--config", str(path), "--out", str(killed)])
+    assert res.exit_code != 0 and not (killed / "jobs" / "AM_seed0.json").exists()
+    state = killed / "checkpoints" / "AM_seed0" / "solver_state.pt"
+    assert torch.load(state, weights_only=False)["step"] == 2
+    steps_run = []
+
+    def counted(*args, **kwargs):
+        steps_run.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(am_module, "gradient_step", counted)
+    res = CliRunner().invoke(app, ["mol", "run", "--config", str(path), "--out", str(killed)])
+    assert res.exit_code == 0, res.output
+    assert len(steps_run) == 1 and not state.exists()  # only the third iteration ran again
+    res = CliRunner().invoke(app, ["mol", "run", "--config", str(path), "--out", str(tmp_path / "whole")])
+    assert res.exit_code == 0, res.output
+    assert len(steps_run) == 4
+    resumed, whole = (json.loads((o / "jobs" / "AM_seed0.json").read_text())["row"] for o in (killed, tmp_path / "whole"))
+    for key in ("reward_mean", "constraint_mean", "training_failures"):
+        assert resumed[key] == whole[key], key
+
+
 def test_per_seed_table_lists_every_seed():
     from cfo.tasks.molecules.report import format_per_seed_table
 

@@ -14,7 +14,7 @@ import torch
 from cfo.flows.model import FlowModel, frozen_copy, trainable_copy
 from cfo.loop import round_generator
 from cfo.problem import ConstrainedProblem
-from cfo.solvers.base import InnerSolver
+from cfo.solvers.base import InnerSolver, SolverCheckpoint
 
 __all__ = ["FixedWeightReward", "finetune_fixed_weight", "finetune_unconstrained"]
 
@@ -52,19 +52,27 @@ def finetune_fixed_weight(
     steps: int,
     seed: int = 0,
     progress: bool = False,
+    checkpoint: SolverCheckpoint | None = None,
 ) -> FlowModel:
-    """Fine-tune a copy of ``pretrained`` on ``r - mu . c`` for ``steps`` solver iterations (KL reference: ``pre``)."""
+    """Fine-tune a copy of ``pretrained`` on ``r - mu . c`` for ``steps`` solver iterations (KL reference: ``pre``);
+    a ``checkpoint`` lets a killed call resume mid-way (see :class:`~cfo.solvers.base.SolverCheckpoint`)."""
     reward = FixedWeightReward(problem, mu)
     model = trainable_copy(pretrained)
     reference = frozen_copy(pretrained)
     gen = round_generator(seed, 0, pretrained.device)
-    return solver.finetune(model, reward, problem.alpha, steps, reference=reference, generator=gen, progress=progress)
+    return solver.finetune(model, reward, problem.alpha, steps, reference=reference, generator=gen, progress=progress, checkpoint=checkpoint)
 
 
 def finetune_unconstrained(
-    problem: ConstrainedProblem, solver: InnerSolver, pretrained: FlowModel, steps: int, seed: int = 0, progress: bool = False
+    problem: ConstrainedProblem,
+    solver: InnerSolver,
+    pretrained: FlowModel,
+    steps: int,
+    seed: int = 0,
+    progress: bool = False,
+    checkpoint: SolverCheckpoint | None = None,
 ) -> FlowModel:
     """Fine-tune on the reward alone (the constraints are ignored): the paper's unconstrained AM / DiffusionNFT."""
     if problem.reward is None:
         raise ValueError("unconstrained fine-tuning needs a reward; this problem has r = None")
-    return finetune_fixed_weight(problem, solver, pretrained, 0.0, steps, seed=seed, progress=progress)
+    return finetune_fixed_weight(problem, solver, pretrained, 0.0, steps, seed=seed, progress=progress, checkpoint=checkpoint)

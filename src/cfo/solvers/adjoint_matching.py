@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from cfo.flows.model import FlowModel
 from cfo.flows.sampling import Trajectory, sample_memoryless_sde
 from cfo.flows.schedulers import as_coefficient
-from cfo.solvers.base import FinetuneStats, TerminalReward, gradient_step, schedule_lr, start_finetune
+from cfo.solvers.base import FinetuneStats, SolverCheckpoint, TerminalReward, gradient_step, schedule_lr, start_finetune
 from cfo.validation import NonFiniteValueError, check_batch_values
 
 __all__ = ["AdjointMatchingConfig", "AdjointMatching", "terminal_adjoint", "lean_adjoint", "adjoint_matching_loss", "clip_per_sample"]
@@ -234,8 +234,11 @@ class AdjointMatching:
         reference: FlowModel,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        checkpoint: SolverCheckpoint | None = None,
     ) -> FlowModel:
-        """Run ``steps`` AM iterations on ``model`` (in place, fresh Adam) towards ``reference * exp(f/alpha)``."""
+        """Run ``steps`` AM iterations on ``model`` (in place, fresh Adam) towards ``reference * exp(f/alpha)``.
+
+        With a ``checkpoint`` the call saves its state every ``checkpoint.every`` steps and resumes from a saved one."""
         if not getattr(reward, "differentiable", False):
             raise ValueError("Adjoint Matching needs a differentiable reward; use a zero-order solver such as DiffusionNFT")
         cfg = self.config
@@ -243,8 +246,12 @@ class AdjointMatching:
         stats = FinetuneStats()
         self.last_stats = stats
         interior = list(range(1, cfg.rollout_steps))
-        bar = tqdm(range(steps), desc="adjoint matching", disable=not progress, leave=False)
+        signature = {"solver": self.name, "config": cfg.model_dump(mode="json"), "alpha": alpha, "steps": steps}
+        start = checkpoint.restore(signature, model, opt, generator, stats) if checkpoint is not None else 0
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc="adjoint matching", disable=not progress, leave=False)
         for step in bar:
+            if checkpoint is not None and checkpoint.due(step, start):
+                checkpoint.save(step, signature, model, opt, generator, stats)
             schedule_lr(opt, cfg.lr, cfg.lr_schedule, step, steps)
             model.eval()
             traj = sample_memoryless_sde(model, cfg.batch_size, cfg.rollout_steps, generator=generator)

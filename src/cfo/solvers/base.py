@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -20,7 +24,7 @@ import torch
 from cfo.flows.model import FlowModel
 from cfo.validation import NonFiniteValueError
 
-__all__ = ["TerminalReward", "InnerSolver", "FinetuneStats", "start_finetune", "schedule_lr", "gradient_step"]
+__all__ = ["TerminalReward", "InnerSolver", "FinetuneStats", "SolverCheckpoint", "start_finetune", "schedule_lr", "gradient_step"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,96 @@ class FinetuneStats:
         log.warning("%s: skipped step %d (%s)", solver, step, reason)
         if self.skipped_steps > max(1, math.floor(max_fraction * steps)):
             raise NonFiniteValueError(f"{solver} skipped {self.skipped_steps} of {steps} steps; last reason: {reason}")
+
+
+class SolverCheckpoint:
+    """Where a long ``finetune`` call keeps its state, so that a killed job resumes in the middle of the call.
+
+    Every ``every`` steps the solver writes (atomically) its step, the fine-tuned model, its extra modules (NFT's
+    ``theta_old``), the Adam state, the random generator's state and the statistics so far to ``path``; a later call
+    with the same checkpoint and the same solver settings restores them and continues from that step, drawing the same
+    random numbers as an uninterrupted call. ``clear()`` removes the file once the caller has stored the result.
+    A checkpoint written by other settings (``signature``) is refused with ``ValueError``.
+
+    ``caller_state()``, when given, returns a picklable dict saved with every state (e.g. failure counters of the
+    reward); after a resume it is in ``restored_caller_state``, and ``prior_seconds`` holds the training seconds the
+    saved state had accumulated, so the caller can report the job's total time."""
+
+    def __init__(self, path: str | Path, every: int = 10, caller_state: Callable[[], dict] | None = None) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.path, self.every, self.caller_state = Path(path), int(every), caller_state
+        self.restored_caller_state: dict = {}
+        self.prior_seconds = 0.0
+        self._started = time.perf_counter()
+
+    def due(self, step: int, start: int) -> bool:
+        """Whether to save before running ``step`` (a multiple of ``every``, past the step this call started at)."""
+        return step > start and step % self.every == 0
+
+    def save(
+        self,
+        step: int,
+        signature: dict,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        generator: torch.Generator | None,
+        stats: FinetuneStats,
+        extra: dict[str, torch.nn.Module] | None = None,
+    ) -> None:
+        """Write the state before ``step`` (steps ``0 .. step-1`` are done)."""
+        state = {
+            "step": step,
+            "signature": signature,
+            "model": model.state_dict(),
+            "extra": {k: m.state_dict() for k, m in (extra or {}).items()},
+            "optimizer": opt.state_dict(),
+            "rng": generator.get_state() if generator is not None else torch.get_rng_state(),
+            "stats": asdict(stats),
+            "caller": self.caller_state() if self.caller_state is not None else {},
+            "seconds": self.prior_seconds + time.perf_counter() - self._started,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def restore(
+        self,
+        signature: dict,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        generator: torch.Generator | None,
+        stats: FinetuneStats,
+        extra: dict[str, torch.nn.Module] | None = None,
+    ) -> int:
+        """Load a saved state into the given objects and return the step to continue from (0 when there is none)."""
+        self._started = time.perf_counter()
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("signature") != signature:
+            raise ValueError(
+                f"{self.path} was written by other solver settings ({state.get('signature')}, now {signature}); "
+                "remove it or use another run folder"
+            )
+        model.load_state_dict(state["model"])
+        for k, m in (extra or {}).items():
+            m.load_state_dict(state["extra"][k])
+        opt.load_state_dict(state["optimizer"])
+        if generator is not None:
+            generator.set_state(state["rng"])
+        else:
+            torch.set_rng_state(state["rng"])
+        for k, v in state["stats"].items():
+            setattr(stats, k, v)
+        self.restored_caller_state, self.prior_seconds = state["caller"], float(state["seconds"])
+        log.info("resumed %s at step %d", self.path, state["step"])
+        return int(state["step"])
+
+    def clear(self) -> None:
+        """Remove the saved state (after the caller stored the finished result)."""
+        self.path.unlink(missing_ok=True)
 
 
 def start_finetune(
@@ -108,4 +202,5 @@ class InnerSolver(Protocol):
         reference: FlowModel,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        checkpoint: SolverCheckpoint | None = None,
     ) -> FlowModel: ...

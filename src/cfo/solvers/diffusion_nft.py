@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from cfo.flows.model import FlowModel
 from cfo.flows.sampling import sample_ode
-from cfo.solvers.base import FinetuneStats, TerminalReward, gradient_step, schedule_lr, start_finetune
+from cfo.solvers.base import FinetuneStats, SolverCheckpoint, TerminalReward, gradient_step, schedule_lr, start_finetune
 from cfo.validation import NonFiniteValueError, check_batch_values
 
 __all__ = ["DiffusionNFTConfig", "DiffusionNFT", "advantage_scale", "optimality_probability", "nft_loss", "old_policy_decay"]
@@ -144,8 +144,11 @@ class DiffusionNFT:
         reference: FlowModel,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        checkpoint: SolverCheckpoint | None = None,
     ) -> FlowModel:
-        """Run ``steps`` NFT iterations on ``model`` (in place; fresh Adam; ``theta_old`` starts at ``model``)."""
+        """Run ``steps`` NFT iterations on ``model`` (in place; fresh Adam; ``theta_old`` starts at ``model``).
+
+        With a ``checkpoint`` the call saves its state every ``checkpoint.every`` steps and resumes from a saved one."""
         cfg = self.config
         params, opt = start_finetune(model, alpha, steps, cfg.lr)
         old = copy.deepcopy(model).eval()
@@ -154,8 +157,12 @@ class DiffusionNFT:
         stats = FinetuneStats()
         self.last_stats = stats
         dev = model.device
-        bar = tqdm(range(steps), desc="diffusion nft", disable=not progress, leave=False)
+        signature = {"solver": self.name, "config": cfg.model_dump(mode="json"), "alpha": alpha, "steps": steps}
+        start = checkpoint.restore(signature, model, opt, generator, stats, {"old": old}) if checkpoint is not None else 0
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc="diffusion nft", disable=not progress, leave=False)
         for step in bar:
+            if checkpoint is not None and checkpoint.due(step, start):
+                checkpoint.save(step, signature, model, opt, generator, stats, {"old": old})
             schedule_lr(opt, cfg.lr, cfg.lr_schedule, step, steps)
             x1 = sample_ode(old, cfg.batch_size, steps=cfg.sample_steps, generator=generator)
             try:

@@ -5,8 +5,9 @@ sees only reward values); ``LAG_AM`` and ``LAG_NFT``, the fixed-weight Lagrangia
 and budget, one job per ``mu``.
 
 A study expands its methods into jobs (one per method, seed and variant: ``mu``, ``(K, N)`` split or bound).  Finished
-jobs are stored under ``OUT/jobs`` and skipped when the command is run again, and CFO checkpoints every round under
-``OUT/checkpoints``, so an interrupted run resumes where it stopped.
+jobs are stored under ``OUT/jobs`` and skipped when the command is run again; CFO checkpoints every round and the
+single-call jobs (AM, NFT, LAG_*) every ``SOLVER_CHECKPOINT_EVERY`` solver steps under ``OUT/checkpoints``, so an
+interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cfo.jobs import Job, execute_jobs, load_run_config, prepare_run_folder, sto
 from cfo.loop import CFO, CFOConfig, round_generator
 from cfo.results import format_table, write_results
 from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+from cfo.solvers.base import SolverCheckpoint
 from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from cfo.tasks import toy2d
 
@@ -266,6 +268,9 @@ def _estimate_kl(cfg: ToyRunConfig, job: ToyJob, model, pre) -> tuple[float, flo
         return None
 
 
+SOLVER_CHECKPOINT_EVERY = 100  # steps between saved states of an unconstrained or fixed-weight job (AM, NFT, LAG_*)
+
+
 def _run_job(args: tuple) -> str:
     """Run one job in this process and store its result under ``OUT/jobs``; returns the job name."""
     job, cfg_dict, out_dir, threads, progress = args
@@ -275,14 +280,16 @@ def _run_job(args: tuple) -> str:
     problem, pre = _problem_and_pretrained(cfg, job)
     sampler = default_sampler(cfg.eval_ode_steps)
     solver = DiffusionNFT(cfg.nft) if job.method.endswith("NFT") else AdjointMatching(cfg.solver)
+    ckpt = SolverCheckpoint(out / "checkpoints" / job.name / "solver_state.pt", SOLVER_CHECKPOINT_EVERY)
     t0 = time.perf_counter()
     history = None
     if job.method == "PRE":
         model, solver_name = pre, "none"
     elif job.method in ("AM", "NFT"):
-        model, solver_name = finetune_unconstrained(problem, solver, pre, cfg.budget, seed=job.seed, progress=progress), solver.name
+        model = finetune_unconstrained(problem, solver, pre, cfg.budget, seed=job.seed, progress=progress, checkpoint=ckpt)
+        solver_name = solver.name
     elif job.method.startswith("LAG_"):
-        model = finetune_fixed_weight(problem, solver, pre, job.mu, cfg.budget, seed=job.seed, progress=progress)
+        model = finetune_fixed_weight(problem, solver, pre, job.mu, cfg.budget, seed=job.seed, progress=progress, checkpoint=ckpt)
         solver_name = solver.name
     else:
         update = {"seed": job.seed}
@@ -292,7 +299,7 @@ def _run_job(args: tuple) -> str:
         result = loop.run(progress=progress)
         model, solver_name = result.model, solver.name
         history = [h.__dict__ for h in result.history]
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 + ckpt.prior_seconds  # a resumed single-call job: the time before its saved state too
     gen = round_generator(job.seed, 10_000, cfg.device)  # evaluation draws, independent of training draws
     ev, x = evaluate_model(model, problem, cfg.eval_samples, generator=gen, sampler=sampler)
     kl = _estimate_kl(cfg, job, model, pre)
@@ -301,6 +308,7 @@ def _run_job(args: tuple) -> str:
     (out / "samples").mkdir(parents=True, exist_ok=True)
     torch.save(x.cpu(), out / "samples" / f"{job.name}.pt")
     store_record(out, job, record)
+    ckpt.clear()
     return job.name
 
 

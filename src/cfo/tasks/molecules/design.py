@@ -37,6 +37,7 @@ from cfo.loop import CFO, CFOConfig, round_generator
 from cfo.problem import ConstrainedProblem, Constraint, Reward
 from cfo.results import write_results
 from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+from cfo.solvers.base import SolverCheckpoint
 from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from cfo.tasks.molecules.flow import MoleculeFlowModel, MolLayout, decode
 
@@ -273,16 +274,41 @@ def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, pred_d: np.ndar
     }
 
 
-def _train(cfg: MolRunConfig, job: Job, pre: MoleculeFlowModel, problem, out: Path, progress: bool):
-    """Fine-tune for ``job``; returns ``(model, solver name, CFO history or None)``."""
+SOLVER_CHECKPOINT_EVERY = 10  # steps between saved states of an unconstrained or fixed-weight job
+
+
+def _solver_checkpoint(out: Path, job: Job, counters: dict, oracle) -> SolverCheckpoint:
+    """The mid-call checkpoint of a single-call job (AM, NFT, LAG_*), saving the training failure counts with it."""
+
+    def caller_state() -> dict:
+        return {"counters": {k: [v.failures, v.failed_batches, v.values] for k, v in counters.items()},
+                "causes": dict(getattr(oracle, "causes", {}))}
+
+    return SolverCheckpoint(out / "checkpoints" / job.name / "solver_state.pt", SOLVER_CHECKPOINT_EVERY, caller_state)
+
+
+def _add_restored_counts(ckpt: SolverCheckpoint, counters: dict, oracle) -> None:
+    """After a resumed call: add the failures counted before the saved state to this process's counters."""
+    for k, (failures, batches, values) in ckpt.restored_caller_state.get("counters", {}).items():
+        counters[k].failures += failures
+        counters[k].failed_batches += batches
+        counters[k].values += values
+    for cause, n in ckpt.restored_caller_state.get("causes", {}).items():
+        oracle.causes[cause] = oracle.causes.get(cause, 0) + n
+
+
+def _train(cfg: MolRunConfig, job: Job, pre: MoleculeFlowModel, problem, out: Path, progress: bool,
+           ckpt: SolverCheckpoint | None = None):
+    """Fine-tune for ``job``; returns ``(model, solver name, CFO history or None)``. Single-call jobs (AM, NFT, LAG_*)
+    save their state in ``ckpt`` and resume from it; CFO jobs checkpoint every round."""
     if job.method == "PRE":
         return pre, "none", None
     solver = DiffusionNFT(cfg.nft) if job.method.endswith("NFT") else AdjointMatching(cfg.am)
     if job.method in ("AM", "NFT"):
-        return finetune_unconstrained(problem, solver, pre, cfg.budget, seed=job.seed, progress=progress), solver.name, None
+        return finetune_unconstrained(problem, solver, pre, cfg.budget, seed=job.seed, progress=progress, checkpoint=ckpt), solver.name, None
     if job.method.startswith("LAG_"):
         weights = [job.mu] + [0.0] * (problem.num_constraints - 1)
-        return finetune_fixed_weight(problem, solver, pre, weights, cfg.budget, seed=job.seed, progress=progress), solver.name, None
+        return finetune_fixed_weight(problem, solver, pre, weights, cfg.budget, seed=job.seed, progress=progress, checkpoint=ckpt), solver.name, None
     loop = CFO(problem, solver, pre, cfg.cfo.model_copy(update={"seed": job.seed}), checkpoint_dir=out / "checkpoints" / job.name,
                sampler=default_sampler(cfg.eval_ode_steps))
     result = loop.run(progress=progress)
@@ -315,9 +341,13 @@ def _run_job(args: tuple) -> str:
     pre, predictor = _load_models(cfg)
     black_box = cfg.reward_source == "xtb" and job.method.endswith("NFT")
     train_problem, counters, oracle = make_problem(cfg, predictor, bounds, black_box=black_box)
+    ckpt = _solver_checkpoint(out, job, counters, oracle) if job.method != "PRE" and not job.method.startswith("CFO") else None
     t0 = time.perf_counter()
-    model, solver, history = _train(cfg, job, pre, train_problem, out, progress)
+    model, solver, history = _train(cfg, job, pre, train_problem, out, progress, ckpt)
     wall = time.perf_counter() - t0
+    if ckpt is not None:  # a resumed call: count the time and the failures before its saved state too
+        wall += ckpt.prior_seconds
+        _add_restored_counts(ckpt, counters, oracle)
     gen = round_generator(job.seed, 10_000, cfg.device)  # evaluation draws, independent of training draws
     model.eval()
     with torch.no_grad():
@@ -333,6 +363,8 @@ def _run_job(args: tuple) -> str:
         row["training_xtb_failure_causes"] = oracle.causes
     torch.save(x.cpu(), job_folder(out, job) / f"seed{job.seed}_states.pt")
     store_record(out, job, {"row": row, "history": history})
+    if ckpt is not None:
+        ckpt.clear()
     return job.name
 
 

@@ -128,6 +128,8 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
         (dict(lambda_min=1.0), "lambda_min"),
         (dict(penalty="huber"), "penalty"),
         (dict(rounds=0), "rounds"),
+        (dict(rho_init=[1.0, -2.0]), "rho_init"),
+        (dict(rho_init=[]), "rho_init"),
         (dict(not_a_key=1), "not_a_key"),
     ],
 )
@@ -167,12 +169,16 @@ def test_vector_constraints_get_one_multiplier_each(tmp_path):
         [Constraint(lambda x: x[:, 0], 0.2, name="x0"), Constraint(lambda x: -x[:, 1], 10.0, name="slack")],
         alpha=ALPHA,
     )
-    cfg = CFOConfig(rounds=2, steps_per_round=30, rho_init=1.0, eval_samples=500)
+    cfg = CFOConfig(rounds=2, steps_per_round=30, rho_init=[2.0, 0.5], eval_samples=500)  # one rho_1 per constraint
     result = CFO(problem, AdjointMatching(AdjointMatchingConfig(batch_size=64, rollout_steps=10)), gaussian_finetunable(), cfg).run(progress=False)
     h = result.history[0]
     assert len(h.lambda_next) == 2 and len(h.gap) == 2
-    assert h.lambda_next[0] < 0.0  # violated: E[x0] >= 0.5 > 0.2 after round 1
+    assert h.rho_k == [2.0, 0.5]
+    assert h.lambda_next[0] == pytest.approx(max(-50.0, -2.0 * h.gap[0]))  # violated: E[x0] >= 0.5 > 0.2 after round 1
+    assert h.lambda_next[0] < 0.0
     assert h.lambda_next[1] == 0.0  # far from active
+    with pytest.raises(ValueError, match="lists 3 values but the problem has 2"):
+        CFO(problem, AdjointMatching(), gaussian_finetunable(), CFOConfig(rho_init=[1.0, 1.0, 1.0]))
 
 
 def test_public_api():

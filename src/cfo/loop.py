@@ -56,7 +56,12 @@ class CFOConfig(BaseModel):
 
     rounds: int = Field(20, ge=1, description="K, number of augmented-Lagrangian rounds")
     steps_per_round: int = Field(300, ge=1, description="N, inner-solver iterations per round (budget M = K*N)")
-    rho_init: float = Field(1.0, description="rho_1 > 0; scale it to the constraint's units: the first dual step is lambda_2 = -rho_1 G_1, which should be of the size of the expected multiplier, not of the initial violation")
+    rho_init: float | list[float] = Field(
+        1.0,
+        description="rho_1 > 0, one value for every constraint or a list with one per constraint; scale it to the "
+        "constraint's units: the first dual step is lambda_2 = -rho_1 G_1, which should be of the size of the expected "
+        "multiplier, not of the initial violation",
+    )
     eta: float = Field(1.25, description="penalty growth factor eta >= 1")
     tau: float = Field(0.99, description="required contraction 0 < tau < 1 of V_k")
     lambda_min: float = Field(-50.0, description="safeguard lambda_min < 0 of the projected multiplier")
@@ -74,8 +79,20 @@ class CFOConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "CFOConfig":
-        check_penalty_parameters(self.rho_init, self.eta, self.tau, self.lambda_min)
+        values = self.rho_init if isinstance(self.rho_init, list) else [self.rho_init]
+        if not values:
+            raise ValueError("rho_init must be a number or a non-empty list with one value per constraint")
+        for rho in values:
+            check_penalty_parameters(rho, self.eta, self.tau, self.lambda_min)
         return self
+
+    def initial_rho(self, num_constraints: int) -> torch.Tensor:
+        """``rho_1`` per constraint: ``rho_init`` repeated, or the list itself (its length must match)."""
+        if isinstance(self.rho_init, list):
+            if len(self.rho_init) != num_constraints:
+                raise ValueError(f"rho_init lists {len(self.rho_init)} values but the problem has {num_constraints} constraints")
+            return torch.tensor([float(v) for v in self.rho_init])
+        return torch.full((num_constraints,), float(self.rho_init))
 
     @property
     def budget(self) -> int:
@@ -186,6 +203,7 @@ class CFO:
         self.config = config if config is not None else CFOConfig()
         if getattr(solver, "requires_gradients", False) and not problem.differentiable:
             raise ValueError(f"solver {solver.name!r} needs gradients but the problem has a non-differentiable reward or constraint")
+        self.config.initial_rho(problem.num_constraints)  # a rho_init list of the wrong length fails here, not mid-run
         self.reference = frozen_copy(pretrained)
         self.pretrained = pretrained
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -244,7 +262,7 @@ class CFO:
         m = self.problem.num_constraints
         model = trainable_copy(self.pretrained)
         lam = torch.zeros(m)
-        rho = torch.full((m,), float(cfg.rho_init))
+        rho = cfg.initial_rho(m)
         v_prev: torch.Tensor | None = None
         history: list[RoundRecord] = []
         start = 1

@@ -244,6 +244,26 @@ def test_per_seed_table_lists_every_seed():
     assert len(lines) == 6 and lines[5].startswith("- NFT seed 1: xTB failed on 96 of its 100 final samples")  # flagged
 
 
+def test_seed_aggregation_sums_sample_counts_and_averages_means():
+    """Over seeds, the counts of scored samples and of failures are totals (so 'scored k of n' adds up) and the
+    property means are averaged, with the spread across seeds as their ±."""
+    from cfo.tasks.molecules.design import _aggregate_metrics
+
+    def seed_row(seed, scored, failures, dipole):
+        return {"method": "NFT", "seed": seed, "reward_source": "xtb", "metrics": {
+            "xtb_scored": scored, "xtb_failures": failures, "chem_n": 100, "chem_validity": 0.02 * (seed + 1),
+            "xtb_dipole": {"mean": dipole, "se": 0.5, "n": scored}, "xtb_satisfied": seed != 1}}
+
+    per_seed = [seed_row(0, 91, {"too_close": 9}, 13.0), seed_row(1, 4, {"too_close": 96}, 36.0), seed_row(2, 94, {"scf": 6}, 11.0)]
+    rows = [{"method": "NFT"}]
+    _aggregate_metrics(rows, per_seed)
+    m = rows[0]["metrics"]
+    assert m["xtb_scored"] == 189 and m["xtb_failures"] == {"too_close": 105, "scf": 6} and m["chem_n"] == 300
+    assert m["xtb_scored"] + sum(m["xtb_failures"].values()) == 300
+    assert m["xtb_dipole"]["mean"] == pytest.approx(20.0) and m["xtb_dipole"]["n"] == 189
+    assert m["chem_validity"] == pytest.approx(0.04) and m["xtb_satisfied"] is False
+
+
 def test_mol_run_rejects_bad_input(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["mol", "run", "--method", "bogus", "--out", str(tmp_path / "x")])

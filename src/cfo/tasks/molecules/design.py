@@ -368,6 +368,9 @@ def _run_job(args: tuple) -> str:
     return job.name
 
 
+SUMMED_METRICS = ("xtb_scored", "chem_n")
+
+
 def _aggregate_metrics(rows: list[dict], per_seed: list[dict]) -> None:
     """Attach to each aggregated row the per-seed mean of every numeric molecular metric (``metrics``)."""
     for row in rows:
@@ -382,6 +385,8 @@ def _aggregate_metrics(rows: list[dict], per_seed: list[dict]) -> None:
                             "n": sum(r["metrics"][key]["n"] for r in mine)}
             elif isinstance(value, bool):
                 agg[key] = all(r["metrics"][key] for r in mine)
+            elif key in SUMMED_METRICS:  # counts of samples: the seeds' total, like the failure counts beside them
+                agg[key] = sum(int(r["metrics"][key] or 0) for r in mine)
             elif isinstance(value, (int, float)) or value is None:
                 vals = [r["metrics"][key] for r in mine if r["metrics"][key] is not None and not (isinstance(r["metrics"][key], float) and math.isnan(r["metrics"][key]))]
                 agg[key] = float(np.mean(vals)) if vals else None

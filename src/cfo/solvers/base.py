@@ -186,7 +186,11 @@ def gradient_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], 
 
 @runtime_checkable
 class InnerSolver(Protocol):
-    """A KL-regularised fine-tuner. ``finetune`` returns the (updated) model; ``last_stats`` describes the call."""
+    """A KL-regularised fine-tuner. ``finetune`` returns the (updated) model; ``last_stats`` describes the call.
+
+    A ``checkpoint`` (:class:`SolverCheckpoint`) makes one long call resumable: the solver saves its whole state every
+    ``checkpoint.every`` steps and, given a saved state, continues from it as if never interrupted. The CFO loop does
+    not need it (it checkpoints between rounds); the single-call baselines do."""
 
     name: str
     requires_gradients: bool

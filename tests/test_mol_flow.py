@@ -1,5 +1,7 @@
 """The FlowMol-style molecule flow: symmetries, centre of mass, training step, sampling, and the core's solvers on it."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -318,3 +320,27 @@ def test_pretraining_ema_weights_and_switching_it_on_at_resume(tmp_path):
     assert late["finished"] and late["ema_from_step"] == 1
     with pytest.raises(ValueError, match="other settings \\(lr, steps\\)"):
         pretrain_molecules(cfg.model_copy(update={"lr": cfg.lr * 2, "steps": 3}), small, tmp_path / "late", progress=False)
+
+
+def test_batch_workers_give_one_trajectory_whatever_their_number_and_resume_exactly(tmp_path):
+    """With ``batch_workers > 0`` each step draws its batch, prior and times from its own ``(seed, step)`` stream in a
+    worker process: one or two workers, and a run stopped after two steps and resumed, end with the same losses and
+    weights; switching between in-loop batches and workers at resume is refused (another random stream)."""
+    from cfo.tasks.molecules import assets
+    from cfo.tasks.molecules.dataset import MoleculeDataset
+    from cfo.tasks.molecules.pretrain import pretrain_molecules
+
+    full = MoleculeDataset.load(assets.DATASET_PATH)
+    small = MoleculeDataset.from_records([full.molecule(i) | {"converged": True} for i in range(24)])
+    cfg = TINY_COS.model_copy(update={"steps": 4, "batch_size": 4, "eval_samples": 0, "warmup": 1, "batch_workers": 1})
+    one = pretrain_molecules(cfg, small, tmp_path / "one", progress=False)
+    pretrain_molecules(cfg.model_copy(update={"batch_workers": 2}), small, tmp_path / "two", progress=False, max_steps_now=2)
+    two = pretrain_molecules(cfg.model_copy(update={"batch_workers": 2}), small, tmp_path / "two", progress=False)
+    assert one["finished"] and two["finished"] and two["this_call"]["steps"] == 2
+    hist = [json.loads((tmp_path / f / "history.json").read_text())["losses"] for f in ("one", "two")]
+    assert hist[0] == hist[1] and len(hist[0]) == 4
+    w1, w2 = (torch.load(tmp_path / f / "model.pt", weights_only=False)["model"] for f in ("one", "two"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    pretrain_molecules(cfg.model_copy(update={"steps": 5}), small, tmp_path / "mixed", progress=False, max_steps_now=1)
+    with pytest.raises(ValueError, match="batch_workers"):
+        pretrain_molecules(cfg.model_copy(update={"steps": 5, "batch_workers": 0}), small, tmp_path / "mixed", progress=False)

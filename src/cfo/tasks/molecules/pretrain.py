@@ -31,7 +31,7 @@ from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet, MoleculeFlowModel, MolLayout, channel_schedules, decode
 
 __all__ = [
-    "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "align_prior", "data_state", "training_point", "endpoint_loss", "time_scaled_weights", "training_loss",
+    "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "align_prior", "data_state", "training_point", "aligned_prior", "path_point", "step_generator", "BatchPrefetcher", "endpoint_loss", "time_scaled_weights", "training_loss",
     "pretrain_molecules", "load_molecule_model", "sample_states", "decode_groups", "sample_molecules",
 ]
 
@@ -39,6 +39,7 @@ CHECKPOINT = "checkpoint.pt"
 SNAPSHOT = "snapshot.pt"  # the weights of an unfinished run, in model.pt's format (sample or diagnose mid-training)
 # Settings that do not change the optimisation trajectory, so a resumed run may change them (e.g. switch on the EMA).
 RESUMABLE_CHANGES = frozenset({"ema_decay", "eval_every", "eval_samples", "eval_steps", "checkpoint_every"})
+# batch_workers may change between positive counts (same per-step streams), not between 0 and > 0.
 
 
 class MolPretrainConfig(BaseModel):
@@ -77,6 +78,10 @@ class MolPretrainConfig(BaseModel):
     """Per-channel schedules: channels named here (``pos``, ``types``, ``charges``, ``bonds``) follow FlowMol's cosine
     schedule ``alpha_t = sin^2(pi/2 t^nu)`` with this ``nu >= 1``, the others the linear path (None: linear on every
     channel). FlowMol's gaussian variant: ``{pos: 1, types: 2, charges: 2, bonds: 1.5}``."""
+    batch_workers: int = Field(0, ge=0)
+    """Processes that draw and align the next batches while the device trains on the current one (0: in the training
+    loop, one random stream for the whole run). With workers, step ``s`` draws from its own generator seeded by
+    ``(seed, s)``, so the trajectory does not depend on how many workers there are (but differs from 0 workers)."""
     time_scaled_loss: bool = False
     """FlowMol's time-scaled loss: each channel's per-molecule loss is weighted by ``clip(alpha_t / (1 - alpha_t),
     0.05, 1.5)`` of that channel (late times, where the state already shows the answer, weigh more)."""
@@ -189,16 +194,77 @@ def training_point(
     with its time ``t ~ U(0, 1)`` (``scheduler``: the network's, per channel; None: linear, ``alpha_t = t``): the prior
     draw ``x_0`` is centred and aligned to the data (:func:`align_prior`)."""
     batch = {k: v.to(device) for k, v in batch.items()}
-    x1 = data_state(layout, batch)
-    b = x1.shape[0]
-    x0 = layout.remove_com(torch.randn(x1.shape, generator=gen).to(device))
+    x0 = aligned_prior(layout, batch["pos"], gen, device)
+    t = torch.rand(x0.shape[0], generator=gen).to(device)
+    return batch, path_point(layout, batch, x0, t, scheduler), t
+
+
+def aligned_prior(layout: MolLayout, pos: torch.Tensor, gen: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """A centred prior draw ``x_0`` for the molecules whose positions are ``pos`` ``[B, N, 3]``, its atoms permuted and
+    rotated onto theirs (:func:`align_prior`); flat ``[B, D]`` on ``device``."""
+    x0 = layout.remove_com(torch.randn((pos.shape[0], layout.dim), generator=gen).to(device))
     p0, t0, c0, e0 = layout.unpack(x0)
-    p0 = align_prior(p0, batch["pos"].float())
-    x0 = layout.pack(p0, t0, c0, e0)
-    t = torch.rand(b, generator=gen).to(device)
+    return layout.pack(align_prior(p0, pos.float()), t0, c0, e0)
+
+
+def path_point(
+    layout: MolLayout, batch: dict[str, torch.Tensor], x0: torch.Tensor, t: torch.Tensor, scheduler: Scheduler | None = None
+) -> torch.Tensor:
+    """``x_t = alpha_t x_1 + beta_t x_0`` with ``x_1`` the batch's data state (``scheduler`` None: linear)."""
+    x1 = data_state(layout, batch)
     if scheduler is not None and not scheduler.scalar:
-        return batch, scheduler.interpolate(x0, x1, t), t
-    return batch, t[:, None] * x1 + (1 - t[:, None]) * x0, t
+        return scheduler.interpolate(x0, x1, t)
+    return t[:, None] * x1 + (1 - t[:, None]) * x0
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of training step ``step`` when batches come from workers (independent of the worker count)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1))
+
+
+_WORKER_BUCKETS: SizeBuckets | None = None
+
+
+def _init_batch_worker(buckets: SizeBuckets) -> None:
+    global _WORKER_BUCKETS
+    torch.set_num_threads(1)
+    _WORKER_BUCKETS = buckets
+
+
+def _prepare_batch(args: tuple[int, int, int]) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """In a worker: step ``step``'s batch, its aligned prior draw and its times, all on the CPU."""
+    seed, step, batch_size = args
+    gen = step_generator(seed, step)
+    n, batch = _sample_batch(_WORKER_BUCKETS, batch_size, gen)
+    lay = MolLayout(n)
+    x0 = aligned_prior(lay, batch["pos"], gen, "cpu")
+    return n, batch, x0, torch.rand(batch_size, generator=gen)
+
+
+class BatchPrefetcher:
+    """Worker processes that prepare steps ``start .. stop-1`` (:func:`_prepare_batch`) a few steps ahead, in order."""
+
+    def __init__(self, buckets: SizeBuckets, cfg: MolPretrainConfig, start: int, stop: int) -> None:
+        import multiprocessing as mp
+        from collections import deque
+
+        self.cfg, self.next, self.stop = cfg, start, stop
+        self.pool = mp.get_context("spawn").Pool(cfg.batch_workers, initializer=_init_batch_worker, initargs=(buckets,))
+        self.pending: deque = deque()
+        self.depth = 2 * cfg.batch_workers
+
+    def get(self, step: int) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        while self.next < min(step + 1 + self.depth, self.stop):
+            self.pending.append((self.next, self.pool.apply_async(_prepare_batch, ((self.cfg.seed, self.next, self.cfg.batch_size),))))
+            self.next += 1
+        queued, result = self.pending.popleft()
+        if queued != step:
+            raise RuntimeError(f"batch prefetcher out of order: asked for step {step}, next prepared is {queued}")
+        return result.get()
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
 
 
 def training_loss(net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], cfg: MolPretrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -301,6 +367,7 @@ def _trajectory_changes(saved: dict, cfg: MolPretrainConfig) -> list[str]:
     """The settings (outside :data:`RESUMABLE_CHANGES`) in which a checkpoint's config differs from ``cfg``."""
     old = MolPretrainConfig.model_validate(saved).model_dump()
     new = cfg.model_dump()
+    old["batch_workers"], new["batch_workers"] = old["batch_workers"] > 0, new["batch_workers"] > 0
     return sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
 
 
@@ -406,47 +473,58 @@ def pretrain_molecules(
     budget_checked = time_budget_s is None or start > 0
     call_t0 = time.perf_counter()
     timed_t0 = call_t0
-    for step in bar:
-        if stop_after_s is not None and time.perf_counter() - call_t0 > stop_after_s:
-            break
-        if not budget_checked and step == start + 20:
-            timed_t0 = time.perf_counter()
-        if not budget_checked and step == start + 120:
-            per_step = (time.perf_counter() - timed_t0) / 100
-            fit = int((time_budget_s - (time.perf_counter() - call_t0)) / per_step * 0.97) + step
-            if fit < cfg.steps:
-                cfg = cfg.model_copy(update={"steps": max(fit, step + 1)})
-                bar.total = cfg.steps
-            budget_checked = True
-        if step >= cfg.steps:
-            break
-        for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
-        t_prep = time.perf_counter()
-        n, batch = _sample_batch(train, cfg.batch_size, gen)
-        lay = MolLayout(n)
-        batch, xt, t = training_point(lay, batch, gen, device, net.scheduler_for(lay))
-        prep_s += time.perf_counter() - t_prep
-        loss, parts = endpoint_loss(net, lay, batch, xt, t, cfg)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step} (atoms {n})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        if ema is not None:
-            _update_ema(ema, net, cfg.ema_decay)
-        state["step"] = step + 1
-        state["losses"].append(float(loss.detach()))
-        state["parts"].append(parts)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.3f}", atoms=n)
-        if cfg.eval_samples and (step + 1) % cfg.eval_every == 0:
-            state["evals"].append({"step": step + 1, **_evaluate(_sampling_net(net, ema), train, cfg, device, cfg.seed + step)})
-        if (step + 1) % cfg.checkpoint_every == 0:
-            state["wall_s"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            save_checkpoint()
+    prefetch = BatchPrefetcher(train, cfg, start, stop) if cfg.batch_workers else None
+    try:
+        for step in bar:
+            if stop_after_s is not None and time.perf_counter() - call_t0 > stop_after_s:
+                break
+            if not budget_checked and step == start + 20:
+                timed_t0 = time.perf_counter()
+            if not budget_checked and step == start + 120:
+                per_step = (time.perf_counter() - timed_t0) / 100
+                fit = int((time_budget_s - (time.perf_counter() - call_t0)) / per_step * 0.97) + step
+                if fit < cfg.steps:
+                    cfg = cfg.model_copy(update={"steps": max(fit, step + 1)})
+                    bar.total = cfg.steps
+                budget_checked = True
+            if step >= cfg.steps:
+                break
+            for g in opt.param_groups:
+                g["lr"] = _lr(cfg, step)
+            t_prep = time.perf_counter()
+            if prefetch is None:
+                n, batch = _sample_batch(train, cfg.batch_size, gen)
+                lay = MolLayout(n)
+                batch, xt, t = training_point(lay, batch, gen, device, net.scheduler_for(lay))
+            else:
+                n, batch, x0, t = prefetch.get(step)
+                lay = MolLayout(n)
+                batch, x0, t = {k: v.to(device) for k, v in batch.items()}, x0.to(device), t.to(device)
+                xt = path_point(lay, batch, x0, t, net.scheduler_for(lay))
+            prep_s += time.perf_counter() - t_prep
+            loss, parts = endpoint_loss(net, lay, batch, xt, t, cfg)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {step} (atoms {n})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                _update_ema(ema, net, cfg.ema_decay)
+            state["step"] = step + 1
+            state["losses"].append(float(loss.detach()))
+            state["parts"].append(parts)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.3f}", atoms=n)
+            if cfg.eval_samples and (step + 1) % cfg.eval_every == 0:
+                state["evals"].append({"step": step + 1, **_evaluate(_sampling_net(net, ema), train, cfg, device, cfg.seed + step)})
+            if (step + 1) % cfg.checkpoint_every == 0:
+                state["wall_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save_checkpoint()
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     state["wall_s"] += time.perf_counter() - t0
     save_checkpoint()
     done = state["step"] >= cfg.steps

@@ -157,3 +157,24 @@ def test_bad_penalty_parameters(kwargs, match):
 def test_unknown_rule():
     with pytest.raises(ValueError, match="rho rule"):
         update_penalty(torch.ones(1), torch.ones(1), torch.ones(1), 1.1, 0.5, rule="magic")
+
+
+def test_round_plot_has_one_row_per_constraint(tmp_path, monkeypatch):
+    """The per-round plot draws lambda_k, rho_k and E[c] of every constraint (its own bound line each) and E[r] once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from cfo.plots import plot_history
+
+    rows = [{"k": k, "lambda_k": [-0.5 * k, -2.0 * k], "rho_k": [1.0, 10.0 + k], "constraint_mean": [0.1 * k, 3.0 - k],
+             "reward_mean": float(k)} for k in (1, 2, 3)]
+    saved = []
+    monkeypatch.setattr(plt, "close", lambda fig: saved.append(fig))  # keep the figure to look at it
+    path = plot_history({"seed 0": rows}, [0.2, 1.5], tmp_path / "rounds.png", names=["energy", "valence"])
+    assert path.exists() and path.stat().st_size > 0
+    axes = saved[0].axes
+    assert len(axes) == 8 and sum(ax.get_visible() for ax in axes) == 7
+    assert axes[4].get_title().endswith("(valence)") and list(axes[5].lines[0].get_ydata()) == [11.0, 12.0, 13.0]
+    assert [line.get_ydata()[0] for line in axes[6].lines[1:]] == [1.5]  # the valence bound B

@@ -24,27 +24,42 @@ def _save(fig, path: Path, title: str | None = None) -> Path:
 
 
 def plot_history(
-    histories: dict[str, list[dict]], bounds: list[float], path: Path, title: str = "CFO rounds", margin: float = 0.0
+    histories: dict[str, list[dict]],
+    bounds: list[float],
+    path: Path,
+    title: str = "CFO rounds",
+    margin: float = 0.0,
+    names: list[str] | None = None,
 ) -> Path:
-    """Four panels over rounds k: ``lambda_k``, ``rho_k``, ``E[c]`` (with ``B``) and ``E[r]``; one line per run.
+    """Panels over rounds k: ``lambda_k``, ``rho_k`` and ``E[c]`` (with ``B``) for each constraint (one row per entry
+    of ``bounds``, titled by ``names``), and ``E[r]`` beside the first; one line per run.
 
     ``histories`` maps a label (e.g. ``seed 0``) to its list of round records (``RoundRecord`` as dicts).
     """
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for label, rows in histories.items():
-        ks = [r["k"] for r in rows]
-        axes[0].plot(ks, [r["lambda_k"][0] for r in rows], marker="o", ms=3, label=label)
-        axes[1].plot(ks, [r["rho_k"][0] for r in rows], marker="o", ms=3, label=label)
-        axes[2].plot(ks, [r["constraint_mean"][0] for r in rows], marker="o", ms=3, label=label)
-        axes[3].plot(ks, [r["reward_mean"] for r in rows], marker="o", ms=3, label=label)
-    axes[2].axhline(bounds[0], color="red", ls="--", lw=1, label="bound B")
-    if margin > 0:
-        axes[2].axhline(bounds[0] - margin, color="gray", ls=":", lw=1, label="target B - margin")
-    for ax, name in zip(axes, [r"$\lambda_k$ (used in round k)", r"$\rho_k$", r"$E[c]$ after round k", r"$E[r]$ after round k"]):
-        ax.set_title(name)
-        ax.set_xlabel("round k")
-        ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=7)
+    m = len(bounds)
+    fig, axes = plt.subplots(m, 4, figsize=(16, 3.6 * m), squeeze=False)
+    for i in range(m):
+        for label, rows in histories.items():
+            ks = [r["k"] for r in rows]
+            axes[i, 0].plot(ks, [r["lambda_k"][i] for r in rows], marker="o", ms=3, label=label)
+            axes[i, 1].plot(ks, [r["rho_k"][i] for r in rows], marker="o", ms=3, label=label)
+            axes[i, 2].plot(ks, [r["constraint_mean"][i] for r in rows], marker="o", ms=3, label=label)
+            if i == 0:
+                axes[0, 3].plot(ks, [r["reward_mean"] for r in rows], marker="o", ms=3, label=label)
+        axes[i, 2].axhline(bounds[i], color="red", ls="--", lw=1, label="bound B")
+        if margin > 0:
+            axes[i, 2].axhline(bounds[i] - margin, color="gray", ls=":", lw=1, label="target B - margin")
+        suffix = f" ({names[i]})" if names and m > 1 else ""
+        for ax, name in zip(axes[i, :3], [r"$\lambda_k$ (used in round k)", r"$\rho_k$", r"$E[c]$ after round k"]):
+            ax.set_title(name + suffix)
+            ax.set_xlabel("round k")
+            ax.grid(alpha=0.3)
+        axes[i, 2].legend(fontsize=7)
+        if i > 0:
+            axes[i, 3].set_visible(False)
+    axes[0, 3].set_title(r"$E[r]$ after round k")
+    axes[0, 3].set_xlabel("round k")
+    axes[0, 3].grid(alpha=0.3)
     return _save(fig, path, title)
 
 

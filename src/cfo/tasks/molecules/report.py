@@ -68,8 +68,10 @@ def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[s
 
     written = []
     for label, per_seed in histories.items():
-        written.append(plot_history(per_seed, [bounds["energy"]], out / f"cfo_rounds_{slug(label)}.png", title=f"{label}: rounds (energy constraint)",
-                                    margin=cfg.cfo.target_margin))
+        names = ["energy"] + (["valence"] if cfg.valence_constraint else [])
+        written.append(plot_history(per_seed, [bounds[n] for n in names], out / f"cfo_rounds_{slug(label)}.png",
+                                    title=f"{label}: rounds ({' and '.join(names)} constraint{'s' if len(names) > 1 else ''})",
+                                    margin=cfg.cfo.target_margin, names=names))
     labels = list(dict.fromkeys(j.label for j in jobs))
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
     for label in labels:

@@ -158,8 +158,9 @@ def _notes(rows: list[dict]) -> list[str]:
     notes = []
     sat = [m for m, r in by.items() if r["metrics"]["xtb_satisfied"]]
     unsat = [m for m, r in by.items() if not r["metrics"]["xtb_satisfied"]]
-    notes.append(f"- By GFN2-xTB on the generated geometries, the energy bound holds for {', '.join(sat) or 'no method'}"
-                 f" and fails for {', '.join(unsat) or 'no method'}.")
+    holds = f"holds for {', '.join(sat)}" if sat else ""
+    fails = f"fails for {', '.join(unsat)}" if unsat else ""
+    notes.append(f"- By GFN2-xTB on the generated geometries, the energy bound {' and '.join(p for p in (holds, fails) if p)}.")
     for solver in ("AM", "NFT"):
         if solver in by and f"CFO_{solver}" in by and "PRE" in by:
             d = {k: by[k]["metrics"]["xtb_dipole"] for k in ("PRE", solver, f"CFO_{solver}")}

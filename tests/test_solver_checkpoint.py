@@ -64,6 +64,9 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
         _run("nft", KillAt([1.0, 0.0], kill_at=3), ckpt)
     with pytest.raises(ValueError, match="other solver settings"):
         _run("nft", Linear([1.0, 0.0]), SolverCheckpoint(tmp_path / "state.pt", every=2), steps=9)
+    (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not be read"):
+        _run("nft", Linear([1.0, 0.0]), SolverCheckpoint(tmp_path / "state.pt", every=2))
     with pytest.raises(ValueError, match="every must be"):
         SolverCheckpoint(tmp_path / "x.pt", every=0)
 

@@ -130,10 +130,14 @@ class SolverCheckpoint:
         self._started = time.perf_counter()
         if not self.path.exists():
             return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state.get("signature") != signature:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a truncated or foreign file: say which, do not guess
+            raise ValueError(f"{self.path} could not be read as a solver checkpoint ({err}); remove it to start over") from err
+        if not isinstance(state, dict) or state.get("signature") != signature:
             raise ValueError(
-                f"{self.path} was written by other solver settings ({state.get('signature')}, now {signature}); "
+                f"{self.path} was written by other solver settings "
+                f"({state.get('signature') if isinstance(state, dict) else type(state).__name__}, now {signature}); "
                 "remove it or use another run folder"
             )
         model.load_state_dict(state["model"])

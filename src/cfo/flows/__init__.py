@@ -5,6 +5,7 @@ from cfo.flows.model import FlowModel, GaussianVelocity, ResidualVelocity, Veloc
 from cfo.flows.pretrain import PretrainConfig, flow_matching_loss, pretrain_flow
 from cfo.flows.sampling import Trajectory, sample_memoryless_sde, sample_ode, time_grid
 from cfo.flows.schedulers import LinearScheduler, MemorylessTransition, Scheduler
+from cfo.flows.training import gradient_step
 
 __all__ = [
     "divergence", "kl_divergence", "log_prob",
@@ -12,4 +13,5 @@ __all__ = [
     "PretrainConfig", "flow_matching_loss", "pretrain_flow",
     "Trajectory", "sample_memoryless_sde", "sample_ode", "time_grid",
     "LinearScheduler", "MemorylessTransition", "Scheduler",
+    "gradient_step",
 ]

@@ -33,13 +33,24 @@ class FlowModel(nn.Module):
         network: module called as ``network(x, t)`` returning a tensor shaped like ``x``.
         data_shape: the shape of one sample (without the batch dimension).
         scheduler: the interpolant; the linear path unless a task says otherwise.
+        coupling: how pre-training paired the prior draw ``X_0`` with the data ``X_1``: ``"independent"`` (the
+            product coupling; the score is then a linear function of ``v`` and the memoryless SDE keeps the ODE's
+            marginals) or ``"aligned"`` (``X_0`` rotated or permuted onto ``X_1``, as FlowMol does; the ODE is
+            unaffected, but the score read from ``v`` is not the true score, so the memoryless SDE that Adjoint
+            Matching rolls out does *not* sample the model's distribution).
     """
 
-    def __init__(self, network: nn.Module, data_shape: Sequence[int], scheduler: Scheduler | None = None) -> None:
+    COUPLINGS = ("independent", "aligned")
+
+    def __init__(self, network: nn.Module, data_shape: Sequence[int], scheduler: Scheduler | None = None,
+                 coupling: str = "independent") -> None:
         super().__init__()
+        if coupling not in self.COUPLINGS:
+            raise ValueError(f"coupling must be one of {self.COUPLINGS}, got {coupling!r}")
         self.network = network
         self.data_shape = tuple(int(d) for d in data_shape)
         self.scheduler = scheduler if scheduler is not None else LinearScheduler()
+        self.coupling = coupling
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Velocity ``v(x, t)``; ``t`` may be a float, a 0-d tensor or a ``[batch]`` tensor."""

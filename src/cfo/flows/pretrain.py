@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cfo.flows.model import FlowModel
+from cfo.flows.training import gradient_step
 
 __all__ = ["PretrainConfig", "flow_matching_loss", "pretrain_flow"]
 
@@ -67,10 +68,7 @@ def pretrain_flow(
         loss = flow_matching_loss(model, x1, gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"flow-matching loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
+        gradient_step(opt, model.parameters(), loss, config.grad_clip)
         result.losses.append(loss.item())
         if step % 100 == 0:
             bar.set_postfix(loss=f"{sum(result.losses[-100:]) / len(result.losses[-100:]):.4f}")

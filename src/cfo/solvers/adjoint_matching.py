@@ -22,6 +22,8 @@ of skipped steps raises.
 
 from __future__ import annotations
 
+import logging
+
 from typing import Literal
 
 import torch
@@ -34,7 +36,9 @@ from cfo.flows.schedulers import as_coefficient
 from cfo.solvers.base import FinetuneStats, SolverCheckpoint, TerminalReward, gradient_step, schedule_lr, start_finetune
 from cfo.validation import NonFiniteValueError, check_batch_values
 
-__all__ = ["AdjointMatchingConfig", "AdjointMatching", "terminal_adjoint", "lean_adjoint", "adjoint_matching_loss", "clip_per_sample"]
+log = logging.getLogger(__name__)
+
+__all__ = ["AdjointMatchingConfig", "AdjointMatching", "terminal_adjoint", "lean_adjoint", "adjoint_matching_loss", "clip_per_sample", "warn_if_sde_not_marginal"]
 
 
 
@@ -208,6 +212,20 @@ def adjoint_matching_loss(
     return residual.pow(2).flatten(2).sum(-1).mean()
 
 
+def warn_if_sde_not_marginal(model: FlowModel) -> bool:
+    """Log a warning (and return True) when ``model`` was pre-trained with a coupling under which the memoryless SDE
+    does not sample its distribution (``model.coupling != "independent"``, see :class:`~cfo.flows.model.FlowModel`):
+    Adjoint Matching then regresses on rollouts that differ from what the ODE generates, and its fixed point is not
+    the KL tilt of the model."""
+    coupling = getattr(model, "coupling", "independent")
+    if coupling == "independent":
+        return False
+    log.warning("Adjoint Matching: the reference model was pre-trained with a %r prior coupling; its memoryless SDE "
+                "does not keep the ODE's marginals, so AM trains on off-distribution rollouts (pre-train with an "
+                "independent coupling for AM)", coupling)
+    return True
+
+
 class AdjointMatching:
     """Adjoint Matching inner solver (first order: needs a differentiable reward).
 
@@ -242,6 +260,7 @@ class AdjointMatching:
         if not getattr(reward, "differentiable", False):
             raise ValueError("Adjoint Matching needs a differentiable reward; use a zero-order solver such as DiffusionNFT")
         cfg = self.config
+        warn_if_sde_not_marginal(reference)
         params, opt = start_finetune(model, alpha, steps, cfg.lr)
         stats = FinetuneStats()
         self.last_stats = stats

@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from cfo.flows.model import FlowModel
+from cfo.flows.training import gradient_step
 from cfo.validation import NonFiniteValueError
 
 __all__ = ["TerminalReward", "InnerSolver", "FinetuneStats", "SolverCheckpoint", "start_finetune", "schedule_lr", "gradient_step"]
@@ -178,14 +179,6 @@ def schedule_lr(opt: torch.optim.Optimizer, lr: float, schedule: str, step: int,
     if schedule == "cosine":
         for group in opt.param_groups:
             group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
-
-
-def gradient_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, grad_clip: float) -> None:
-    """Backpropagate ``loss``, clip the global gradient norm to ``grad_clip`` and take one optimiser step."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
 
 
 @runtime_checkable

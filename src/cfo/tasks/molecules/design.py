@@ -297,22 +297,27 @@ def _add_restored_counts(ckpt: SolverCheckpoint, counters: dict, oracle) -> None
         oracle.causes[cause] = oracle.causes.get(cause, 0) + n
 
 
-def _train(cfg: MolRunConfig, job: Job, pre: MoleculeFlowModel, problem, out: Path, progress: bool,
-           ckpt: SolverCheckpoint | None = None):
-    """Fine-tune for ``job``; returns ``(model, solver name, CFO history or None)``. Single-call jobs (AM, NFT, LAG_*)
-    save their state in ``ckpt`` and resume from it; CFO jobs checkpoint every round."""
+def _train(cfg: MolRunConfig, job: Job, pre: MoleculeFlowModel, problem, out: Path, progress: bool, counters: dict, oracle):
+    """Fine-tune for ``job``; returns ``(model, solver name, CFO history or None, solver checkpoint or None)``. CFO jobs
+    checkpoint every round; single-call jobs (AM, NFT, LAG_*) save their state in a :class:`SolverCheckpoint` (with
+    the failure ``counters``) and resume from it; the caller clears it once the job's record is stored."""
     if job.method == "PRE":
-        return pre, "none", None
+        return pre, "none", None, None
     solver = DiffusionNFT(cfg.nft) if job.method.endswith("NFT") else AdjointMatching(cfg.am)
+    if job.method.startswith("CFO"):
+        loop = CFO(problem, solver, pre, cfg.cfo.model_copy(update={"seed": job.seed}), checkpoint_dir=out / "checkpoints" / job.name,
+                   sampler=default_sampler(cfg.eval_ode_steps))
+        result = loop.run(progress=progress)
+        return result.model, solver.name, [h.__dict__ for h in result.history], None
+    ckpt = _solver_checkpoint(out, job, counters, oracle)
     if job.method in ("AM", "NFT"):
-        return finetune_unconstrained(problem, solver, pre, cfg.budget, seed=job.seed, progress=progress, checkpoint=ckpt), solver.name, None
-    if job.method.startswith("LAG_"):
+        model = finetune_unconstrained(problem, solver, pre, cfg.budget, seed=job.seed, progress=progress, checkpoint=ckpt)
+    elif job.method.startswith("LAG_"):
         weights = [job.mu] + [0.0] * (problem.num_constraints - 1)
-        return finetune_fixed_weight(problem, solver, pre, weights, cfg.budget, seed=job.seed, progress=progress, checkpoint=ckpt), solver.name, None
-    loop = CFO(problem, solver, pre, cfg.cfo.model_copy(update={"seed": job.seed}), checkpoint_dir=out / "checkpoints" / job.name,
-               sampler=default_sampler(cfg.eval_ode_steps))
-    result = loop.run(progress=progress)
-    return result.model, solver.name, [h.__dict__ for h in result.history]
+        model = finetune_fixed_weight(problem, solver, pre, weights, cfg.budget, seed=job.seed, progress=progress, checkpoint=ckpt)
+    else:
+        raise ValueError(f"unknown molecular method {job.method!r}")
+    return model, solver.name, None, ckpt
 
 
 def _row(cfg: MolRunConfig, job: Job, solver: str, problem, ev: Evaluation, wall: float, metrics: dict, counters: dict) -> dict:
@@ -341,9 +346,8 @@ def _run_job(args: tuple) -> str:
     pre, predictor = _load_models(cfg)
     black_box = cfg.reward_source == "xtb" and job.method.endswith("NFT")
     train_problem, counters, oracle = make_problem(cfg, predictor, bounds, black_box=black_box)
-    ckpt = _solver_checkpoint(out, job, counters, oracle) if job.method != "PRE" and not job.method.startswith("CFO") else None
     t0 = time.perf_counter()
-    model, solver, history = _train(cfg, job, pre, train_problem, out, progress, ckpt)
+    model, solver, history, ckpt = _train(cfg, job, pre, train_problem, out, progress, counters, oracle)
     wall = time.perf_counter() - t0
     if ckpt is not None:  # a resumed call: count the time and the failures before its saved state too
         wall += ckpt.prior_seconds

@@ -169,10 +169,11 @@ class EquivariantFlowNet(nn.Module):
     ``forward`` turns them into the velocity of the linear path."""
 
     def __init__(self, hidden: int = 128, edge_hidden: int = 64, layers: int = 4, n_rbf: int = 16, cutoff: float = 8.0, time_features: int = 8,
-                 cosine_nu: dict[str, float] | None = None) -> None:
+                 cosine_nu: dict[str, float] | None = None, prior_coupling: str = "aligned") -> None:
         super().__init__()
         self.config = {"hidden": hidden, "edge_hidden": edge_hidden, "layers": layers, "n_rbf": n_rbf, "cutoff": cutoff, "time_features": time_features}
         self.cosine_nu = dict(cosine_nu) if cosine_nu else None
+        self.prior_coupling = prior_coupling  # how pre-training paired x_0 with x_1 (see FlowModel's ``coupling``)
         channel_schedules(self.cosine_nu)  # validate the channel names now
         self.register_buffer("freqs", math.pi * torch.arange(1, time_features + 1, dtype=torch.float32), persistent=False)
         a, c = len(ELEMENTS), len(CHARGES)
@@ -237,7 +238,8 @@ class MoleculeFlowModel(FlowModel):
 
     def __init__(self, network: EquivariantFlowNet, n_atoms: int) -> None:
         self.layout = MolLayout(n_atoms)
-        super().__init__(network, (self.layout.dim,), scheduler=network.scheduler_for(self.layout))
+        super().__init__(network, (self.layout.dim,), scheduler=network.scheduler_for(self.layout),
+                         coupling=getattr(network, "prior_coupling", "aligned"))
 
     @property
     def n_atoms(self) -> int:

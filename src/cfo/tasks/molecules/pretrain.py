@@ -18,6 +18,7 @@ import math
 import time
 from copy import deepcopy
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from cfo.flows.schedulers import Scheduler
+from cfo.flows.training import gradient_step
 from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet, MoleculeFlowModel, MolLayout, channel_schedules, decode
@@ -82,12 +84,18 @@ class MolPretrainConfig(BaseModel):
     """Processes that draw and align the next batches while the device trains on the current one (0: in the training
     loop, one random stream for the whole run). With workers, step ``s`` draws from its own generator seeded by
     ``(seed, s)``, so the trajectory does not depend on how many workers there are (but differs from 0 workers)."""
+    prior_coupling: Literal["aligned", "independent"] = "aligned"
+    """How the prior draw ``x_0`` is paired with the data ``x_1``: ``aligned`` (FlowMol's: the prior's atoms permuted
+    and rotated onto the data's, :func:`align_prior`; straighter paths for the ODE) or ``independent`` (no alignment:
+    the product coupling under which the memoryless SDE that Adjoint Matching rolls out samples the model's
+    distribution; ``benchmarks/mol_sde_vs_ode.py`` measures the difference)."""
     time_scaled_loss: bool = False
     """FlowMol's time-scaled loss: each channel's per-molecule loss is weighted by ``clip(alpha_t / (1 - alpha_t),
     0.05, 1.5)`` of that channel (late times, where the state already shows the answer, weigh more)."""
 
     def network(self) -> EquivariantFlowNet:
-        return EquivariantFlowNet(self.hidden, self.edge_hidden, self.layers, self.n_rbf, self.cutoff, cosine_nu=self.cosine_nu)
+        return EquivariantFlowNet(self.hidden, self.edge_hidden, self.layers, self.n_rbf, self.cutoff, cosine_nu=self.cosine_nu,
+                                  prior_coupling=self.prior_coupling)
 
 
 @dataclass
@@ -188,21 +196,25 @@ def _sample_batch(buckets: SizeBuckets, batch_size: int, gen: torch.Generator) -
 
 
 def training_point(
-    layout: MolLayout, batch: dict[str, torch.Tensor], gen: torch.Generator, device: torch.device | str, scheduler: Scheduler | None = None
+    layout: MolLayout, batch: dict[str, torch.Tensor], gen: torch.Generator, device: torch.device | str, scheduler: Scheduler | None = None,
+    align: bool = True,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """The batch on ``device``, and a point ``x_t = alpha_t x_1 + (1 - alpha_t) x_0`` of the training path per molecule
     with its time ``t ~ U(0, 1)`` (``scheduler``: the network's, per channel; None: linear, ``alpha_t = t``): the prior
-    draw ``x_0`` is centred and aligned to the data (:func:`align_prior`)."""
+    draw ``x_0`` is centred and, with ``align``, aligned to the data (:func:`align_prior`)."""
     batch = {k: v.to(device) for k, v in batch.items()}
-    x0 = aligned_prior(layout, batch["pos"], gen, device)
+    x0 = aligned_prior(layout, batch["pos"], gen, device, align)
     t = torch.rand(x0.shape[0], generator=gen).to(device)
     return batch, path_point(layout, batch, x0, t, scheduler), t
 
 
-def aligned_prior(layout: MolLayout, pos: torch.Tensor, gen: torch.Generator, device: torch.device | str) -> torch.Tensor:
+def aligned_prior(layout: MolLayout, pos: torch.Tensor, gen: torch.Generator, device: torch.device | str, align: bool = True) -> torch.Tensor:
     """A centred prior draw ``x_0`` for the molecules whose positions are ``pos`` ``[B, N, 3]``, its atoms permuted and
-    rotated onto theirs (:func:`align_prior`); flat ``[B, D]`` on ``device``."""
+    rotated onto theirs (:func:`align_prior`; ``align=False``: left as drawn, the independent coupling); flat
+    ``[B, D]`` on ``device``."""
     x0 = layout.remove_com(torch.randn((pos.shape[0], layout.dim), generator=gen).to(device))
+    if not align:
+        return x0
     p0, t0, c0, e0 = layout.unpack(x0)
     return layout.pack(align_prior(p0, pos.float()), t0, c0, e0)
 
@@ -233,11 +245,11 @@ def _init_batch_worker(buckets: SizeBuckets) -> None:
 
 def _prepare_batch(args: tuple[int, int, int]) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """In a worker: step ``step``'s batch, its aligned prior draw and its times, all on the CPU."""
-    seed, step, batch_size = args
+    seed, step, batch_size, align = args
     gen = step_generator(seed, step)
     n, batch = _sample_batch(_WORKER_BUCKETS, batch_size, gen)
     lay = MolLayout(n)
-    x0 = aligned_prior(lay, batch["pos"], gen, "cpu")
+    x0 = aligned_prior(lay, batch["pos"], gen, "cpu", align)
     return n, batch, x0, torch.rand(batch_size, generator=gen)
 
 
@@ -255,7 +267,7 @@ class BatchPrefetcher:
 
     def get(self, step: int) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         while self.next < min(step + 1 + self.depth, self.stop):
-            self.pending.append((self.next, self.pool.apply_async(_prepare_batch, ((self.cfg.seed, self.next, self.cfg.batch_size),))))
+            self.pending.append((self.next, self.pool.apply_async(_prepare_batch, ((self.cfg.seed, self.next, self.cfg.batch_size, self.cfg.prior_coupling == "aligned"),))))
             self.next += 1
         queued, result = self.pending.popleft()
         if queued != step:
@@ -269,7 +281,8 @@ class BatchPrefetcher:
 
 def training_loss(net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], cfg: MolPretrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """The endpoint loss of one same-size batch (see the module docstring); returns the loss and its parts."""
-    return endpoint_loss(net, layout, *training_point(layout, batch, gen, next(net.parameters()).device, net.scheduler_for(layout)), cfg)
+    return endpoint_loss(net, layout, *training_point(layout, batch, gen, next(net.parameters()).device, net.scheduler_for(layout),
+                                                           cfg.prior_coupling == "aligned"), cfg)
 
 
 def endpoint_loss(
@@ -495,7 +508,7 @@ def pretrain_molecules(
             if prefetch is None:
                 n, batch = _sample_batch(train, cfg.batch_size, gen)
                 lay = MolLayout(n)
-                batch, xt, t = training_point(lay, batch, gen, device, net.scheduler_for(lay))
+                batch, xt, t = training_point(lay, batch, gen, device, net.scheduler_for(lay), cfg.prior_coupling == "aligned")
             else:
                 n, batch, x0, t = prefetch.get(step)
                 lay = MolLayout(n)
@@ -505,10 +518,7 @@ def pretrain_molecules(
             loss, parts = endpoint_loss(net, lay, batch, xt, t, cfg)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {step} (atoms {n})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            opt.step()
+            gradient_step(opt, net.parameters(), loss, cfg.grad_clip)
             if ema is not None:
                 _update_ema(ema, net, cfg.ema_decay)
             state["step"] = step + 1

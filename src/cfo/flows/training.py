@@ -1,0 +1,17 @@
+"""The optimiser step shared by pre-training and the inner solvers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["gradient_step"]
+
+
+def gradient_step(opt: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], loss: torch.Tensor, grad_clip: float) -> None:
+    """Backpropagate ``loss``, clip the global gradient norm of ``params`` to ``grad_clip`` and take one step of ``opt``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()

@@ -12,7 +12,7 @@ The call saves its state every ``--every`` iterations under ``OUT/solver_state.p
 with the same arguments; ``OUT/curve.json`` holds the per-iteration values and the final comparison.
 
 Usage: python benchmarks/mol_am_learning_curve.py --config configs/mol_am_clip300.yaml --steps 300 \
-    --out runs/mol_am_learning_curve [--block 20] [--eval 100] [--threads 1]
+    --out runs/mol_am_learning_curve [--model PATH] [--block 20] [--eval 100] [--threads 1]
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def evaluate(model, predictor, n: int, steps: int, seed: int, n_atoms: int) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, required=True, help="a `cfo mol run` YAML (its am:, alpha, n_atoms, model)")
+    ap.add_argument("--model", type=Path, default=None, help="a molecule model.pt instead of the config's (default: shipped)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--block", type=int, default=20)
     ap.add_argument("--eval", type=int, default=100)
@@ -92,6 +93,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = MolRunConfig.model_validate(yaml.safe_load(args.config.read_text()))
+    if args.model is not None:
+        cfg = cfg.model_copy(update={"model": str(args.model)})
     pre, predictor = _load_models(cfg)
     problem, _, _ = make_problem(cfg, predictor, {"energy": 0.0, "valence": 0.0})  # the bound is unused: r alone
     log = EnergyLog(predictor)
@@ -105,6 +108,7 @@ def main() -> None:
     energies = list(ckpt.restored_caller_state.get("energy_means", [])) + log.means
     dipoles = solver.last_stats.reward_means
     energies = energies[-len(dipoles):] if len(energies) >= len(dipoles) else energies  # one value per recorded step
+    print(f"model {cfg.model or 'shipped'} ({pre.coupling} prior coupling)")
     print(f"AM {args.steps} iterations, lr {cfg.am.lr}, batch {cfg.am.batch_size}, adjoint_clip {cfg.am.adjoint_clip}, "
           f"alpha {cfg.alpha}: {seconds / 60:.1f} min")
     print("| iterations | rollout dipole (D), predicted | rollout energy (Ha), predicted |")
@@ -122,7 +126,7 @@ def main() -> None:
         print(f"| {name} | {v['dipole']:.2f} ± {v['dipole_se']:.2f} | {v['energy']:.2f} ± {v['energy_se']:.2f} | "
               f"{v['validity']:.2f} | {v['atom_stability']:.2f} | {v['H_fraction']:.2f} |")
     (args.out / "curve.json").write_text(json.dumps({
-        "config": str(args.config), "steps": args.steps, "seconds": seconds, "elements": list(ELEMENTS),
+        "config": str(args.config), "model": cfg.model, "coupling": pre.coupling, "steps": args.steps, "seconds": seconds, "elements": list(ELEMENTS),
         "rollout_dipole": dipoles, "rollout_energy": energies, "skipped": solver.last_stats.skipped_steps, "final": final,
     }, indent=1))
     ckpt.clear()

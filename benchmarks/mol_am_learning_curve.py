@@ -62,7 +62,7 @@ def chemistry(x: torch.Tensor, n_atoms: int) -> dict:
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics
 
     mols = decode(x, MolLayout(n_atoms))
-    gm = [GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in mols]
+    gm = [GeneratedMolecule.from_decoded(m) for m in mols]
     chem, _ = molecule_metrics(gm)
     numbers = np.concatenate([np.asarray(m["numbers"]) for m in mols])
     return {"validity": chem["validity"], "atom_stability": chem["atom_stability"], "H_fraction": float(np.mean(numbers == 1))}

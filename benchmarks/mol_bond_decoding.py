@@ -44,7 +44,7 @@ def main() -> None:
     print("|---" * (len(COLUMNS) + 2) + "|")
     for bonds in BOND_DECODINGS:
         raw = decode_groups(groups, len(sizes), bonds=bonds)
-        mols = [GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in raw]
+        mols = [GeneratedMolecule.from_decoded(m) for m in raw]
         metrics, _ = molecule_metrics(mols)
         per_mol = np.mean([len(m.bonds) for m in mols])
         print(f"| {bonds} | " + " | ".join(f"{metrics[c]:.2f}" for c in COLUMNS) + f" | {per_mol:.1f} |")

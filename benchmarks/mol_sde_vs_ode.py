@@ -57,7 +57,7 @@ def describe(x: torch.Tensor, model: MoleculeFlowModel, oracle: PredictorOracle)
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics
 
     mols = decode(x, model.layout)
-    gm = [GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in mols]
+    gm = [GeneratedMolecule.from_decoded(m) for m in mols]
     chem, _ = molecule_metrics(gm)
     numbers = np.concatenate([np.asarray(m["numbers"]) for m in mols])
     with torch.no_grad():

@@ -23,7 +23,6 @@ of skipped steps raises.
 from __future__ import annotations
 
 import logging
-
 from typing import Literal
 
 import torch

@@ -241,7 +241,7 @@ def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, pred_d: np.ndar
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics, write_sdf
 
     mols = decode(x, MolLayout(cfg.n_atoms))
-    gm = [GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in mols]
+    gm = [GeneratedMolecule.from_decoded(m) for m in mols]
     chem, rows = molecule_metrics(gm)
     xtb = xtb_of_decoded(mols, cfg.xtb_workers, cfg.xtb_timeout_s, cfg.xtb_relax_steps)
     failures: dict[str, int] = {}

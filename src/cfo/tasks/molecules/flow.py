@@ -239,7 +239,7 @@ class MoleculeFlowModel(FlowModel):
     def __init__(self, network: EquivariantFlowNet, n_atoms: int) -> None:
         self.layout = MolLayout(n_atoms)
         super().__init__(network, (self.layout.dim,), scheduler=network.scheduler_for(self.layout),
-                         coupling=getattr(network, "prior_coupling", "aligned"))
+                         coupling=network.prior_coupling)
 
     @property
     def n_atoms(self) -> int:

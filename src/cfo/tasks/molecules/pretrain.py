@@ -18,8 +18,8 @@ import math
 import time
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -92,6 +92,11 @@ class MolPretrainConfig(BaseModel):
     time_scaled_loss: bool = False
     """FlowMol's time-scaled loss: each channel's per-molecule loss is weighted by ``clip(alpha_t / (1 - alpha_t),
     0.05, 1.5)`` of that channel (late times, where the state already shows the answer, weigh more)."""
+
+    @property
+    def aligns_prior(self) -> bool:
+        """Whether training pairs each prior draw with its molecule by :func:`align_prior` (``prior_coupling``)."""
+        return self.prior_coupling == "aligned"
 
     def network(self) -> EquivariantFlowNet:
         return EquivariantFlowNet(self.hidden, self.edge_hidden, self.layers, self.n_rbf, self.cutoff, cosine_nu=self.cosine_nu,
@@ -243,8 +248,9 @@ def _init_batch_worker(buckets: SizeBuckets) -> None:
     _WORKER_BUCKETS = buckets
 
 
-def _prepare_batch(args: tuple[int, int, int]) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """In a worker: step ``step``'s batch, its aligned prior draw and its times, all on the CPU."""
+def _prepare_batch(args: tuple[int, int, int, bool]) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """In a worker: step ``step``'s batch, its prior draw (aligned to it when ``align``) and its times, all on the
+    CPU."""
     seed, step, batch_size, align = args
     gen = step_generator(seed, step)
     n, batch = _sample_batch(_WORKER_BUCKETS, batch_size, gen)
@@ -267,7 +273,7 @@ class BatchPrefetcher:
 
     def get(self, step: int) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         while self.next < min(step + 1 + self.depth, self.stop):
-            self.pending.append((self.next, self.pool.apply_async(_prepare_batch, ((self.cfg.seed, self.next, self.cfg.batch_size, self.cfg.prior_coupling == "aligned"),))))
+            self.pending.append((self.next, self.pool.apply_async(_prepare_batch, ((self.cfg.seed, self.next, self.cfg.batch_size, self.cfg.aligns_prior),))))
             self.next += 1
         queued, result = self.pending.popleft()
         if queued != step:
@@ -282,7 +288,7 @@ class BatchPrefetcher:
 def training_loss(net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], cfg: MolPretrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """The endpoint loss of one same-size batch (see the module docstring); returns the loss and its parts."""
     return endpoint_loss(net, layout, *training_point(layout, batch, gen, next(net.parameters()).device, net.scheduler_for(layout),
-                                                           cfg.prior_coupling == "aligned"), cfg)
+                                                           cfg.aligns_prior), cfg)
 
 
 def endpoint_loss(
@@ -421,7 +427,7 @@ def _evaluate(net: EquivariantFlowNet, buckets: SizeBuckets, cfg: MolPretrainCon
     with torch.no_grad():
         mols = sample_molecules(net, sizes, steps=cfg.eval_steps, generator=torch.Generator(device=device).manual_seed(seed), device=device)
     net.train()
-    summary, _ = molecule_metrics([GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in mols])
+    summary, _ = molecule_metrics([GeneratedMolecule.from_decoded(m) for m in mols])
     return summary
 
 
@@ -508,7 +514,7 @@ def pretrain_molecules(
             if prefetch is None:
                 n, batch = _sample_batch(train, cfg.batch_size, gen)
                 lay = MolLayout(n)
-                batch, xt, t = training_point(lay, batch, gen, device, net.scheduler_for(lay), cfg.prior_coupling == "aligned")
+                batch, xt, t = training_point(lay, batch, gen, device, net.scheduler_for(lay), cfg.aligns_prior)
             else:
                 n, batch, x0, t = prefetch.get(step)
                 lay = MolLayout(n)

@@ -61,7 +61,7 @@ def sample_and_report(
     sizes = sizes_from_histogram(summary["size_histogram"], n, seed)
     with torch.no_grad():
         raw = sample_molecules(net, sizes, steps=steps, generator=torch.Generator(device=device).manual_seed(seed), device=device, bonds=bonds)
-    mols = [GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]) for m in raw]
+    mols = [GeneratedMolecule.from_decoded(m) for m in raw]
     metrics, rows = molecule_metrics(mols)
     scored = [k for k, r in enumerate(rows) if r["valid_connected"]]
     singles = evaluate_batch([(mols[k].numbers, mols[k].positions) for k in scored], workers=workers, timeout_s=120)

@@ -46,6 +46,12 @@ class GeneratedMolecule:
     bond_orders: np.ndarray | None = None
     properties: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_decoded(cls, m: dict) -> "GeneratedMolecule":
+        """The molecule of one entry of :func:`cfo.tasks.molecules.flow.decode` (numbers, positions, charges, bonds,
+        bond orders)."""
+        return cls(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"])
+
     def __post_init__(self) -> None:
         self.numbers = np.asarray(self.numbers, dtype=np.int64).reshape(-1)
         self.positions = np.asarray(self.positions, dtype=np.float64)

@@ -12,7 +12,7 @@ The call saves its state every ``--every`` iterations under ``OUT/solver_state.p
 with the same arguments; ``OUT/curve.json`` holds the per-iteration values and the final comparison.
 
 Usage: python benchmarks/mol_am_learning_curve.py --config configs/mol_am_clip300.yaml --steps 300 \
-    --out runs/mol_am_learning_curve [--model PATH] [--block 20] [--eval 100] [--threads 1]
+    --out runs/mol_am_learning_curve [--model PATH] [--lr LR] [--block 20] [--eval 100] [--threads 1]
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, required=True, help="a `cfo mol run` YAML (its am:, alpha, n_atoms, model)")
     ap.add_argument("--model", type=Path, default=None, help="a molecule model.pt instead of the config's (default: shipped)")
+    ap.add_argument("--lr", type=float, default=None, help="AM learning rate instead of the config's am.lr")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--block", type=int, default=20)
     ap.add_argument("--eval", type=int, default=100)
@@ -95,6 +96,8 @@ def main() -> None:
     cfg = MolRunConfig.model_validate(yaml.safe_load(args.config.read_text()))
     if args.model is not None:
         cfg = cfg.model_copy(update={"model": str(args.model)})
+    if args.lr is not None:
+        cfg = cfg.model_copy(update={"am": cfg.am.model_copy(update={"lr": args.lr})})
     pre, predictor = _load_models(cfg)
     problem, _, _ = make_problem(cfg, predictor, {"energy": 0.0, "valence": 0.0})  # the bound is unused: r alone
     log = EnergyLog(predictor)

@@ -240,6 +240,7 @@ class AdjointMatching:
     def __init__(self, config: AdjointMatchingConfig | None = None) -> None:
         self.config = config if config is not None else AdjointMatchingConfig()
         self.last_stats: FinetuneStats | None = None
+        self._warned_coupling = False  # the coupling warning is logged once per solver, not once per CFO round
 
     def finetune(
         self,
@@ -259,7 +260,8 @@ class AdjointMatching:
         if not getattr(reward, "differentiable", False):
             raise ValueError("Adjoint Matching needs a differentiable reward; use a zero-order solver such as DiffusionNFT")
         cfg = self.config
-        warn_if_sde_not_marginal(reference)
+        if not self._warned_coupling:
+            self._warned_coupling = warn_if_sde_not_marginal(reference)
         params, opt = start_finetune(model, alpha, steps, cfg.lr)
         stats = FinetuneStats()
         self.last_stats = stats

@@ -14,7 +14,7 @@ from cfo.cli import app
 from cfo.tasks.molecules import assets
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import MolLayout
-from cfo.tasks.molecules.oracles import CountedValues, XTBOracle, valence_violation
+from cfo.tasks.molecules.oracles import CountedValues, XTBOracle, atom_clash, valence_violation
 from cfo.tasks.molecules.predictors import load_predictor
 from cfo.tasks.molecules.pretrain import MolPretrainConfig, buckets_from_dataset, data_state
 from cfo.validation import NonFiniteValueError
@@ -49,6 +49,33 @@ def test_valence_violation_is_zero_on_valid_molecules_and_positive_when_a_bond_i
     bonds[0, k] = torch.tensor([1.0, 0, 0, 0, 0])  # break it: both atoms lose one unit of valence
     c = valence_violation(lay.pack(pos, types, charges, bonds))
     assert c[0] == pytest.approx(2 / n, abs=1e-4) and torch.allclose(c[1:], torch.zeros(x.shape[0] - 1), atol=1e-4)
+
+
+def test_atom_clash_is_zero_on_data_exact_on_a_moved_atom_invariant_and_its_gradient_matches_finite_differences(data):
+    x, _ = _neutral_states(data, 20, 3)
+    assert torch.equal(atom_clash(x), torch.zeros(x.shape[0]))  # real molecules: no pair closer than 0.9 A
+    lay = MolLayout(20)
+    pos, types, charges, bonds = lay.unpack(x.clone())
+    # move atom 1 of molecule 0 to 0.5 A from atom 0, far out along a direction away from the rest
+    far = pos[0, 0] + torch.tensor([0.0, 0.0, 50.0])
+    pos[0, 0], pos[0, 1] = far, far + torch.tensor([0.5, 0.0, 0.0])
+    y = lay.pack(pos, types, charges, bonds).double()
+    c = atom_clash(y)
+    assert c[0].item() == pytest.approx((0.9 - 0.5) ** 2, rel=1e-9) and torch.equal(c[1:], torch.zeros(x.shape[0] - 1, dtype=c.dtype))
+    q = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0]
+    moved = lay.pack(pos.double() @ q.T + 3.0, types.double(), charges.double(), bonds.double())
+    assert torch.allclose(atom_clash(moved), c, atol=1e-9)  # rotation and translation do not change distances
+    y.requires_grad_(True)
+    (g,) = torch.autograd.grad(atom_clash(y).sum(), y)
+    eps = 1e-6
+    for k in range(6):  # the six coordinates of the clashing pair
+        e = torch.zeros_like(y)
+        e[0, k] = eps
+        fd = (atom_clash(y.detach() + e) - atom_clash(y.detach() - e)).sum() / (2 * eps)
+        assert g[0, k].item() == pytest.approx(fd.item(), abs=1e-6)
+    assert g[0, 3].item() == pytest.approx(-2 * (0.9 - 0.5), rel=1e-6)  # d c / d x_1 = -2 (d0 - d) along the pair axis
+    with pytest.raises(ValueError, match="clash distance"):
+        atom_clash(y.detach(), 0.0)
 
 
 def test_predictor_sees_one_hot_states_as_in_training(data):
@@ -135,7 +162,7 @@ def tiny_model(tmp_path_factory):
 def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
     cfg = {
         "model": str(tiny_model), "n_atoms": 10, "methods": ["PRE", "CFO_AM", "CFO_NFT", "LAG_AM"], "mus": [0.5],
-        "valence_constraint": True,
+        "valence_constraint": True, "clash_constraint": True,
         "cfo": {"rounds": 3, "steps_per_round": 1, "rho_init": 1.0, "eval_samples": 8},
         "am": {"lr": 1e-3, "batch_size": 2, "rollout_steps": 6, "loss_times": 2, "adjoint_scheme": "euler"},
         "nft": {"lr": 1e-3, "batch_size": 4, "sample_steps": 4, "t_max": 0.95},
@@ -151,7 +178,7 @@ def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
     assert [r["method"] for r in rows] == ["PRE", "CFO_AM", "CFO_NFT", "LAG_AM (mu=0.5)"]
     bounds = json.loads((out / "bounds.json").read_text())["bounds"]
     for r in rows:
-        assert [c["name"] for c in r["constraints"]] == ["energy", "valence"]
+        assert [c["name"] for c in r["constraints"]] == ["energy", "valence", "clash"]
         assert r["bound"] == bounds["energy"]
         m = r["metrics"]
         assert m["xtb_scored"] + sum(m["xtb_failures"].values()) == 6  # every sample scored or counted
@@ -161,7 +188,7 @@ def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
         rounds = history[label]["seed 0"]
         assert [h["k"] for h in rounds] == [1, 2, 3]
         for h in rounds:  # the multiplier and penalty rules of Algorithm 1, per constraint
-            for i in range(2):
+            for i in range(3):
                 lam = min(0.0, max(-50.0, h["lambda_k"][i] - h["rho_k"][i] * h["gap"][i]))
                 assert h["lambda_next"][i] == pytest.approx(lam, rel=1e-5, abs=1e-6)
                 assert h["rho_next"][i] in (pytest.approx(h["rho_k"][i]), pytest.approx(1.25 * h["rho_k"][i]))

@@ -446,6 +446,7 @@ def mol_run(
     n_atoms: Optional[int] = typer.Option(None, help="atoms per molecule (overrides the config)"),
     reward_source: Optional[str] = typer.Option(None, help="NFT methods: predictor or xtb (real GFN2-xTB as black box)"),
     valence_constraint: bool = typer.Option(False, "--valence-constraint", help="add the validity surrogate as a second constraint"),
+    clash_constraint: bool = typer.Option(False, "--clash-constraint", help="add the atom-clash penalty (pairs closer than 0.9 A) as a constraint"),
     workers: Optional[int] = typer.Option(None, help="jobs in parallel (one thread each)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -481,6 +482,8 @@ def mol_run(
                 update[key] = value
         if valence_constraint:
             update["valence_constraint"] = True
+        if clash_constraint:
+            update["clash_constraint"] = True
         cfg = quick_mol_config(**{**(data or {}), **update}) if quick else MolRunConfig.model_validate({**(data or {}), **update})
         _check_device(cfg.device)
         rows = run_molecules(cfg, out)

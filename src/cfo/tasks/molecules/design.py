@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -80,6 +81,9 @@ class MolRunConfig(BaseModel):
     )
     valence_constraint: bool = Field(False, description="add E[c_val] <= B_val, the differentiable validity surrogate")
     valence_bound: float | None = Field(None, description="B_val; None: the PRE samples' mean c_val (do not get worse)")
+    clash_constraint: bool = Field(False, description="add E[c_clash] <= B_clash, the atom-clash penalty (A^2)")
+    clash_distance: float = Field(0.9, gt=0, description="d0 of c_clash (A): pairs closer than this are penalised")
+    clash_bound: float | None = Field(None, ge=0, description="B_clash; None: the PRE samples' mean c_clash (do not get worse)")
     alpha: float = Field(0.1, gt=0, description="KL weight (the paper's reward_lambda 50 is alpha = 0.02)")
     reward_source: Literal["predictor", "xtb"] = Field("predictor", description="NFT methods only: predictor or real GFN2-xTB")
     mus: list[float] = Field(default_factory=lambda: [1.0], description="fixed weights of LAG_* (energy weight)")
@@ -161,10 +165,10 @@ def _load_models(cfg: MolRunConfig):
 
 def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], black_box: bool = False):
     """The constrained problem on flat states: reward = dipole (D), constraint = energy (Ha) ``<= bounds['energy']``,
-    plus ``c_val <= bounds['valence']`` when configured. ``black_box`` uses real GFN2-xTB (NFT only). Returns
+    plus ``c_val <= bounds['valence']`` and ``c_clash <= bounds['clash']`` when configured. ``black_box`` uses real GFN2-xTB (NFT only). Returns
     ``(problem, counters, oracle)``: the :class:`CountedValues` wrappers that count failed values, and the oracle
     (an :class:`XTBOracle` keeps its failure causes)."""
-    from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, valence_violation
+    from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, atom_clash, valence_violation
 
     oracle = XTBOracle(cfg.xtb_workers, cfg.xtb_timeout_s) if black_box else PredictorOracle(predictor)
     diff = not black_box
@@ -178,6 +182,10 @@ def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], black_b
         v = CountedValues(valence_violation, "valence violation", "max", True)
         constraints.append(Constraint(v, bounds["valence"], differentiable=True, name="valence", unit=""))
         counters["valence"] = v
+    if cfg.clash_constraint:
+        k = CountedValues(partial(atom_clash, distance=cfg.clash_distance), "atom clash", "max", True)
+        constraints.append(Constraint(k, bounds["clash"], differentiable=True, name="clash", unit="A^2"))
+        counters["clash"] = k
     problem = ConstrainedProblem(Reward(r, differentiable=diff, name="dipole", unit="D"), constraints, alpha=cfg.alpha)
     return problem, counters, oracle
 
@@ -186,28 +194,34 @@ def auto_bounds(cfg: MolRunConfig, pre: MoleculeFlowModel, predictor, out: Path)
     """The bounds of the run: given in the config, or measured once on ``eval_samples`` PRE samples (seeded) and
     stored in ``OUT/bounds.json`` so every job and every resume uses the same numbers."""
     from cfo.tasks.molecules.energy import choose_bound
-    from cfo.tasks.molecules.oracles import PredictorOracle, valence_violation
+    from cfo.tasks.molecules.oracles import PredictorOracle, atom_clash, valence_violation
 
     path = out / "bounds.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     bounds = dict(saved.get("bounds", {}))
     need_e = cfg.energy_bound is None and "energy" not in bounds
     need_v = cfg.valence_constraint and cfg.valence_bound is None and "valence" not in bounds
+    need_c = cfg.clash_constraint and cfg.clash_bound is None and "clash" not in bounds
     info = dict(saved.get("measured", {}))
-    if need_e or need_v:
+    if need_e or need_v or need_c:
         with torch.no_grad():
             x = default_sampler(cfg.eval_ode_steps)(pre, cfg.eval_samples, torch.Generator(device=cfg.device).manual_seed(2**31 - 1))
             e = PredictorOracle(predictor).energy(x).double().cpu().numpy()
             v = valence_violation(x).double().cpu().numpy()
-        info = {"pre_energy_mean": float(e.mean()), "pre_valence_mean": float(v.mean()), "n": int(len(e))}
+            k = atom_clash(x, cfg.clash_distance).double().cpu().numpy()
+        info = {"pre_energy_mean": float(e.mean()), "pre_valence_mean": float(v.mean()), "pre_clash_mean": float(k.mean()), "n": int(len(e))}
         if need_e:
             bounds["energy"] = choose_bound(e, decimals=2)
         if need_v:
             bounds["valence"] = float(np.round(v.mean(), 3))
+        if need_c:
+            bounds["clash"] = float(np.round(k.mean(), 3))
     if cfg.energy_bound is not None:
         bounds["energy"] = float(cfg.energy_bound)
     if cfg.valence_bound is not None:
         bounds["valence"] = float(cfg.valence_bound)
+    if cfg.clash_bound is not None:
+        bounds["clash"] = float(cfg.clash_bound)
     path.write_text(json.dumps({"bounds": bounds, "measured": info}, indent=2))
     return bounds
 

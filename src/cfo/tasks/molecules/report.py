@@ -68,7 +68,7 @@ def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[s
 
     written = []
     for label, per_seed in histories.items():
-        names = ["energy"] + (["valence"] if cfg.valence_constraint else [])
+        names = ["energy"] + (["valence"] if cfg.valence_constraint else []) + (["clash"] if cfg.clash_constraint else [])
         written.append(plot_history(per_seed, [bounds[n] for n in names], out / f"cfo_rounds_{slug(label)}.png",
                                     title=f"{label}: rounds ({' and '.join(names)} constraint{'s' if len(names) > 1 else ''})",
                                     margin=cfg.cfo.target_margin, names=names))

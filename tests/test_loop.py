@@ -188,3 +188,63 @@ def test_public_api():
 
     assert isinstance(_AM(), InnerSolver)
     assert cfo.__version__
+
+
+class ScriptedShift:
+    """A driver for the outer loop, not a fine-tuner: round ``k`` sets the correction network's output bias to
+    ``shifts[k-1]``, a constant extra velocity that moves the samples along it (by about 1.25 times the vector through
+    the Gaussian flow's dynamics), so each round's feasibility and reward order are set in advance."""
+
+    name = "scripted"
+    requires_gradients = False
+
+    def __init__(self, shifts):
+        self.shifts, self.calls, self.last_stats = [torch.tensor(s) for s in shifts], 0, None
+
+    def finetune(self, model, reward, alpha, steps, *, reference, generator=None, progress=False, checkpoint=None):
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            last.bias.copy_(self.shifts[self.calls])
+        self.calls += 1
+        return model
+
+
+def _shift_of(model) -> torch.Tensor:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].bias.detach().clone()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_best_feasible_returns_the_feasible_round_with_the_highest_reward(tmp_path, resume):
+    # E[b.x] ~ 0.5 + 1.25 s_0 against B = 1: rounds 1 and 2 feasible (~0.63, ~0.81), round 3 not (~1.73); E[a.x]
+    # grows with s_0
+    shifts = [[0.1, 0.0], [0.25, 0.0], [1.0, 0.0]]
+    cfg = CFOConfig(rounds=3, steps_per_round=1, eval_samples=4000, return_model="best_feasible")
+
+    def loop(config):
+        return CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), config, checkpoint_dir=tmp_path)
+
+    if resume:  # killed after round 2 with the default choice, resumed asking for the best feasible round
+        first = loop(cfg.model_copy(update={"return_model": "last"}))
+        first.run(max_rounds=2, progress=False)
+        runner = loop(cfg)
+        runner.solver.calls = 2
+        result = runner.run(progress=False)
+    else:
+        result = loop(cfg).run(progress=False)
+    assert [h.gap[0] <= 0 for h in result.history] == [True, True, False]
+    assert result.selected_round == 2
+    assert torch.equal(_shift_of(result.model), torch.tensor([0.25, 0.0]))
+    assert result.final.reward_mean == result.history[1].reward_mean
+    x = _final_samples(result.model, 20_000)  # the returned model is round 2's, by fresh samples
+    assert abs((x @ Bvec).mean().item() - result.history[1].constraint_mean[0]) < 0.05 < 1.0 - result.history[1].constraint_mean[0]
+
+
+def test_best_feasible_without_a_feasible_round_returns_the_last_and_last_is_the_default():
+    shifts = [[1.0, 0.0], [0.8, 0.0]]  # E[b.x] = 1.5, 1.3 > B = 1
+    cfg = CFOConfig(rounds=2, steps_per_round=1, eval_samples=2000, return_model="best_feasible")
+    result = CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), cfg).run(progress=False)
+    assert result.selected_round == 2 and torch.equal(_shift_of(result.model), torch.tensor([0.8, 0.0]))
+    shifts = [[0.2, 0.0], [1.0, 0.0]]  # round 1 feasible, round 2 not: Algorithm 1 still returns round 2's model
+    result = CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), CFOConfig(rounds=2, steps_per_round=1, eval_samples=2000)).run(progress=False)
+    assert CFOConfig().return_model == "last"
+    assert result.selected_round == 2 and torch.equal(_shift_of(result.model), torch.tensor([1.0, 0.0]))

@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -74,6 +75,13 @@ class CFOConfig(BaseModel):
         description="constraint tightening: drive E[c_i] to B_i - margin (0 = Algorithm 1 exactly); the final iterate "
         "of an augmented Lagrangian sits at its target up to solver and Monte-Carlo noise, so a margin of a few noise "
         "widths keeps that noise on the feasible side of B",
+    )
+    return_model: Literal["last", "best_feasible"] = Field(
+        "last",
+        description="'last': the model of round K (Algorithm 1); 'best_feasible': the model of the round with the highest "
+        "estimated E[r] among the rounds whose estimate met every bound (G_k <= 0, i.e. E[c_i] <= B_i - target_margin), "
+        "the last model when none did. "
+        "Training is the same either way (the loop always continues from the last model); only the returned model differs",
     )
     seed: int = 0
 
@@ -158,6 +166,7 @@ class CFOResult:
     final: Evaluation | None = None
     lam: list[float] = field(default_factory=list)
     rho: list[float] = field(default_factory=list)
+    selected_round: int | None = None  # the round whose model ``model`` is (K unless ``return_model`` chose another)
 
     @property
     def completed(self) -> bool:
@@ -211,12 +220,15 @@ class CFO:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _identity(self) -> dict:
-        return {"problem": self.problem.fingerprint(), "config": self.config.model_dump(), "solver": self.solver.name}
+        # return_model does not change the rounds, so a run may be resumed with the other choice
+        config = self.config.model_dump(exclude={"return_model"})
+        return {"problem": self.problem.fingerprint(), "config": config, "solver": self.solver.name}
 
     def _checkpoint_path(self) -> Path | None:
         return None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT_NAME
 
-    def _save(self, model: FlowModel, k: int, lam: torch.Tensor, rho: torch.Tensor, v_prev: torch.Tensor | None, history: list[RoundRecord]) -> None:
+    def _save(self, model: FlowModel, k: int, lam: torch.Tensor, rho: torch.Tensor, v_prev: torch.Tensor | None, history: list[RoundRecord],
+              best: dict | None = None) -> None:
         path = self._checkpoint_path()
         if path is None:
             return
@@ -230,6 +242,7 @@ class CFO:
             "v_prev": None if v_prev is None else v_prev.cpu(),
             "model": {n: t.detach().cpu() for n, t in model.state_dict().items()},
             "history": [asdict(h) for h in history],
+            "best": best,
         }
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -265,12 +278,14 @@ class CFO:
         rho = cfg.initial_rho(m)
         v_prev: torch.Tensor | None = None
         history: list[RoundRecord] = []
+        best: dict | None = None  # {"k", "reward", "model"}: the best round whose estimate met every bound
         start = 1
         state = self._load()
         if state is not None:
             model.load_state_dict(state["model"], strict=True)
             lam, rho, v_prev = state["lam"], state["rho"], state["v_prev"]
             history = [RoundRecord(**h) for h in state["history"]]
+            best = state.get("best")
             start = int(state["k"]) + 1
             log.info("resuming CFO from round %d of %d", start, cfg.rounds)
         target = self.problem.bounds() - cfg.target_margin  # B (minus the optional tightening margin)
@@ -309,20 +324,36 @@ class CFO:
                 )
             )
             lam, rho, v_prev = lam_next, rho_next, v
-            self._save(model, k, lam, rho, v_prev, history)
+            if _improves_best(gap, evaluation.reward_mean, best):
+                best = {"k": k, "reward": float(evaluation.reward_mean), "model": {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}}
+            self._save(model, k, lam, rho, v_prev, history, best)
             bar.set_postfix(lam=_fmt(lam), rho=_fmt(rho), G=_fmt(gap), r=f"{evaluation.reward_mean:.3g}")
             log.info("round %d: lambda=%s rho=%s G=%s E[r]=%.4g", k, lam.tolist(), rho.tolist(), gap.tolist(), evaluation.reward_mean)
         result = CFOResult(model=model, history=history, lam=lam.tolist(), rho=rho.tolist())
         if history and history[-1].k == cfg.rounds:
+            chosen = history[-1]
+            if cfg.return_model == "best_feasible":
+                if best is None:
+                    log.warning("return_model=best_feasible: no round's estimate met every bound; returning round %d's model", cfg.rounds)
+                elif best["k"] != cfg.rounds:
+                    model.load_state_dict(best["model"], strict=True)
+                    chosen = history[best["k"] - 1]
+                    log.info("return_model=best_feasible: returning round %d's model (E[r] %.4g)", best["k"], best["reward"])
+            result.selected_round = chosen.k
             result.final = Evaluation(
                 n=cfg.eval_samples,
-                reward_mean=history[-1].reward_mean,
-                reward_std=history[-1].reward_std,
-                constraint_mean=history[-1].constraint_mean,
-                constraint_std=history[-1].constraint_std,
-                feasible_fraction=history[-1].feasible_fraction,
+                reward_mean=chosen.reward_mean,
+                reward_std=chosen.reward_std,
+                constraint_mean=chosen.constraint_mean,
+                constraint_std=chosen.constraint_std,
+                feasible_fraction=chosen.feasible_fraction,
             )
         return result
+
+
+def _improves_best(gap: torch.Tensor, reward_mean: float, best: dict | None) -> bool:
+    """Whether a round with gaps ``G_k`` and estimated ``E[r]`` is feasible (every ``G_k <= 0``) and beats ``best``."""
+    return bool((gap <= 0).all()) and (best is None or reward_mean > best["reward"])
 
 
 def _fmt(t: torch.Tensor) -> str:

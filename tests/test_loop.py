@@ -232,7 +232,7 @@ def test_best_feasible_returns_the_feasible_round_with_the_highest_reward(tmp_pa
     else:
         result = loop(cfg).run(progress=False)
     assert [h.gap[0] <= 0 for h in result.history] == [True, True, False]
-    assert result.selected_round == 2
+    assert result.selected_round == 2 and [h["returned"] for h in result.history_dicts()] == [False, True, False]
     assert torch.equal(_shift_of(result.model), torch.tensor([0.25, 0.0]))
     assert result.final.reward_mean == result.history[1].reward_mean
     x = _final_samples(result.model, 20_000)  # the returned model is round 2's, by fresh samples

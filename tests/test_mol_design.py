@@ -163,7 +163,7 @@ def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
     cfg = {
         "model": str(tiny_model), "n_atoms": 10, "methods": ["PRE", "CFO_AM", "CFO_NFT", "LAG_AM"], "mus": [0.5],
         "valence_constraint": True, "clash_constraint": True,
-        "cfo": {"rounds": 3, "steps_per_round": 1, "rho_init": 1.0, "eval_samples": 8},
+        "cfo": {"rounds": 3, "steps_per_round": 1, "rho_init": 1.0, "eval_samples": 8, "return_model": "best_feasible"},
         "am": {"lr": 1e-3, "batch_size": 2, "rollout_steps": 6, "loss_times": 2, "adjoint_scheme": "euler"},
         "nft": {"lr": 1e-3, "batch_size": 4, "sample_steps": 4, "t_max": 0.95},
         "eval_samples": 6, "eval_ode_steps": 6, "xtb_workers": 1, "xtb_timeout_s": 60,
@@ -187,6 +187,10 @@ def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
     for label in ("CFO_AM", "CFO_NFT"):
         rounds = history[label]["seed 0"]
         assert [h["k"] for h in rounds] == [1, 2, 3]
+        returned = [h for h in rounds if h["returned"]]  # best_feasible: the best feasible round, else the last
+        feasible = [h for h in rounds if all(g <= 0 for g in h["gap"])]
+        assert len(returned) == 1
+        assert returned[0] == (max(feasible, key=lambda h: h["reward_mean"]) if feasible else rounds[-1])
         for h in rounds:  # the multiplier and penalty rules of Algorithm 1, per constraint
             for i in range(3):
                 lam = min(0.0, max(-50.0, h["lambda_k"][i] - h["rho_k"][i] * h["gap"][i]))
@@ -207,6 +211,7 @@ def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
     assert res.exit_code == 0, res.output
     text = report.read_text()
     assert "Molecules: dipole under a GFN2-xTB energy bound" in text and "| CFO_NFT | 8.27 ± 0.19 |" in text
+    assert "- CFO_AM, seed 0: the final samples are round " in text  # which round's model was returned
 
 
 def test_a_killed_unconstrained_job_resumes_mid_call_to_the_uninterrupted_result(tmp_path, tiny_model, monkeypatch):

@@ -172,6 +172,10 @@ class CFOResult:
     def completed(self) -> bool:
         return self.final is not None
 
+    def history_dicts(self) -> list[dict]:
+        """The history as plain dicts (for JSON), each with ``returned``: whether ``model`` is that round's model."""
+        return [{**asdict(h), "returned": h.k == self.selected_round} for h in self.history]
+
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint belongs to another problem, config or solver."""

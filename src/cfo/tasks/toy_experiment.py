@@ -298,7 +298,7 @@ def _run_job(args: tuple) -> str:
         loop = CFO(problem, solver, pre, cfg.cfo.model_copy(update=update), checkpoint_dir=out / "checkpoints" / job.name, sampler=sampler)
         result = loop.run(progress=progress)
         model, solver_name = result.model, solver.name
-        history = [h.__dict__ for h in result.history]
+        history = result.history_dicts()
     wall = time.perf_counter() - t0 + ckpt.prior_seconds  # a resumed single-call job: the time before its saved state too
     gen = round_generator(job.seed, 10_000, cfg.device)  # evaluation draws, independent of training draws
     ev, x = evaluate_model(model, problem, cfg.eval_samples, generator=gen, sampler=sampler)

@@ -322,7 +322,7 @@ def _train(cfg: MolRunConfig, job: Job, pre: MoleculeFlowModel, problem, out: Pa
         loop = CFO(problem, solver, pre, cfg.cfo.model_copy(update={"seed": job.seed}), checkpoint_dir=out / "checkpoints" / job.name,
                    sampler=default_sampler(cfg.eval_ode_steps))
         result = loop.run(progress=progress)
-        return result.model, solver.name, [h.__dict__ for h in result.history], None
+        return result.model, solver.name, result.history_dicts(), None
     ckpt = _solver_checkpoint(out, job, counters, oracle)
     if job.method in ("AM", "NFT"):
         model = finetune_unconstrained(problem, solver, pre, cfg.budget, seed=job.seed, progress=progress, checkpoint=ckpt)

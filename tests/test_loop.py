@@ -248,3 +248,15 @@ def test_best_feasible_without_a_feasible_round_returns_the_last_and_last_is_the
     result = CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), CFOConfig(rounds=2, steps_per_round=1, eval_samples=2000)).run(progress=False)
     assert CFOConfig().return_model == "last"
     assert result.selected_round == 2 and torch.equal(_shift_of(result.model), torch.tensor([1.0, 0.0]))
+
+
+def test_reports_name_the_returned_round_only_under_best_feasible(tmp_path):
+    import json
+
+    from cfo.jobs import returned_round_lines
+
+    rounds = [{"k": 1, "returned": False}, {"k": 2, "returned": True}, {"k": 3, "returned": False}]
+    (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": rounds}}))
+    lines = returned_round_lines(tmp_path, "best_feasible")
+    assert lines[0].startswith("- CFO_AM, seed 0: the final samples are round 2's model of 3")
+    assert returned_round_lines(tmp_path, "last") == []

@@ -19,7 +19,7 @@ import torch
 from cfo.plots import plot_history, plot_history_overlay, plot_pareto
 from cfo.results import format_table
 from cfo.tasks import toy2d
-from cfo.jobs import slug
+from cfo.jobs import returned_round_lines, slug
 from cfo.tasks.toy_experiment import PAPER_BUDGET_TABLE, PAPER_TOY_TABLE, ToyJob, ToyRunConfig, load_toy_config
 
 __all__ = ["write_study_plots", "render_toy_report", "sweep_summary", "STUDY_TITLES"]
@@ -191,6 +191,7 @@ def _main_section(cfg: ToyRunConfig, rows: list[dict], out: Path, img) -> list[s
             "the mixture itself, so the two differ by more than noise. The paper reports no KL."
         )
     lines.append("")
+    lines += returned_round_lines(out, cfg.cfo.return_model)
     lines.append(img("samples.png", "samples of each method, seed 0"))
     for r in rows:
         if r.get("base_method", r["method"]).startswith("CFO_"):

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from cfo.jobs import Job, slug
+from cfo.jobs import Job, returned_round_lines, slug
 from cfo.plots import plot_history
 
 __all__ = ["format_mol_table", "write_mol_plots", "render_mol_report", "is_molecular_run"]
@@ -232,7 +232,7 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
         "The paper (FlowMol on GEOM-Drugs, 45 atoms, surrogate-based values, 95 % CI; validity from a secondary source):", "",
         *_paper_table(), "",
         *_notes(rows), "",
-        *_returned_rounds(out, c),
+        *returned_round_lines(out, c.get("return_model", "last")),
     ]
     per_seed_file = out / "results_per_seed.json"
     if any(r.get("n_seeds", 1) > 1 for r in rows) and per_seed_file.exists():
@@ -249,17 +249,3 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
         if g:
             lines += ["", f"Valid samples of {r['method']}:", "", g]
     return "\n".join(line for line in lines if line is not None).rstrip() + "\n"
-
-
-def _returned_rounds(out: Path, cfo_cfg: dict) -> list[str]:
-    """One line per CFO job whose model is not its last round's (``return_model: best_feasible``)."""
-    if cfo_cfg.get("return_model", "last") == "last" or not (out / "history.json").exists():
-        return []
-    lines = []
-    for label, per_seed in json.loads((out / "history.json").read_text()).items():
-        for seed, rounds in per_seed.items():
-            chosen = [h["k"] for h in rounds if h.get("returned")]
-            if chosen:
-                lines.append(f"- {label}, {seed}: the final samples are round {chosen[0]}'s model of {len(rounds)} "
-                             "(`return_model: best_feasible`: the round with the highest estimated reward whose estimate met every bound).")
-    return lines + [""] if lines else []

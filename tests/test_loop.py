@@ -202,15 +202,18 @@ class ScriptedShift:
         self.shifts, self.calls, self.last_stats = [torch.tensor(s) for s in shifts], 0, None
 
     def finetune(self, model, reward, alpha, steps, *, reference, generator=None, progress=False, checkpoint=None):
-        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
         with torch.no_grad():
-            last.bias.copy_(self.shifts[self.calls])
+            _output_layer(model).bias.copy_(self.shifts[self.calls])
         self.calls += 1
         return model
 
 
+def _output_layer(model) -> torch.nn.Linear:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
 def _shift_of(model) -> torch.Tensor:
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].bias.detach().clone()
+    return _output_layer(model).bias.detach().clone()
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -253,7 +256,7 @@ def test_best_feasible_without_a_feasible_round_returns_the_last_and_last_is_the
 def test_reports_name_the_returned_round_only_under_best_feasible(tmp_path):
     import json
 
-    from cfo.jobs import returned_round_lines
+    from cfo.results import returned_round_lines
 
     rounds = [{"k": 1, "returned": False}, {"k": 2, "returned": True}, {"k": 3, "returned": False}]
     (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": rounds}}))

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-__all__ = ["JOB_PRIORITY", "Job", "execute_jobs", "load_record", "load_run_config", "machine_info", "prepare_run_folder", "returned_round_lines", "slug", "store_record"]
+__all__ = ["JOB_PRIORITY", "Job", "execute_jobs", "load_record", "load_run_config", "machine_info", "prepare_run_folder", "slug", "store_record"]
 
 # Longest first when jobs are scheduled: CFO, then fixed-weight Lagrangian, unconstrained, pre-trained.
 JOB_PRIORITY = {"CFO_AM": 0, "CFO_NFT": 1, "LAG_AM": 2, "LAG_NFT": 3, "AM": 4, "NFT": 5, "PRE": 6}
@@ -153,18 +153,3 @@ def execute_jobs(
     if missing:
         raise RuntimeError(f"jobs finished without a stored record: {missing}")
     return records  # type: ignore[return-value]
-
-
-def returned_round_lines(out: Path, return_model: str) -> list[str]:
-    """Report lines, one per CFO job of run folder ``out`` whose history marks a ``returned`` round, when the run used
-    ``return_model: best_feasible`` (under ``last`` the final samples are always round K's model: no lines)."""
-    if return_model == "last" or not (out / "history.json").exists():
-        return []
-    lines = []
-    for label, per_seed in json.loads((out / "history.json").read_text()).items():
-        for seed, rounds in per_seed.items():
-            chosen = [h["k"] for h in rounds if h.get("returned")]
-            if chosen:
-                lines.append(f"- {label}, {seed}: the final samples are round {chosen[0]}'s model of {len(rounds)} "
-                             "(`return_model: best_feasible`: the round with the highest estimated reward whose estimate met every bound).")
-    return lines + [""] if lines else []

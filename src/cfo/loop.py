@@ -244,7 +244,7 @@ class CFO:
             "lam": lam.cpu(),
             "rho": rho.cpu(),
             "v_prev": None if v_prev is None else v_prev.cpu(),
-            "model": {n: t.detach().cpu() for n, t in model.state_dict().items()},
+            "model": _cpu_state_dict(model),
             "history": [asdict(h) for h in history],
             "best": best,
         }
@@ -282,7 +282,7 @@ class CFO:
         rho = cfg.initial_rho(m)
         v_prev: torch.Tensor | None = None
         history: list[RoundRecord] = []
-        best: dict | None = None  # {"k", "reward", "model"}: the best round whose estimate met every bound
+        best: dict | None = None  # {"k", "model"}: the best round whose estimate met every bound
         start = 1
         state = self._load()
         if state is not None:
@@ -328,8 +328,8 @@ class CFO:
                 )
             )
             lam, rho, v_prev = lam_next, rho_next, v
-            if _improves_best(gap, evaluation.reward_mean, best):
-                best = {"k": k, "reward": float(evaluation.reward_mean), "model": {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}}
+            if _improves_best(gap, evaluation.reward_mean, None if best is None else history[best["k"] - 1].reward_mean):
+                best = {"k": k, "model": _cpu_state_dict(model)}
             self._save(model, k, lam, rho, v_prev, history, best)
             bar.set_postfix(lam=_fmt(lam), rho=_fmt(rho), G=_fmt(gap), r=f"{evaluation.reward_mean:.3g}")
             log.info("round %d: lambda=%s rho=%s G=%s E[r]=%.4g", k, lam.tolist(), rho.tolist(), gap.tolist(), evaluation.reward_mean)
@@ -342,7 +342,7 @@ class CFO:
                 elif best["k"] != cfg.rounds:
                     model.load_state_dict(best["model"], strict=True)
                     chosen = history[best["k"] - 1]
-                    log.info("return_model=best_feasible: returning round %d's model (E[r] %.4g)", best["k"], best["reward"])
+                    log.info("return_model=best_feasible: returning round %d's model (E[r] %.4g)", chosen.k, chosen.reward_mean)
             result.selected_round = chosen.k
             result.final = Evaluation(
                 n=cfg.eval_samples,
@@ -355,9 +355,15 @@ class CFO:
         return result
 
 
-def _improves_best(gap: torch.Tensor, reward_mean: float, best: dict | None) -> bool:
-    """Whether a round with gaps ``G_k`` and estimated ``E[r]`` is feasible (every ``G_k <= 0``) and beats ``best``."""
-    return bool((gap <= 0).all()) and (best is None or reward_mean > best["reward"])
+def _improves_best(gap: torch.Tensor, reward_mean: float, best_reward: float | None) -> bool:
+    """Whether a round with gaps ``G_k`` and estimated ``E[r]`` is feasible (every ``G_k <= 0``) and beats the best
+    feasible round so far (estimated reward ``best_reward``; ``None``: no feasible round yet)."""
+    return bool((gap <= 0).all()) and (best_reward is None or reward_mean > best_reward)
+
+
+def _cpu_state_dict(model: FlowModel) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model``'s parameters and buffers (training goes on in place after it is taken)."""
+    return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
 
 
 def _fmt(t: torch.Tensor) -> str:

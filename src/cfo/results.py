@@ -31,7 +31,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["ROW_FIELDS", "aggregate_rows", "write_results", "format_table"]
+__all__ = ["ROW_FIELDS", "aggregate_rows", "write_results", "format_table", "returned_round_lines"]
 
 ROW_FIELDS = [
     "method", "solver", "n_seeds", "reward_mean", "reward_std", "constraint_mean", "constraint_std", "bound",
@@ -125,3 +125,18 @@ def format_table(rows: list[dict], reward_name: str = "E[r]", constraint_name: s
         cells.append(f"{r['wall_s']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def returned_round_lines(out: Path, return_model: str) -> list[str]:
+    """Report lines, one per CFO job of run folder ``out`` whose history marks a ``returned`` round, when the run used
+    ``return_model: best_feasible`` (under ``last`` the final samples are always round K's model: no lines)."""
+    if return_model == "last" or not (out / "history.json").exists():
+        return []
+    lines = []
+    for label, per_seed in json.loads((out / "history.json").read_text()).items():
+        for seed, rounds in per_seed.items():
+            chosen = [h["k"] for h in rounds if h.get("returned")]
+            if chosen:
+                lines.append(f"- {label}, {seed}: the final samples are round {chosen[0]}'s model of {len(rounds)} "
+                             "(`return_model: best_feasible`: the round with the highest estimated reward whose estimate met every bound).")
+    return lines + [""] if lines else []

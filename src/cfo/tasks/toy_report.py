@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from cfo.plots import plot_history, plot_history_overlay, plot_pareto
-from cfo.results import format_table
+from cfo.results import format_table, returned_round_lines
 from cfo.tasks import toy2d
-from cfo.jobs import returned_round_lines, slug
+from cfo.jobs import slug
 from cfo.tasks.toy_experiment import PAPER_BUDGET_TABLE, PAPER_TOY_TABLE, ToyJob, ToyRunConfig, load_toy_config
 
 __all__ = ["write_study_plots", "render_toy_report", "sweep_summary", "STUDY_TITLES"]

@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from cfo.jobs import Job, returned_round_lines, slug
+from cfo.jobs import Job, slug
+from cfo.results import returned_round_lines
 from cfo.plots import plot_history
 
 __all__ = ["format_mol_table", "write_mol_plots", "render_mol_report", "is_molecular_run"]

@@ -59,6 +59,41 @@ def test_xtb_failures_are_reported_not_raised():
     assert bad.error == "input" and np.isnan(bad.energy)
 
 
+def test_xtb_energy_and_dipole_gradients_match_finite_differences_in_positions():
+    """The analytic energy gradient (Ha/A) and the field-derivative gradient of |mu| (D/A) against central differences
+    of xTB's own energy and |mu| in every coordinate of a strained acetone (strained: generated molecules are)."""
+    z, pos = _geometry("CC(C)=O")
+    pos = pos + np.random.default_rng(1).normal(0, 0.08, pos.shape)
+    res = xtb_singlepoint(z, pos, dipole_gradient=True)
+    assert res.ok and res.dipole_gradient.shape == pos.shape and res.gradient.shape == pos.shape
+    assert xtb_singlepoint(z, pos).dipole_gradient is None  # only on request (it costs two more single points)
+    h = 1e-3
+    fd_e, fd_mu = np.zeros_like(pos), np.zeros_like(pos)
+    for a in range(len(z)):
+        for k in range(3):
+            up, down = pos.copy(), pos.copy()
+            up[a, k] += h
+            down[a, k] -= h
+            ru, rd = xtb_singlepoint(z, up), xtb_singlepoint(z, down)
+            fd_e[a, k] = (ru.energy - rd.energy) / (2 * h)
+            fd_mu[a, k] = (ru.dipole - rd.dipole) / (2 * h)
+    assert np.abs(res.gradient - fd_e).max() < 1e-4 * max(1.0, np.abs(fd_e).max())
+    err = np.linalg.norm(res.dipole_gradient - fd_mu) / np.linalg.norm(fd_mu)
+    assert err < 0.005, err  # relative error over all coordinates (measured: 3e-4)
+    assert np.abs(res.dipole_gradient.sum(axis=0)).max() < 0.02 * np.abs(fd_mu).max()  # translation leaves |mu| unchanged
+
+
+def test_dipole_gradient_in_a_batch_and_on_a_failed_molecule():
+    z, pos = _geometry("C=O")
+    close = pos.copy()
+    close[1] = close[0] + 0.2
+    ok, bad = evaluate_batch([(z, pos), (z, close)], workers=1, timeout_s=60, dipole_gradient=True)
+    assert ok.ok and ok.dipole_gradient.shape == pos.shape
+    assert bad.error == "too_close" and bad.dipole_gradient is None
+    with pytest.raises(ValueError, match="relax_steps"):
+        evaluate_batch([(z, pos)], relax_steps=5, dipole_gradient=True)
+
+
 def test_xtb_relaxation_lowers_the_energy_of_a_distorted_geometry():
     z, pos = _geometry("CC(C)=O")
     distorted = pos + np.random.default_rng(0).normal(0, 0.1, pos.shape)

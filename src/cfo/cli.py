@@ -444,7 +444,7 @@ def mol_run(
     out: Path = typer.Option(Path("runs/mol_run"), help="run folder (rerun the same command to resume)"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (overrides the config)"),
     n_atoms: Optional[int] = typer.Option(None, help="atoms per molecule (overrides the config)"),
-    reward_source: Optional[str] = typer.Option(None, help="NFT methods: predictor or xtb (real GFN2-xTB as black box)"),
+    reward_source: Optional[str] = typer.Option(None, help="training reward and constraint: predictor or xtb (real GFN2-xTB; NFT as a black box, AM with its gradients in the positions)"),
     valence_constraint: bool = typer.Option(False, "--valence-constraint", help="add the validity surrogate as a second constraint"),
     clash_constraint: bool = typer.Option(False, "--clash-constraint", help="add the atom-clash penalty (pairs closer than 0.9 A) as a constraint"),
     workers: Optional[int] = typer.Option(None, help="jobs in parallel (one thread each)"),

@@ -8,7 +8,9 @@ energy (Ha) at or below ``B``:
 Methods (the paper's table): ``PRE``; ``AM`` and ``NFT`` (unconstrained fine-tuning on the dipole); ``CFO_AM`` and
 ``CFO_NFT``; ``LAG_AM`` / ``LAG_NFT``, the fixed-weight Lagrangian ``dipole - mu energy``. All fine-tuning methods get
 the same budget ``M = K N`` of inner iterations. During training the reward and the constraint are the differentiable
-predictor's; DiffusionNFT can instead use real GFN2-xTB as its black box (``reward_source: xtb``).
+predictor's; with ``reward_source: xtb`` every fine-tuning method uses real GFN2-xTB instead: DiffusionNFT as a black
+box, Adjoint Matching with xTB's gradients in the positions (analytic energy gradient, dipole gradient from a field
+derivative; :class:`~cfo.tasks.molecules.oracles.XTBOracle`), so no predictor can be fooled.
 
 Every final sample set is re-scored with real GFN2-xTB (tblite single point on the generated geometry, optionally
 after a short xTB relaxation), so the table shows predictor and xTB values side by side, and the predictor's error on
@@ -85,7 +87,9 @@ class MolRunConfig(BaseModel):
     clash_distance: float = Field(0.9, gt=0, description="d0 of c_clash (A): pairs closer than this are penalised")
     clash_bound: float | None = Field(None, ge=0, description="B_clash; None: the PRE samples' mean c_clash (do not get worse)")
     alpha: float = Field(0.1, gt=0, description="KL weight (the paper's reward_lambda 50 is alpha = 0.02)")
-    reward_source: Literal["predictor", "xtb"] = Field("predictor", description="NFT methods only: predictor or real GFN2-xTB")
+    reward_source: Literal["predictor", "xtb"] = Field(
+        "predictor", description="training reward and constraint: the predictor, or real GFN2-xTB (NFT: black box; AM: xTB gradients in the positions)"
+    )
     mus: list[float] = Field(default_factory=lambda: [1.0], description="fixed weights of LAG_* (energy weight)")
     cfo: CFOConfig = Field(
         default_factory=lambda: CFOConfig(rounds=6, steps_per_round=10, rho_init=1.0, eta=1.25, tau=0.99, lambda_min=-50.0, eval_samples=100)
@@ -113,8 +117,6 @@ class MolRunConfig(BaseModel):
             raise ValueError("methods and seeds must not be empty")
         if any(m.startswith("LAG_") for m in self.methods) and (not self.mus or any(not (mu >= 0 and math.isfinite(mu)) for mu in self.mus)):
             raise ValueError(f"mus must be a non-empty list of finite weights >= 0, got {self.mus}")
-        if self.reward_source == "xtb" and any(m.endswith("_AM") or m == "AM" for m in self.methods):
-            raise ValueError("reward_source 'xtb' is a black box: it works with the NFT methods only (AM needs gradients)")
         return self
 
     @property
@@ -163,17 +165,22 @@ def _load_models(cfg: MolRunConfig):
     return MoleculeFlowModel(net, cfg.n_atoms).to(cfg.device), predictor
 
 
-def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], black_box: bool = False):
+def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], xtb: Literal["no", "black_box", "gradients"] = "no"):
     """The constrained problem on flat states: reward = dipole (D), constraint = energy (Ha) ``<= bounds['energy']``,
-    plus ``c_val <= bounds['valence']`` and ``c_clash <= bounds['clash']`` when configured. ``black_box`` uses real GFN2-xTB (NFT only). Returns
-    ``(problem, counters, oracle)``: the :class:`CountedValues` wrappers that count failed values, and the oracle
-    (an :class:`XTBOracle` keeps its failure causes)."""
+    plus ``c_val <= bounds['valence']`` and ``c_clash <= bounds['clash']`` when configured. Dipole and energy come
+    from the predictor (``xtb="no"``) or from real GFN2-xTB, as a black box (``"black_box"``, for DiffusionNFT) or
+    differentiable in the positions (``"gradients"``, for Adjoint Matching). Returns ``(problem, counters, oracle)``:
+    the :class:`CountedValues` wrappers that count failed values, and the oracle (an :class:`XTBOracle` keeps its
+    failure causes)."""
     from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, atom_clash, valence_violation
 
-    oracle = XTBOracle(cfg.xtb_workers, cfg.xtb_timeout_s) if black_box else PredictorOracle(predictor)
-    diff = not black_box
-    src = "xtb" if black_box else "predicted"
-    explain = oracle.explain_last if black_box else None
+    if xtb not in ("no", "black_box", "gradients"):
+        raise ValueError(f"xtb must be 'no', 'black_box' or 'gradients', got {xtb!r}")
+    use_xtb = xtb != "no"
+    oracle = XTBOracle(cfg.xtb_workers, cfg.xtb_timeout_s, gradients=xtb == "gradients") if use_xtb else PredictorOracle(predictor)
+    diff = xtb != "black_box"
+    src = "xtb" if use_xtb else "predicted"
+    explain = oracle.explain_last if use_xtb else None
     r = CountedValues(oracle.dipole, f"{src} dipole", "min", diff, explain)
     c = CountedValues(oracle.energy, f"{src} energy", "max", diff, explain)
     constraints = [Constraint(c, bounds["energy"], differentiable=diff, name="energy", unit="Ha")]
@@ -345,10 +352,16 @@ def _row(cfg: MolRunConfig, job: Job, solver: str, problem, ev: Evaluation, wall
         "constraint_mean": cons[0]["mean"], "constraint_std": cons[0]["std"], "bound": cons[0]["bound"],
         "satisfied": all(c["mean"] <= c["bound"] for c in cons), "feasible_fraction": ev.feasible_fraction,
         "constraints": cons, "wall_s": wall, "inner_steps": 0 if job.method == "PRE" else cfg.budget, "mu": job.mu,
-        "reward_source": cfg.reward_source if job.method.endswith("NFT") else "predictor",
+        "reward_source": training_source(cfg, job),
         "training_failures": {k: v.failures for k, v in counters.items()},
         "metrics": metrics,
     }
+
+
+def training_source(cfg: MolRunConfig, job: Job) -> str:
+    """``"xtb"`` or ``"predictor"``: what the job trained on (PRE trains on nothing; its row says ``"predictor"`` as
+    before)."""
+    return cfg.reward_source if job.method != "PRE" else "predictor"
 
 
 def _run_job(args: tuple) -> str:
@@ -358,8 +371,9 @@ def _run_job(args: tuple) -> str:
     cfg = MolRunConfig.model_validate(cfg_dict)
     out = Path(out_dir)
     pre, predictor = _load_models(cfg)
-    black_box = cfg.reward_source == "xtb" and job.method.endswith("NFT")
-    train_problem, counters, oracle = make_problem(cfg, predictor, bounds, black_box=black_box)
+    uses_xtb = training_source(cfg, job) == "xtb"
+    xtb_mode = ("gradients" if job.method.endswith("AM") else "black_box") if uses_xtb else "no"
+    train_problem, counters, oracle = make_problem(cfg, predictor, bounds, xtb=xtb_mode)
     t0 = time.perf_counter()
     model, solver, history, ckpt = _train(cfg, job, pre, train_problem, out, progress, counters, oracle)
     wall = time.perf_counter() - t0
@@ -377,7 +391,7 @@ def _run_job(args: tuple) -> str:
     metrics = _score_samples(cfg, job, x, r.double().cpu().numpy(), c[:, 0].double().cpu().numpy(), bounds, out)
     row = _row(cfg, job, solver, eval_problem, ev, wall, metrics, counters)
     row["evaluation_failures"] = {k: v.failures for k, v in eval_counters.items()}
-    if black_box:
+    if uses_xtb:
         row["training_xtb_failure_causes"] = oracle.causes
     torch.save(x.cpu(), job_folder(out, job) / f"seed{job.seed}_states.pt")
     store_record(out, job, {"row": row, "history": history})

@@ -2,7 +2,9 @@
 
 * :class:`PredictorOracle`: the differentiable predictor (dipole in D, GFN2-xTB energy in Ha), for Adjoint Matching
   and DiffusionNFT alike.
-* :class:`XTBOracle`: real GFN2-xTB (tblite) single points on the decoded molecules, a black box for DiffusionNFT.
+* :class:`XTBOracle`: real GFN2-xTB (tblite) single points on the decoded molecules, a black box for DiffusionNFT;
+  with ``gradients=True`` also differentiable in the positions (analytic energy gradient, field-derivative dipole
+  gradient; see :mod:`cfo.tasks.molecules.xtb`), for Adjoint Matching.
 * :func:`valence_violation`: a differentiable validity surrogate, the mean squared distance of each atom's expected
   bond-order sum to the nearest allowed valence of its expected element; zero for every valid neutral molecule with
   one-hot channels. Used as a second constraint (the paper's validity dropped because it was not constrained).
@@ -92,34 +94,58 @@ class PredictorOracle:
         return self.net.from_state(x)[0].to(x.dtype)
 
 
-def xtb_of_decoded(mols: list[dict], workers: int, timeout_s: float, relax_steps: int = 0) -> list:
+def xtb_of_decoded(mols: list[dict], workers: int, timeout_s: float, relax_steps: int = 0, dipole_gradient: bool = False) -> list:
     """GFN2-xTB results (:class:`~cfo.tasks.molecules.xtb.XTBResult`, failures included) of decoded molecules
     (:func:`~cfo.tasks.molecules.flow.decode`), each with its total formal charge."""
     from cfo.tasks.molecules.xtb import evaluate_batch
 
     charges = [int(np.sum(m["charges"])) for m in mols]
     return evaluate_batch([(m["numbers"], m["positions"]) for m in mols], workers=workers, timeout_s=timeout_s,
-                          relax_steps=relax_steps, charges=charges)
+                          relax_steps=relax_steps, charges=charges, dipole_gradient=dipole_gradient)
+
+
+class _PositionGradient(torch.autograd.Function):
+    """``values [B]`` as a function of ``pos [B, N, 3]`` whose gradient is the given ``grads [B, N, 3]`` (computed
+    outside autograd, here by GFN2-xTB); the type, charge and bond channels get no gradient (xTB sees their argmax)."""
+
+    @staticmethod
+    def forward(ctx, pos: torch.Tensor, values: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        ctx.save_for_backward(grads)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grads,) = ctx.saved_tensors
+        return grad_out[:, None, None] * grads, None, None
 
 
 class XTBOracle:
     """GFN2-xTB (tblite) single points of the decoded molecules (argmax types and charges, the generated geometry).
 
     Energy and dipole come from one calculation, so the last batch is cached: the reward and the constraint of the
-    same samples cost one xTB run. A failed molecule gives NaN (counted and replaced by :class:`CountedValues`)."""
+    same samples cost one xTB run. A failed molecule gives NaN (counted and replaced by :class:`CountedValues`).
 
-    def __init__(self, workers: int = 2, timeout_s: float = 60.0) -> None:
-        self.workers, self.timeout_s = workers, timeout_s
+    ``gradients=True``: when the state requires a gradient (the terminal adjoint of Adjoint Matching), energy and
+    ``|mu|`` are differentiable in the position channels: ``dE/dR`` is tblite's analytic gradient, ``d|mu|/dR`` two
+    single points in a weak field (:func:`~cfo.tasks.molecules.xtb.dipole_norm_gradient`), so a batch costs three
+    single points per molecule instead of one; a failed molecule contributes no gradient. The type, charge and bond
+    channels get none (xTB is evaluated on their argmax); evaluations without a gradient cost one single point."""
+
+    def __init__(self, workers: int = 2, timeout_s: float = 60.0, gradients: bool = False) -> None:
+        self.workers, self.timeout_s, self.gradients = workers, timeout_s, gradients
         self._key: torch.Tensor | None = None
-        self._values: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._values: tuple | None = None  # (energy, dipole, energy gradient or None, dipole gradient or None)
         self.causes: dict[str, int] = {}
         self.last_causes: dict[str, int] = {}  # failure causes in the last batch computed
 
-    def _compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self, x: torch.Tensor) -> tuple:
+        need_grad = self.gradients and x.requires_grad and torch.is_grad_enabled()
         key = x.detach().cpu()
-        if self._key is not None and self._key.shape == key.shape and torch.equal(self._key, key):
+        if (self._key is not None and self._key.shape == key.shape and torch.equal(self._key, key)
+                and (not need_grad or self._values[2] is not None)):
             return self._values  # type: ignore[return-value]
-        results = xtb_of_decoded(decode(key, layout_for_dim(x.shape[-1])), self.workers, self.timeout_s)
+        lay = layout_for_dim(x.shape[-1])
+        results = xtb_of_decoded(decode(key, lay), self.workers, self.timeout_s, dipole_gradient=need_grad)
         self.last_causes = {}
         for r in results:
             if not r.ok:
@@ -127,14 +153,27 @@ class XTBOracle:
                 self.last_causes[r.error] = self.last_causes.get(r.error, 0) + 1
         energy = torch.tensor([r.energy if r.ok else float("nan") for r in results], dtype=x.dtype, device=x.device)
         dipole = torch.tensor([r.dipole if r.ok else float("nan") for r in results], dtype=x.dtype, device=x.device)
-        self._key, self._values = key, (energy, dipole)
-        return energy, dipole
+        grads: list = [None, None]
+        if need_grad:
+            zero = np.zeros((lay.n_atoms, 3))
+            for k, attr in enumerate(("gradient", "dipole_gradient")):
+                g = np.stack([getattr(r, attr) if r.ok else zero for r in results])
+                grads[k] = torch.as_tensor(g, dtype=x.dtype, device=x.device)
+        self._key, self._values = key, (energy, dipole, grads[0], grads[1])
+        return self._values
+
+    def _value(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        values = self._compute(x)
+        if not (self.gradients and x.requires_grad and torch.is_grad_enabled()):
+            return values[which]
+        pos = layout_for_dim(x.shape[-1]).unpack(x)[0]
+        return _PositionGradient.apply(pos, values[which], values[2 + which])
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
-        return self._compute(x)[0]
+        return self._value(x, 0)
 
     def dipole(self, x: torch.Tensor) -> torch.Tensor:
-        return self._compute(x)[1]
+        return self._value(x, 1)
 
     def explain_last(self) -> str:
         """The failure causes of the last batch, e.g. ``"causes: scf 30, too_close 2"``."""

@@ -188,6 +188,21 @@ def _notes(rows: list[dict]) -> list[str]:
     return notes
 
 
+def _xtb_trained(cfg: dict) -> str:
+    """Which solvers of the run trained on xTB: ``"DiffusionNFT"``, ``"Adjoint Matching"`` or both."""
+    methods = [m for m in cfg["methods"] if m != "PRE"]
+    names = [name for suffix, name in (("AM", "Adjoint Matching"), ("NFT", "DiffusionNFT")) if any(m.endswith(suffix) for m in methods)]
+    return " and ".join(names) or "no method"
+
+
+def _xtb_use(cfg: dict) -> str:
+    """How the run's solvers used xTB, e.g. ``"DiffusionNFT as a black box"``."""
+    methods = [m for m in cfg["methods"] if m != "PRE"]
+    uses = [use for suffix, use in (("AM", "Adjoint Matching with xTB's gradients in the positions"), ("NFT", "DiffusionNFT as a black box"))
+            if any(m.endswith(suffix) for m in methods)]
+    return "; ".join(uses) or "no method trained"
+
+
 def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_rel: str = ".", level: int = 2) -> str:
     """Markdown for one molecular run folder: our table, the paper's beside it, notes measured from the run, plots."""
     import shutil
@@ -220,14 +235,14 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
     scoring = "single point on the generated geometry" if not relax else f"after {relax} GFN2-xTB relaxation steps"
     lines = [
         f"{head} Molecules: dipole under a GFN2-xTB energy bound ({cfg['n_atoms']} atoms"
-        + ("; DiffusionNFT trained on real GFN2-xTB)" if cfg.get("reward_source") == "xtb" else ")"), "",
+        + (f"; {_xtb_trained(cfg)} trained on real GFN2-xTB)" if cfg.get("reward_source") == "xtb" else ")"), "",
         f"Run folder `{out.name}`: methods {', '.join(cfg['methods'])}; seeds {cfg['seeds']}; K = {c['rounds']}, N = {c['steps_per_round']} "
         f"(budget M = {c['rounds'] * c['steps_per_round']} inner iterations for every fine-tuning method); alpha = {cfg['alpha']}; "
         f"{cfg['eval_samples']} final samples per method and seed ({cfg['eval_ode_steps']} midpoint ODE steps); machine: "
         f"{machine.get('host', '?')}, {machine.get('cpu_count', '?')} CPUs, device {machine.get('device', '?')}, torch {machine.get('torch', '?')}. "
         f"Bound B = {rows[0]['bound']:g} Ha" + (f" (the paper's relative placement: the PRE samples' mean predicted energy {measured['pre_energy_mean']:.2f} Ha x 80/77.86)" if measured and cfg.get("energy_bound") is None else "")
-        + f". Training reward and constraint: the predictor{' (NFT: real GFN2-xTB)' if cfg.get('reward_source') == 'xtb' else ''}; "
-        f"the xTB columns re-score the final samples with tblite GFN2-xTB ({scoring}). "
+        + (f". Training reward and constraint: real GFN2-xTB ({_xtb_use(cfg)}); " if cfg.get("reward_source") == "xtb" else ". Training reward and constraint: the predictor; ")
+        + f"the xTB columns re-score the final samples with tblite GFN2-xTB ({scoring}). "
         "Wall times: training per seed (for CFO including its per-round estimates of G_k).", "",
         format_mol_table(rows), "",
         "The paper (FlowMol on GEOM-Drugs, 45 atoms, surrogate-based values, 95 % CI; validity from a secondary source):", "",

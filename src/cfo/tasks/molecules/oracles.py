@@ -109,7 +109,7 @@ class _PositionGradient(torch.autograd.Function):
     outside autograd, here by GFN2-xTB); the type, charge and bond channels get no gradient (xTB sees their argmax)."""
 
     @staticmethod
-    def forward(ctx, pos: torch.Tensor, values: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+    def forward(ctx, pos: torch.Tensor, values: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(grads)
         return values.clone()
 
@@ -138,8 +138,11 @@ class XTBOracle:
         self.causes: dict[str, int] = {}
         self.last_causes: dict[str, int] = {}  # failure causes in the last batch computed
 
+    def _wants_gradient(self, x: torch.Tensor) -> bool:
+        return self.gradients and x.requires_grad and torch.is_grad_enabled()
+
     def _compute(self, x: torch.Tensor) -> tuple:
-        need_grad = self.gradients and x.requires_grad and torch.is_grad_enabled()
+        need_grad = self._wants_gradient(x)
         key = x.detach().cpu()
         if (self._key is not None and self._key.shape == key.shape and torch.equal(self._key, key)
                 and (not need_grad or self._values[2] is not None)):
@@ -164,7 +167,7 @@ class XTBOracle:
 
     def _value(self, x: torch.Tensor, which: int) -> torch.Tensor:
         values = self._compute(x)
-        if not (self.gradients and x.requires_grad and torch.is_grad_enabled()):
+        if not self._wants_gradient(x):
             return values[which]
         pos = layout_for_dim(x.shape[-1]).unpack(x)[0]
         return _PositionGradient.apply(pos, values[which], values[2 + which])

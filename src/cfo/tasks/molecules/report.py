@@ -188,19 +188,26 @@ def _notes(rows: list[dict]) -> list[str]:
     return notes
 
 
+_XTB_SOLVERS = (  # method suffix, solver, how it uses xTB when reward_source is xtb
+    ("AM", "Adjoint Matching", "Adjoint Matching with xTB's gradients in the positions"),
+    ("NFT", "DiffusionNFT", "DiffusionNFT as a black box"),
+)
+
+
+def _xtb_solvers(cfg: dict) -> list[tuple[str, str, str]]:
+    """The rows of ``_XTB_SOLVERS`` whose solver some fine-tuning method of the run uses."""
+    methods = [m for m in cfg["methods"] if m != "PRE"]
+    return [row for row in _XTB_SOLVERS if any(m.endswith(row[0]) for m in methods)]
+
+
 def _xtb_trained(cfg: dict) -> str:
     """Which solvers of the run trained on xTB: ``"DiffusionNFT"``, ``"Adjoint Matching"`` or both."""
-    methods = [m for m in cfg["methods"] if m != "PRE"]
-    names = [name for suffix, name in (("AM", "Adjoint Matching"), ("NFT", "DiffusionNFT")) if any(m.endswith(suffix) for m in methods)]
-    return " and ".join(names) or "no method"
+    return " and ".join(name for _, name, _ in _xtb_solvers(cfg)) or "no method"
 
 
 def _xtb_use(cfg: dict) -> str:
     """How the run's solvers used xTB, e.g. ``"DiffusionNFT as a black box"``."""
-    methods = [m for m in cfg["methods"] if m != "PRE"]
-    uses = [use for suffix, use in (("AM", "Adjoint Matching with xTB's gradients in the positions"), ("NFT", "DiffusionNFT as a black box"))
-            if any(m.endswith(suffix) for m in methods)]
-    return "; ".join(uses) or "no method trained"
+    return "; ".join(use for _, _, use in _xtb_solvers(cfg)) or "no method trained"
 
 
 def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_rel: str = ".", level: int = 2) -> str:

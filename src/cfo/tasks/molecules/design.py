@@ -324,7 +324,7 @@ def _train(cfg: MolRunConfig, job: Job, pre: MoleculeFlowModel, problem, out: Pa
     the failure ``counters``) and resume from it; the caller clears it once the job's record is stored."""
     if job.method == "PRE":
         return pre, "none", None, None
-    solver = DiffusionNFT(cfg.nft) if job.method.endswith("NFT") else AdjointMatching(cfg.am)
+    solver = DiffusionNFT(cfg.nft) if uses_nft(job.method) else AdjointMatching(cfg.am)
     if job.method.startswith("CFO"):
         loop = CFO(problem, solver, pre, cfg.cfo.model_copy(update={"seed": job.seed}), checkpoint_dir=out / "checkpoints" / job.name,
                    sampler=default_sampler(cfg.eval_ode_steps))
@@ -358,6 +358,11 @@ def _row(cfg: MolRunConfig, job: Job, solver: str, problem, ev: Evaluation, wall
     }
 
 
+def uses_nft(method: str) -> bool:
+    """Whether a fine-tuning method runs DiffusionNFT (zero order); every other one but PRE runs Adjoint Matching."""
+    return method.endswith("NFT")
+
+
 def training_source(cfg: MolRunConfig, job: Job) -> str:
     """``"xtb"`` or ``"predictor"``: what the job trained on (PRE trains on nothing; its row says ``"predictor"`` as
     before)."""
@@ -372,7 +377,7 @@ def _run_job(args: tuple) -> str:
     out = Path(out_dir)
     pre, predictor = _load_models(cfg)
     uses_xtb = training_source(cfg, job) == "xtb"
-    xtb_mode = ("gradients" if job.method.endswith("AM") else "black_box") if uses_xtb else "no"
+    xtb_mode = ("black_box" if uses_nft(job.method) else "gradients") if uses_xtb else "no"
     train_problem, counters, oracle = make_problem(cfg, predictor, bounds, xtb=xtb_mode)
     t0 = time.perf_counter()
     model, solver, history, ckpt = _train(cfg, job, pre, train_problem, out, progress, counters, oracle)

@@ -188,26 +188,29 @@ def _notes(rows: list[dict]) -> list[str]:
     return notes
 
 
-_XTB_SOLVERS = (  # method suffix, solver, how it uses xTB when reward_source is xtb
-    ("AM", "Adjoint Matching", "Adjoint Matching with xTB's gradients in the positions"),
-    ("NFT", "DiffusionNFT", "DiffusionNFT as a black box"),
-)
+_XTB_USE = {  # how each solver uses xTB when reward_source is xtb
+    "Adjoint Matching": "Adjoint Matching with xTB's gradients in the positions",
+    "DiffusionNFT": "DiffusionNFT as a black box",
+}
 
 
-def _xtb_solvers(cfg: dict) -> list[tuple[str, str, str]]:
-    """The rows of ``_XTB_SOLVERS`` whose solver some fine-tuning method of the run uses."""
-    methods = [m for m in cfg["methods"] if m != "PRE"]
-    return [row for row in _XTB_SOLVERS if any(m.endswith(row[0]) for m in methods)]
+def _xtb_solvers(cfg: dict) -> list[str]:
+    """The solvers the run's fine-tuning methods use, in ``_XTB_USE``'s order (the choice is the run's own,
+    :func:`~cfo.tasks.molecules.design.uses_nft`)."""
+    from cfo.tasks.molecules.design import uses_nft
+
+    used = {"DiffusionNFT" if uses_nft(m) else "Adjoint Matching" for m in cfg["methods"] if m != "PRE"}
+    return [name for name in _XTB_USE if name in used]
 
 
 def _xtb_trained(cfg: dict) -> str:
     """Which solvers of the run trained on xTB: ``"DiffusionNFT"``, ``"Adjoint Matching"`` or both."""
-    return " and ".join(name for _, name, _ in _xtb_solvers(cfg)) or "no method"
+    return " and ".join(_xtb_solvers(cfg)) or "no method"
 
 
 def _xtb_use(cfg: dict) -> str:
     """How the run's solvers used xTB, e.g. ``"DiffusionNFT as a black box"``."""
-    return "; ".join(use for _, _, use in _xtb_solvers(cfg)) or "no method trained"
+    return "; ".join(_XTB_USE[name] for name in _xtb_solvers(cfg)) or "no method trained"
 
 
 def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_rel: str = ".", level: int = 2) -> str:

@@ -327,6 +327,17 @@ def test_seed_aggregation_sums_sample_counts_and_averages_means():
     assert m["xtb_scored"] + sum(m["xtb_failures"].values()) == 300
     assert m["xtb_dipole"]["mean"] == pytest.approx(20.0) and m["xtb_dipole"]["n"] == 189
     assert m["chem_validity"] == pytest.approx(0.04) and m["xtb_satisfied"] is False
+    assert m["xtb_satisfied_seeds"] == [2, 3]  # seeds 0 and 2 met the bound, seed 1 did not
+
+
+def test_table_counts_the_seeds_that_met_the_bound():
+    """An aggregated row says how many seeds met the xTB bound; a one-seed row says only yes or no."""
+    from cfo.tasks.molecules.report import _satisfied_cell
+
+    assert _satisfied_cell({"xtb_satisfied": False, "xtb_satisfied_seeds": [1, 4]}) == "no (1 of 4 seeds)"
+    assert _satisfied_cell({"xtb_satisfied": True, "xtb_satisfied_seeds": [4, 4]}) == "yes (4 of 4 seeds)"
+    assert _satisfied_cell({"xtb_satisfied": True}) == "yes"  # a single seed's row (or an older run folder)
+    assert _satisfied_cell({"xtb_satisfied": False, "xtb_satisfied_seeds": [0, 1]}) == "no"
 
 
 def test_cfo_am_trains_on_real_xtb_gradients(tmp_path):

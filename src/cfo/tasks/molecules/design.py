@@ -420,8 +420,9 @@ def _aggregate_metrics(rows: list[dict], per_seed: list[dict]) -> None:
                 agg[key] = {"mean": float(np.mean(means)) if means else None,
                             "se": float(np.std(means, ddof=1)) if len(means) > 1 else (ses[0] if ses else None),
                             "n": sum(r["metrics"][key]["n"] for r in mine)}
-            elif isinstance(value, bool):
+            elif isinstance(value, bool):  # true when every seed's is; how many seeds' are goes beside it
                 agg[key] = all(r["metrics"][key] for r in mine)
+                agg[f"{key}_seeds"] = [sum(bool(r["metrics"][key]) for r in mine), len(mine)]
             elif key in SUMMED_METRICS:  # counts of samples: the seeds' total, like the failure counts beside them
                 agg[key] = sum(int(r["metrics"][key] or 0) for r in mine)
             elif isinstance(value, (int, float)) or value is None:

@@ -23,6 +23,26 @@ def _pct(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.0f}%"
 
 
+def _satisfied_cell(metrics: dict) -> str:
+    """'yes'/'no' for the bound by xTB; over several seeds 'yes' only when every seed met it, with the count of seeds
+    that did beside it ('no (1 of 4 seeds)')."""
+    cell = "yes" if metrics["xtb_satisfied"] else "no"
+    met, n = metrics.get("xtb_satisfied_seeds", (None, 1))
+    return cell if n <= 1 else f"{cell} ({met} of {n} seeds)"
+
+
+def _count_satisfied_seeds(rows: list[dict], per_seed_file: Path) -> None:
+    """Fill ``xtb_satisfied_seeds`` (seeds that met the bound, seeds) of aggregated rows from the per-seed records,
+    for run folders written before the aggregation stored it."""
+    if not per_seed_file.exists():
+        return
+    per_seed = json.loads(per_seed_file.read_text())
+    for r in rows:
+        mine = [p for p in per_seed if p["method"] == r["method"] and "xtb_satisfied" in p.get("metrics", {})]
+        if len(mine) > 1 and "xtb_satisfied_seeds" not in r.get("metrics", {}):
+            r["metrics"]["xtb_satisfied_seeds"] = [sum(bool(p["metrics"]["xtb_satisfied"]) for p in mine), len(mine)]
+
+
 def format_mol_table(rows: list[dict]) -> str:
     """The molecular table: predictor and GFN2-xTB values side by side, feasibility, chemistry and wall time."""
     b = rows[0]["bound"]
@@ -37,7 +57,7 @@ def format_mol_table(rows: list[dict]) -> str:
         cells = [r["method"], _pm(r["reward_mean"], r["reward_std"]), _pm(r["constraint_mean"], r["constraint_std"]),
                  "yes" if r["constraints"][0]["mean"] <= r["constraints"][0]["bound"] else "no",
                  _pm(m["xtb_dipole"]["mean"], m["xtb_dipole"]["se"]), _pm(m["xtb_energy"]["mean"], m["xtb_energy"]["se"]),
-                 "yes" if m["xtb_satisfied"] else "no", _pct(m["xtb_feasible_fraction"])]
+                 _satisfied_cell(m), _pct(m["xtb_feasible_fraction"])]
         cells += [f"{c['mean']:.3f} ({'yes' if c['mean'] <= c['bound'] else 'no'})" for c in r["constraints"][1:]]
         cells += [_pct(m["chem_validity"]), _pct(m["chem_connected"]), _pm(m["chem_qed"], None), _pct(m["chem_lipinski"]), f"{r['wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -225,6 +245,7 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
             raise FileNotFoundError(f"{out} is not a finished molecular run folder: {name} is missing")
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     rows = json.loads((out / "results.json").read_text())
+    _count_satisfied_seeds(rows, out / "results_per_seed.json")
     machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").exists() else {}
     bounds = json.loads((out / "bounds.json").read_text()) if (out / "bounds.json").exists() else {}
     prefix = slug(out.name)
@@ -264,7 +285,7 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
     if any(r.get("n_seeds", 1) > 1 for r in rows) and per_seed_file.exists():
         lines += ["With several seeds, the table above gives the mean over seeds ± the standard deviation across seeds "
                   "(a seed's own ± is its standard error over samples), and 'satisfied (xTB)' there means that every seed "
-                  "met the bound. Each seed:", "",
+                  "met the bound (in brackets: how many seeds did). Each seed:", "",
                   format_per_seed_table(json.loads(per_seed_file.read_text())), ""]
     for r in rows:
         if r.get("base_method", "").startswith("CFO_"):

@@ -192,7 +192,7 @@ def tiny_model(tmp_path_factory):
     return out / "model.pt"
 
 
-def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
+def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model, capfd):
     cfg = {
         "model": str(tiny_model), "n_atoms": 10, "methods": ["PRE", "CFO_AM", "CFO_NFT", "LAG_AM"], "mus": [0.5],
         "valence_constraint": True, "clash_constraint": True,
@@ -207,6 +207,11 @@ def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model):
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["mol", "run", "--config", str(path), "--out", str(out)])
     assert res.exit_code == 0, res.output
+    worker_log = capfd.readouterr().err  # the worker processes write to the inherited stderr, job by job
+    for job in ("CFO_AM_seed0", "CFO_NFT_seed0", "LAG_AM_mu_0.5_seed0", "PRE_seed0"):
+        assert f"[{job}] INFO cfo.jobs: started" in worker_log and f"[{job}] INFO cfo.jobs: finished in" in worker_log, job
+    for k in (1, 2, 3):
+        assert f"[CFO_NFT_seed0] INFO cfo.loop: round {k} of 3: G_k=" in worker_log
     rows = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in rows] == ["PRE", "CFO_AM", "CFO_NFT", "LAG_AM (mu=0.5)"]
     bounds = json.loads((out / "bounds.json").read_text())["bounds"]

@@ -4,10 +4,12 @@ JSON records (so a re-run skips them), and the ``machine.json`` that says where 
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +117,21 @@ def prepare_run_folder(cfg: BaseModel, out: Path, device: str) -> None:
     (out / "machine.json").write_text(json.dumps(machine_info(device), indent=2))
 
 
+def _run_in_worker(run_job: Callable[[tuple], str], name: str, args: tuple) -> str:
+    """Run one job in a worker process, where no progress bar is shown: its log lines carry the job's name, and the
+    start, the end and every CFO round (``lambda_k``, ``rho_k``, ``G_k``) are logged, so a parallel run reports more
+    than the count of finished jobs."""
+    logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(levelname)s %(name)s: %(message)s", force=True)
+    for logger in ("cfo.loop", __name__):
+        logging.getLogger(logger).setLevel(logging.INFO)
+    log = logging.getLogger(__name__)
+    t0 = time.perf_counter()
+    log.info("started")
+    done = run_job(args)
+    log.info("finished in %.0f s", time.perf_counter() - t0)
+    return done
+
+
 def execute_jobs(
     jobs: list[Job],
     out: Path,
@@ -129,7 +146,8 @@ def execute_jobs(
     ``run_job(args)`` (a module-level function: it may run in another process) trains, evaluates and stores one job;
     ``job_args(job, threads, show_progress)`` builds its picklable arguments. With ``workers > 1`` the jobs run in
     spawned processes of one thread each; these are not daemonic (``concurrent.futures``), so a job may start its own
-    worker processes (the molecular task's xTB pool)."""
+    worker processes (the molecular task's xTB pool), and they log each job's start, CFO rounds and end, prefixed with
+    the job's name, in place of the progress bars they cannot show."""
     order = sorted(jobs, key=lambda j: JOB_PRIORITY[j.method])
     todo = [j for j in order if load_record(out, j) is None]
     n_workers = min(workers, max(1, len(todo)))
@@ -144,7 +162,7 @@ def execute_jobs(
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
-            for fut in as_completed([pool.submit(run_job, a) for a in args]):
+            for fut in as_completed([pool.submit(_run_in_worker, run_job, j.name, a) for j, a in zip(todo, args)]):
                 bar.set_postfix(done=fut.result())
                 bar.update()
     bar.close()

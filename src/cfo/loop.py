@@ -332,7 +332,8 @@ class CFO:
                 best = {"k": k, "model": _cpu_state_dict(model)}
             self._save(model, k, lam, rho, v_prev, history, best)
             bar.set_postfix(lam=_fmt(lam), rho=_fmt(rho), G=_fmt(gap), r=f"{evaluation.reward_mean:.3g}")
-            log.info("round %d: lambda=%s rho=%s G=%s E[r]=%.4g", k, lam.tolist(), rho.tolist(), gap.tolist(), evaluation.reward_mean)
+            log.info("round %d of %d: G_k=%s E[c]=%s -> lambda_{k+1}=%s rho_{k+1}=%s E[r]=%.4g (%.0f s)", k, cfg.rounds, _fmt(gap),
+                     ",".join(f"{v:.4g}" for v in evaluation.constraint_mean), _fmt(lam), _fmt(rho), evaluation.reward_mean, history[-1].seconds)
         result = CFOResult(model=model, history=history, lam=lam.tolist(), rho=rho.tolist())
         if history and history[-1].k == cfg.rounds:
             chosen = history[-1]

@@ -218,6 +218,35 @@ def ablate_budget(
     typer.echo(f"wrote {out}/results.json, table.md, budget_rounds.png; `cfo report {out}` renders them")
 
 
+CONFIG_KINDS = ("toy", "mol-run", "mol-pretrain")
+
+
+@app.command()
+def config(
+    kind: str = typer.Argument(..., help=f"which settings: {', '.join(CONFIG_KINDS)}"),
+    out: Optional[Path] = typer.Option(None, help="write the YAML here instead of printing it"),
+) -> None:
+    """Print every setting of a run configuration with its default and what it means, as commented YAML: a starting
+    point for --config (`cfo toy`, `cfo mol run`, `cfo mol pretrain`) that loads back to the defaults."""
+    from cfo.config_docs import commented_yaml
+
+    if kind == "toy":
+        from cfo.tasks.toy_experiment import ToyRunConfig as model
+    elif kind == "mol-run":
+        from cfo.tasks.molecules.design import MolRunConfig as model
+    elif kind == "mol-pretrain":
+        from cfo.tasks.molecules.pretrain import MolPretrainConfig as model
+    else:
+        typer.echo(f"error: unknown configuration {kind!r}; choose from {', '.join(CONFIG_KINDS)}", err=True)
+        raise typer.Exit(2)
+    text = f"# defaults of `cfo config {kind}` ({model.__name__}); every key is optional\n" + commented_yaml(model())
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+
+
 @app.command()
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="run folders (each with config.yaml and results.json)"),

@@ -83,7 +83,7 @@ class CFOConfig(BaseModel):
         "the last model when none did. "
         "Training is the same either way (the loop always continues from the last model); only the returned model differs",
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of every round's random draws (round k draws from its own generator, so a resumed run repeats them)")
 
     @model_validator(mode="after")
     def _check(self) -> "CFOConfig":

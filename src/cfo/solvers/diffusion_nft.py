@@ -60,14 +60,16 @@ class DiffusionNFTConfig(BaseModel):
         "std f, whatever alpha is)"
     )
     decay: Literal[0, 1, 2] = Field(0, description="theta_old EMA schedule: 0 on-policy; 1 min(1e-3 k, 0.5); 2 delayed")
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm of the fine-tuned parameters")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="within one finetune call")
     t_min: float = Field(0.0, ge=0, lt=1, description="times are drawn from U(t_min, t_max)")
     t_max: float = Field(
         1.0, gt=0, le=1, description="upper end of the loss times; below 1 for endpoint-parameterised flows, whose velocity "
         "errors (x1_hat - x1)/(1 - t) would otherwise let the last instants dominate the loss"
     )
-    max_skip_fraction: float = Field(0.1, ge=0, le=1)
+    max_skip_fraction: float = Field(
+        0.1, ge=0, le=1, description="raise when more steps than this fraction are skipped (a step is skipped, counted and logged when its loss is not finite or no reward of its batch is)"
+    )
 
 
 def old_policy_decay(step: int, kind: int) -> float:

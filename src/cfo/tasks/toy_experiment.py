@@ -86,21 +86,24 @@ class ToyRunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     study: Study = Field("main", description="main | mu_sweep | budget_ablation | generation")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="one job per method and seed; tables give the mean and spread over seeds")
     methods: list[str] = Field(default_factory=list, description="empty: the study's default methods with AM")
     cfo: CFOConfig = Field(
+        description="the CFO outer loop (CFO_* methods); K*N is also the budget of the unconstrained and fixed-weight methods",
         default_factory=lambda: CFOConfig(
             rounds=12, steps_per_round=100, rho_init=4.0, eta=1.25, tau=0.99, lambda_min=-50.0, eval_samples=4000, target_margin=0.05
         )
     )
     solver: AdjointMatchingConfig = Field(
+        description="Adjoint Matching, the inner solver of AM, CFO_AM and LAG_AM",
         default_factory=lambda: AdjointMatchingConfig(lr=3e-3, lr_schedule="cosine", batch_size=128, rollout_steps=20)
     )
     nft: DiffusionNFTConfig = Field(
+        description="DiffusionNFT, the inner solver of NFT, CFO_NFT and LAG_NFT",
         default_factory=lambda: DiffusionNFTConfig(lr=3e-4, lr_schedule="cosine", batch_size=256, sample_steps=20, adv_clip=20.0)
     )
     eval_samples: int = Field(5000, ge=2, description="fresh samples of each final model for the table")
-    eval_ode_steps: int = Field(100, ge=1)
+    eval_ode_steps: int = Field(100, ge=1, description="midpoint ODE steps of every evaluation (and of G_k)")
     kl_samples: int = Field(2000, ge=0, description="samples for the KL(pi || pre) estimate of each final model (0: skip)")
     bound: float = Field(toy2d.ToyGeometry().bound, description="B of the triangle constraint")
     mus: list[float] = Field(default_factory=default_mus, description="fixed weights of the LAG_* methods")
@@ -110,7 +113,7 @@ class ToyRunConfig(BaseModel):
     )
     generation_bounds: list[float] = Field(default_factory=lambda: [0.0, 1.0], description="bounds B of the generation study")
     workers: int = Field(2, ge=1, description="parallel processes (one thread each)")
-    device: str = "cpu"
+    device: str = Field("cpu", description="torch device: cpu, cuda or cuda:N")
     pretrained: str | None = Field(None, description="path of the pre-trained toy flow (default: the shipped one)")
 
     @model_validator(mode="after")

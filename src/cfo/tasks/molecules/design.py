@@ -72,9 +72,11 @@ class MolRunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["molecules"] = "molecules"
-    methods: list[str] = Field(default_factory=lambda: ["PRE", "AM", "CFO_AM", "NFT", "CFO_NFT"])
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    task: Literal["molecules"] = Field("molecules", description="the task of the run folder (fixed)")
+    methods: list[str] = Field(
+        default_factory=lambda: ["PRE", "AM", "CFO_AM", "NFT", "CFO_NFT"], description=f"methods to run, from {', '.join(METHODS)} (LAG_*: one job per weight in mus)"
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], description="one job per method and seed; tables give the mean and spread over seeds")
     n_atoms: int = Field(32, ge=2, description="atoms per generated molecule, H included (the paper fixed 45)")
     model: str | None = Field(None, description="pre-trained molecule flow (default: the shipped one)")
     predictor: str | None = Field(None, description="energy/dipole predictor (default: the shipped one)")
@@ -92,21 +94,24 @@ class MolRunConfig(BaseModel):
     )
     mus: list[float] = Field(default_factory=lambda: [1.0], description="fixed weights of LAG_* (energy weight)")
     cfo: CFOConfig = Field(
+        description="the CFO outer loop (CFO_* methods); K*N is also the budget of AM, NFT and LAG_*",
         default_factory=lambda: CFOConfig(rounds=6, steps_per_round=10, rho_init=1.0, eta=1.25, tau=0.99, lambda_min=-50.0, eval_samples=100)
     )
     am: AdjointMatchingConfig = Field(
+        description="Adjoint Matching, the inner solver of AM, CFO_AM and LAG_AM",
         default_factory=lambda: AdjointMatchingConfig(lr=1e-4, batch_size=8, rollout_steps=40, loss_times=10, grad_clip=1.0, adjoint_scheme="euler", adjoint_clip=50.0)
     )
     nft: DiffusionNFTConfig = Field(
+        description="DiffusionNFT, the inner solver of NFT, CFO_NFT and LAG_NFT",
         default_factory=lambda: DiffusionNFTConfig(lr=1e-4, batch_size=32, sample_steps=20, adv_clip=5.0, t_max=0.95)
     )
     eval_samples: int = Field(100, ge=2, description="fresh samples of each final model for the table")
     eval_ode_steps: int = Field(40, ge=1, description="midpoint ODE steps of every evaluation (and of G_k)")
     xtb_relax_steps: int = Field(0, ge=0, description="GFN2-xTB relaxation steps before the re-scoring (0: single point on the generated geometry)")
-    xtb_workers: int = Field(2, ge=1)
-    xtb_timeout_s: float = Field(120.0, gt=0)
+    xtb_workers: int = Field(2, ge=1, description="GFN2-xTB processes per job (training with reward_source xtb, and the re-scoring)")
+    xtb_timeout_s: float = Field(120.0, gt=0, description="seconds before one xTB calculation is abandoned and counted as a failure (timeout)")
     workers: int = Field(1, ge=1, description="jobs run in parallel (one thread each)")
-    device: str = "cpu"
+    device: str = Field("cpu", description="torch device: cpu, cuda or cuda:N")
 
     @model_validator(mode="after")
     def _check(self) -> MolRunConfig:

@@ -47,29 +47,29 @@ RESUMABLE_CHANGES = frozenset({"ema_decay", "eval_every", "eval_samples", "eval_
 class MolPretrainConfig(BaseModel):
     """Settings of ``cfo mol pretrain`` (network, optimisation, evaluation). Unknown keys are rejected."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    hidden: int = Field(128, ge=8)
-    edge_hidden: int = Field(64, ge=4)
-    layers: int = Field(4, ge=1)
-    n_rbf: int = Field(16, ge=1)
-    cutoff: float = Field(8.0, gt=0)
-    steps: int = Field(20000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    min_lr: float = Field(1e-5, ge=0)
-    warmup: int = Field(500, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    w_pos: float = 3.0
-    w_types: float = 0.4
-    w_charges: float = 1.0
-    w_bonds: float = 2.0
-    seed: int = 0
-    checkpoint_every: int = Field(500, ge=1)
-    eval_every: int = Field(5000, ge=1)
-    eval_samples: int = Field(64, ge=0)
-    eval_steps: int = Field(50, ge=1)
-    val_fraction: float = Field(0.05, ge=0, lt=1)
+    hidden: int = Field(128, ge=8, description="width of the atom features of the equivariant network")
+    edge_hidden: int = Field(64, ge=4, description="width of the pair (bond) features")
+    layers: int = Field(4, ge=1, description="message-passing layers")
+    n_rbf: int = Field(16, ge=1, description="Gaussian radial basis functions that encode each pair distance")
+    cutoff: float = Field(8.0, gt=0, description="distance (A) spanned by the radial basis centres")
+    steps: int = Field(20000, ge=1, description="optimisation steps of the whole run (the learning-rate schedule spans them)")
+    batch_size: int = Field(64, ge=1, description="molecules per step (of one size, drawn by the size histogram)")
+    lr: float = Field(5e-4, gt=0, description="peak AdamW learning rate, reached after the warmup")
+    min_lr: float = Field(1e-5, ge=0, description="learning rate at the end of the cosine decay")
+    warmup: int = Field(500, ge=0, description="steps of linear learning-rate warmup")
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    w_pos: float = Field(3.0, description="loss weight of the positions' squared error (FlowMol's 3)")
+    w_types: float = Field(0.4, description="loss weight of the atom types' cross-entropy (FlowMol's 0.4)")
+    w_charges: float = Field(1.0, description="loss weight of the formal charges' cross-entropy (FlowMol's 1)")
+    w_bonds: float = Field(2.0, description="loss weight of the bond orders' cross-entropy (FlowMol's 2)")
+    seed: int = Field(0, description="seed of initialisation, batches, prior draws and times")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (a killed run resumes from the last)")
+    eval_every: int = Field(5000, ge=1, description="steps between sample-quality evaluations")
+    eval_samples: int = Field(64, ge=0, description="molecules generated per evaluation (0: no evaluation)")
+    eval_steps: int = Field(50, ge=1, description="ODE steps of the evaluation's sampling")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="fraction of the dataset held out for the validation loss")
     kekulize: bool = False
     """Train on bond labels in Kekule form (aromatic bonds as alternating single and double; the aromatic class is
     then never a target), instead of the dataset's aromatic labels."""

@@ -309,7 +309,7 @@ def test_per_seed_table_lists_every_seed():
         return {"method": method, "seed": seed, "metrics": metrics, "wall_s": 120.4}
 
     lines = format_per_seed_table([row("NFT", 0, 13.2, -56.9, False, 98, {"scf": 2}), row("NFT", 1, 36.1, -31.2, False, 4, {"too_close": 96})]).splitlines()
-    assert lines[2] == "| NFT | 0 | 98 of 100 | 13.20 ± 0.50 | -56.90 ± 0.60 | no | 25% | 3% | 120 |"
+    assert lines[2] == "| NFT | 0 | 98 of 100 | 13.20 ± 0.50 | -56.90 ± 0.60 | no | 25% | 3% | – | 120 |"  # H fraction not stored
     assert lines[3].startswith("| NFT | 1 | 4 of 100 | 36.10 ± 0.50 | -31.20 ± 0.60 | no |")
     assert len(lines) == 6 and lines[5].startswith("- NFT seed 1: xTB failed on 96 of its 100 final samples")  # flagged
 
@@ -398,3 +398,28 @@ def test_quick_variant_with_the_shipped_model_runs_cfo(tmp_path):
         assert m["xtb_scored"] + sum(m["xtb_failures"].values()) == 16
         assert m["xtb_energy"]["n"] == m["xtb_scored"]
     assert len(json.loads((out / "history.json").read_text())["CFO_AM"]["seed 0"]) == 2
+
+
+def test_hydrogen_fraction_of_samples_and_of_old_run_folders(tmp_path):
+    """``h_fraction`` counts hydrogens among all atoms; a run folder written before the metric existed gets it from
+    its SDF, per seed and (for the aggregated row) as the mean over seeds."""
+    from cfo.tasks.molecules.report import _fill_hydrogen_fraction
+    from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics, write_sdf
+
+    rng = np.random.default_rng(0)
+
+    def mol(numbers, seed):
+        return GeneratedMolecule(numbers, rng.normal(scale=2.0, size=(len(numbers), 3)), properties={"seed": seed})
+
+    methane_like, hydrogen_poor = [6, 1, 1, 1, 1], [6, 8, 7, 6, 1]  # 4 of 5 and 1 of 5 atoms are H
+    summary, _ = molecule_metrics([mol(methane_like, 0), mol(hydrogen_poor, 0)])
+    assert summary["h_fraction"] == pytest.approx(5 / 10)
+    write_sdf([mol(methane_like, 0), mol(methane_like, 0), mol(hydrogen_poor, 1)], tmp_path / "CFO_NFT" / "samples.sdf")
+    rows = [{"method": "CFO_NFT", "metrics": {}}]
+    per_seed = [{"method": "CFO_NFT", "seed": s, "metrics": {}} for s in (0, 1)]
+    _fill_hydrogen_fraction(rows, per_seed, tmp_path)
+    assert [p["metrics"]["chem_h_fraction"] for p in per_seed] == [pytest.approx(0.8), pytest.approx(0.2)]
+    assert rows[0]["metrics"]["chem_h_fraction"] == pytest.approx(0.5)
+    stored = [{"method": "CFO_NFT", "metrics": {"chem_h_fraction": 0.33}}]  # a stored value is kept
+    _fill_hydrogen_fraction(stored, [], tmp_path)
+    assert stored[0]["metrics"]["chem_h_fraction"] == 0.33

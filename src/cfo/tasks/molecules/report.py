@@ -19,6 +19,10 @@ def _pm(mean: float | None, se: float | None, nd: int = 2) -> str:
     return f"{mean:.{nd}f}" + ("" if se is None else f" ± {se:.{nd}f}")
 
 
+def _fraction(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
 def _pct(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.0f}%"
 
@@ -31,16 +35,39 @@ def _satisfied_cell(metrics: dict) -> str:
     return cell if n <= 1 else f"{cell} ({met} of {n} seeds)"
 
 
-def _count_satisfied_seeds(rows: list[dict], per_seed_file: Path) -> None:
+def _count_satisfied_seeds(rows: list[dict], per_seed: list[dict]) -> None:
     """Fill ``xtb_satisfied_seeds`` (seeds that met the bound, seeds) of aggregated rows from the per-seed records,
     for run folders written before the aggregation stored it."""
-    if not per_seed_file.exists():
-        return
-    per_seed = json.loads(per_seed_file.read_text())
     for r in rows:
         mine = [p for p in per_seed if p["method"] == r["method"] and "xtb_satisfied" in p.get("metrics", {})]
         if len(mine) > 1 and "xtb_satisfied_seeds" not in r.get("metrics", {}):
             r["metrics"]["xtb_satisfied_seeds"] = [sum(bool(p["metrics"]["xtb_satisfied"]) for p in mine), len(mine)]
+
+
+def _fill_hydrogen_fraction(rows: list[dict], per_seed: list[dict], out: Path) -> None:
+    """Fill ``chem_h_fraction`` where a run folder written before the metric existed lacks it, from the atoms of
+    ``<method>/samples.sdf`` (every final sample of every seed, each record with its seed): per seed, and for the
+    aggregated row the mean over its seeds, as the runner aggregates."""
+    from cfo.tasks.molecules.chem import rdkit_chem
+
+    for r in rows:
+        if "chem_h_fraction" in r.get("metrics", {}):
+            continue
+        path = out / slug(r["method"]) / "samples.sdf"
+        if not path.exists():
+            continue
+        counts: dict[str, list[int]] = {}
+        for mol in rdkit_chem().SDMolSupplier(str(path), sanitize=False, removeHs=False):
+            if mol is not None:
+                c = counts.setdefault(mol.GetProp("seed") if mol.HasProp("seed") else "", [0, 0])
+                c[0] += sum(a.GetAtomicNum() == 1 for a in mol.GetAtoms())
+                c[1] += mol.GetNumAtoms()
+        by_seed = {seed: h / n for seed, (h, n) in counts.items() if n}
+        for p in per_seed:
+            if p["method"] == r["method"] and str(p["seed"]) in by_seed:
+                p["metrics"].setdefault("chem_h_fraction", by_seed[str(p["seed"])])
+        if by_seed:
+            r["metrics"]["chem_h_fraction"] = sum(by_seed.values()) / len(by_seed)
 
 
 def format_mol_table(rows: list[dict]) -> str:
@@ -50,7 +77,7 @@ def format_mol_table(rows: list[dict]) -> str:
     head = ["method", "dipole (D), predicted", f"energy (Ha), predicted, B = {b:g}", "satisfied (pred.)",
             "dipole (D), xTB", "energy (Ha), xTB", "satisfied (xTB)", "per-sample feasible (xTB)"]
     head += [f"E[{c['name']}] (B = {c['bound']:g})" for c in extra]
-    head += ["validity", "connected", "QED", "Lipinski", "wall s"]
+    head += ["validity", "connected", "H fraction", "QED", "Lipinski", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m = r["metrics"]
@@ -59,7 +86,8 @@ def format_mol_table(rows: list[dict]) -> str:
                  _pm(m["xtb_dipole"]["mean"], m["xtb_dipole"]["se"]), _pm(m["xtb_energy"]["mean"], m["xtb_energy"]["se"]),
                  _satisfied_cell(m), _pct(m["xtb_feasible_fraction"])]
         cells += [f"{c['mean']:.3f} ({'yes' if c['mean'] <= c['bound'] else 'no'})" for c in r["constraints"][1:]]
-        cells += [_pct(m["chem_validity"]), _pct(m["chem_connected"]), _pm(m["chem_qed"], None), _pct(m["chem_lipinski"]), f"{r['wall_s']:.0f}"]
+        cells += [_pct(m["chem_validity"]), _pct(m["chem_connected"]), _fraction(m.get("chem_h_fraction")), _pm(m["chem_qed"], None),
+                  _pct(m["chem_lipinski"]), f"{r['wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -158,8 +186,8 @@ def _paper_table() -> list[str]:
 def format_per_seed_table(per_seed: list[dict]) -> str:
     """One line per method and seed: xTB dipole and energy (mean ± standard error over that seed's samples), whether
     the bound holds by xTB, the per-sample feasible fraction, validity and training wall time."""
-    lines = ["| method | seed | xTB scored | dipole (D), xTB | energy (Ha), xTB | satisfied (xTB) | per-sample feasible (xTB) | validity | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seed | xTB scored | dipole (D), xTB | energy (Ha), xTB | satisfied (xTB) | per-sample feasible (xTB) | validity | H fraction | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for r in per_seed:
         m = r["metrics"]
@@ -167,7 +195,7 @@ def format_per_seed_table(per_seed: list[dict]) -> str:
         scored, total = int(m.get("xtb_scored", 0)), int(m.get("xtb_scored", 0)) + sum(failures.values())
         lines.append(f"| {r['method']} | {r['seed']} | {scored} of {total} | {_pm(m['xtb_dipole']['mean'], m['xtb_dipole']['se'])} | "
                      f"{_pm(m['xtb_energy']['mean'], m['xtb_energy']['se'])} | {'yes' if m['xtb_satisfied'] else 'no'} | "
-                     f"{_pct(m['xtb_feasible_fraction'])} | {_pct(m['chem_validity'])} | {r['wall_s']:.0f} |")
+                     f"{_pct(m['xtb_feasible_fraction'])} | {_pct(m['chem_validity'])} | {_fraction(m.get('chem_h_fraction'))} | {r['wall_s']:.0f} |")
         if total and scored < 0.5 * total:
             notes.append(f"- {r['method']} seed {r['seed']}: xTB failed on {total - scored} of its {total} final samples "
                          f"({failures}); its xTB means describe the {scored} that were scored, and the mean over seeds inherits that.")
@@ -245,7 +273,10 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
             raise FileNotFoundError(f"{out} is not a finished molecular run folder: {name} is missing")
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     rows = json.loads((out / "results.json").read_text())
-    _count_satisfied_seeds(rows, out / "results_per_seed.json")
+    per_seed_file = out / "results_per_seed.json"
+    per_seed = json.loads(per_seed_file.read_text()) if per_seed_file.exists() else []
+    _count_satisfied_seeds(rows, per_seed)
+    _fill_hydrogen_fraction(rows, per_seed, out)
     machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").exists() else {}
     bounds = json.loads((out / "bounds.json").read_text()) if (out / "bounds.json").exists() else {}
     prefix = slug(out.name)
@@ -281,12 +312,11 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
         *_notes(rows), "",
         *returned_round_lines(out, c.get("return_model", "last")),
     ]
-    per_seed_file = out / "results_per_seed.json"
-    if any(r.get("n_seeds", 1) > 1 for r in rows) and per_seed_file.exists():
+    if any(r.get("n_seeds", 1) > 1 for r in rows) and per_seed:
         lines += ["With several seeds, the table above gives the mean over seeds ± the standard deviation across seeds "
                   "(a seed's own ± is its standard error over samples), and 'satisfied (xTB)' there means that every seed "
                   "met the bound (in brackets: how many seeds did). Each seed:", "",
-                  format_per_seed_table(json.loads(per_seed_file.read_text())), ""]
+                  format_per_seed_table(per_seed), ""]
     for r in rows:
         if r.get("base_method", "").startswith("CFO_"):
             lines.append(img(f"cfo_rounds_{slug(r['method'])}.png", f"rounds of {r['method']}"))

@@ -240,8 +240,9 @@ def molecule_metrics(mols: Sequence[GeneratedMolecule]) -> tuple[dict, list[dict
     """Aggregate metrics of generated molecules and a per-molecule list.
 
     Returns ``(summary, per_molecule)``; the summary has ``n``, ``validity`` (largest fragment), ``validity_connected``,
-    ``connected``, ``atom_stability``, ``molecule_stability``, ``uniqueness`` (among valid), and the means of ``qed`` and
-    ``sa`` and the ``lipinski`` pass rate over valid molecules.
+    ``connected``, ``atom_stability``, ``molecule_stability``, ``uniqueness`` (among valid), the means of ``qed`` and
+    ``sa`` and the ``lipinski`` pass rate over valid molecules, and ``h_fraction``, the fraction of all atoms that are
+    hydrogen (a composition collapse of a fine-tuned model shows there first).
     """
     Chem = rdkit_chem()
     rows = []
@@ -274,6 +275,7 @@ def molecule_metrics(mols: Sequence[GeneratedMolecule]) -> tuple[dict, list[dict
         "qed": mean("qed", scored),
         "sa": mean("sa", scored),
         "lipinski": mean("lipinski", scored),
+        "h_fraction": sum(int(np.sum(np.asarray(m.numbers) == 1)) for m in mols) / n_atoms if n_atoms else math.nan,
     }
     return summary, rows
 

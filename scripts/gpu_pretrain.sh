@@ -4,6 +4,8 @@
 #   usage (device tool): bash scripts/gpu_pretrain.sh [MIN]       (carry .whl when the machine lacks pydantic)
 #   another training: CONFIG=configs/mol_pretrain_flowmol.yaml RUN=checkpoints/mol_pretrain_flowmol bash scripts/gpu_pretrain.sh 9
 #   (FlowMol's per-channel schedules; or configs/mol_pretrain_kekule.yaml, checkpoints/mol_pretrain_kekule)
+#   the run that could serve both molecular issues (FlowMol's recipe with the independent coupling AM needs):
+#   CONFIG=configs/mol_pretrain_flowmol_independent.yaml RUN=checkpoints/mol_pretrain_flowmol_independent bash scripts/gpu_pretrain.sh 9
 # The device machine's torch differs from ours and lacks pydantic and RDKit (the evaluation during training needs it): wheels downloaded here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 pydantic==2.14.4 pydantic-core==2.50.5 \
 #       annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 -d .whl

@@ -29,6 +29,7 @@ from cfo.evaluation import default_sampler
 from cfo.tasks.molecules.design import _load_models, expand_mol_jobs, load_mol_run_config
 from cfo.tasks.molecules.flow import MolLayout, decode
 from cfo.tasks.molecules.oracles import xtb_of_decoded
+from cfo.tasks.molecules.toolkit import hydrogen_fraction
 
 
 def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
@@ -38,10 +39,9 @@ def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
     return float(a.mean()), float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0
 
 
-def hydrogen_fraction(x: torch.Tensor, n_atoms: int) -> float:
+def states_hydrogen_fraction(x: torch.Tensor, n_atoms: int) -> float:
     """Fraction of hydrogen atoms among the decoded states ``x`` (a composition collapse shows here first)."""
-    numbers = np.concatenate([np.asarray(m["numbers"]) for m in decode(x, MolLayout(n_atoms))])
-    return float(np.mean(numbers == 1))
+    return hydrogen_fraction([m["numbers"] for m in decode(x, MolLayout(n_atoms))])
 
 
 def score_last_round(run: Path, workers: int) -> list[dict]:
@@ -80,7 +80,7 @@ def score_last_round(run: Path, workers: int) -> list[dict]:
             "last_energy": _mean_se(energy)[0], "last_energy_se": _mean_se(energy)[1],
             "last_satisfied": bool(ok) and float(np.mean(ok)) <= bound, "last_scored": len(ok),
             "last_feasible_fraction": float(np.mean([e <= bound for e in ok])) if ok else None,
-            "reported_H_fraction": hydrogen_fraction(returned, cfg.n_atoms), "last_H_fraction": hydrogen_fraction(x, cfg.n_atoms),
+            "reported_H_fraction": states_hydrogen_fraction(returned, cfg.n_atoms), "last_H_fraction": states_hydrogen_fraction(x, cfg.n_atoms),
             "seconds": time.perf_counter() - t0, "bound": bound,
         })
     return rows
@@ -109,7 +109,7 @@ def main() -> None:
     for job in expand_mol_jobs(cfg):
         states = args.run / slug(job.label) / f"seed{job.seed}_states.pt"
         if states.exists():
-            print(f"| {job.name} | {hydrogen_fraction(torch.load(states, weights_only=True), cfg.n_atoms):.2f} |")
+            print(f"| {job.name} | {states_hydrogen_fraction(torch.load(states, weights_only=True), cfg.n_atoms):.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -413,6 +413,12 @@ def _run_job(args: tuple) -> str:
 SUMMED_METRICS = ("xtb_scored", "chem_n")
 
 
+def seeds_where(flag: str, per_seed: list[dict]) -> list[int]:
+    """``[seeds whose metric flag is true, seeds]`` among one method's per-seed rows (e.g. ``xtb_satisfied``: how many
+    seeds met the bound by xTB)."""
+    return [sum(bool(r["metrics"][flag]) for r in per_seed), len(per_seed)]
+
+
 def _aggregate_metrics(rows: list[dict], per_seed: list[dict]) -> None:
     """Attach to each aggregated row the per-seed mean of every numeric molecular metric (``metrics``)."""
     for row in rows:
@@ -427,7 +433,7 @@ def _aggregate_metrics(rows: list[dict], per_seed: list[dict]) -> None:
                             "n": sum(r["metrics"][key]["n"] for r in mine)}
             elif isinstance(value, bool):  # true when every seed's is; how many seeds' are goes beside it
                 agg[key] = all(r["metrics"][key] for r in mine)
-                agg[f"{key}_seeds"] = [sum(bool(r["metrics"][key]) for r in mine), len(mine)]
+                agg[f"{key}_seeds"] = seeds_where(key, mine)
             elif key in SUMMED_METRICS:  # counts of samples: the seeds' total, like the failure counts beside them
                 agg[key] = sum(int(r["metrics"][key] or 0) for r in mine)
             elif isinstance(value, (int, float)) or value is None:

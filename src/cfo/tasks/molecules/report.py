@@ -38,10 +38,12 @@ def _satisfied_cell(metrics: dict) -> str:
 def _count_satisfied_seeds(rows: list[dict], per_seed: list[dict]) -> None:
     """Fill ``xtb_satisfied_seeds`` (seeds that met the bound, seeds) of aggregated rows from the per-seed records,
     for run folders written before the aggregation stored it."""
+    from cfo.tasks.molecules.design import seeds_where
+
     for r in rows:
         mine = [p for p in per_seed if p["method"] == r["method"] and "xtb_satisfied" in p.get("metrics", {})]
         if len(mine) > 1 and "xtb_satisfied_seeds" not in r.get("metrics", {}):
-            r["metrics"]["xtb_satisfied_seeds"] = [sum(bool(p["metrics"]["xtb_satisfied"]) for p in mine), len(mine)]
+            r["metrics"]["xtb_satisfied_seeds"] = seeds_where("xtb_satisfied", mine)
 
 
 def _fill_hydrogen_fraction(rows: list[dict], per_seed: list[dict], out: Path) -> None:

@@ -236,6 +236,12 @@ def sa_score(rdmol) -> float:
     return float(_SA.calculateScore(rdmol))
 
 
+def hydrogen_fraction(numbers: Sequence[np.ndarray]) -> float:
+    """Fraction of hydrogens among all atoms of molecules given by their atomic ``numbers`` (NaN for no atoms)."""
+    total = sum(len(z) for z in numbers)
+    return sum(int(np.sum(np.asarray(z) == 1)) for z in numbers) / total if total else math.nan
+
+
 def molecule_metrics(mols: Sequence[GeneratedMolecule]) -> tuple[dict, list[dict]]:
     """Aggregate metrics of generated molecules and a per-molecule list.
 
@@ -275,7 +281,7 @@ def molecule_metrics(mols: Sequence[GeneratedMolecule]) -> tuple[dict, list[dict
         "qed": mean("qed", scored),
         "sa": mean("sa", scored),
         "lipinski": mean("lipinski", scored),
-        "h_fraction": sum(int(np.sum(np.asarray(m.numbers) == 1)) for m in mols) / n_atoms if n_atoms else math.nan,
+        "h_fraction": hydrogen_fraction([m.numbers for m in mols]),
     }
     return summary, rows
 

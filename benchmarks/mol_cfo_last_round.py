@@ -24,19 +24,11 @@ import numpy as np
 import torch
 
 from cfo.jobs import load_record, slug
-from cfo.loop import CHECKPOINT_NAME, round_generator
-from cfo.evaluation import default_sampler
-from cfo.tasks.molecules.design import _load_models, expand_mol_jobs, load_mol_run_config
+from cfo.loop import CHECKPOINT_NAME
+from cfo.tasks.molecules.design import _load_models, _stats, expand_mol_jobs, final_samples, load_mol_run_config
 from cfo.tasks.molecules.flow import MolLayout, decode
 from cfo.tasks.molecules.oracles import xtb_of_decoded
 from cfo.tasks.molecules.toolkit import hydrogen_fraction
-
-
-def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
-    a = np.asarray([v for v in values if math.isfinite(v)])
-    if a.size == 0:
-        return None, None
-    return float(a.mean()), float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0
 
 
 def states_hydrogen_fraction(x: torch.Tensor, n_atoms: int) -> float:
@@ -58,16 +50,13 @@ def score_last_round(run: Path, workers: int) -> list[dict]:
             raise SystemExit(f"{run}: job {job.name} has no stored record (run not finished)")
         state = torch.load(run / "checkpoints" / job.name / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
         rounds = len(state["history"])
-        model = pre  # every job's weights are loaded in full over it
-        model.load_state_dict(state["model"], strict=True)
-        model.eval()
+        pre.load_state_dict(state["model"], strict=True)  # every job's weights are loaded in full over it
         t0 = time.perf_counter()
-        with torch.no_grad():
-            x = default_sampler(cfg.eval_ode_steps)(model, cfg.eval_samples, round_generator(job.seed, 10_000, cfg.device))
+        x = final_samples(cfg, job, pre)
         returned = torch.load(run / slug(job.label) / f"seed{job.seed}_states.pt", weights_only=True)
         res = xtb_of_decoded(decode(x, MolLayout(cfg.n_atoms)), workers, cfg.xtb_timeout_s, cfg.xtb_relax_steps)
         energy = [r.energy if r.ok else math.nan for r in res]
-        dipole = [r.dipole if r.ok else math.nan for r in res]
+        last_e, last_d = _stats(energy), _stats([r.dipole if r.ok else math.nan for r in res])
         ok = [e for e in energy if math.isfinite(e)]
         m = record["row"]["metrics"]
         selected = next((h["k"] for h in (record["history"] or []) if h.get("returned")), None)
@@ -76,8 +65,8 @@ def score_last_round(run: Path, workers: int) -> list[dict]:
             "reported_dipole": m["xtb_dipole"]["mean"], "reported_dipole_se": m["xtb_dipole"]["se"],
             "reported_energy": m["xtb_energy"]["mean"], "reported_energy_se": m["xtb_energy"]["se"],
             "reported_satisfied": m["xtb_satisfied"], "reported_scored": m["xtb_scored"],
-            "last_dipole": _mean_se(dipole)[0], "last_dipole_se": _mean_se(dipole)[1],
-            "last_energy": _mean_se(energy)[0], "last_energy_se": _mean_se(energy)[1],
+            "last_dipole": last_d["mean"], "last_dipole_se": last_d["se"],
+            "last_energy": last_e["mean"], "last_energy_se": last_e["se"],
             "last_satisfied": bool(ok) and float(np.mean(ok)) <= bound, "last_scored": len(ok),
             "last_feasible_fraction": float(np.mean([e <= bound for e in ok])) if ok else None,
             "reported_H_fraction": states_hydrogen_fraction(returned, cfg.n_atoms), "last_H_fraction": states_hydrogen_fraction(x, cfg.n_atoms),

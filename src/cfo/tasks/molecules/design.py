@@ -374,6 +374,14 @@ def training_source(cfg: MolRunConfig, job: Job) -> str:
     return cfg.reward_source if job.method != "PRE" else "predictor"
 
 
+def final_samples(cfg: MolRunConfig, job: Job, model: MoleculeFlowModel) -> torch.Tensor:
+    """The ``eval_samples`` ODE samples of a job's final model that its table row reports, drawn from the job's own
+    evaluation stream (independent of the training draws, the same for any model of that job)."""
+    model.eval()
+    with torch.no_grad():
+        return default_sampler(cfg.eval_ode_steps)(model, cfg.eval_samples, round_generator(job.seed, 10_000, cfg.device))
+
+
 def _run_job(args: tuple) -> str:
     """Run one job in this process and store its record under ``OUT/jobs``; returns the job name."""
     job, cfg_dict, out_dir, threads, progress, bounds = args
@@ -390,10 +398,7 @@ def _run_job(args: tuple) -> str:
     if ckpt is not None:  # a resumed call: count the time and the failures before its saved state too
         wall += ckpt.prior_seconds
         _add_restored_counts(ckpt, counters, oracle)
-    gen = round_generator(job.seed, 10_000, cfg.device)  # evaluation draws, independent of training draws
-    model.eval()
-    with torch.no_grad():
-        x = default_sampler(cfg.eval_ode_steps)(model, cfg.eval_samples, gen)
+    x = final_samples(cfg, job, model)
     eval_problem, eval_counters, _ = make_problem(cfg, predictor, bounds)  # the table's predictor columns
     with torch.no_grad():
         r, c = eval_problem.reward_values(x), eval_problem.constraint_values(x)  # once: failures are counted once

@@ -423,3 +423,20 @@ def test_hydrogen_fraction_of_samples_and_of_old_run_folders(tmp_path):
     stored = [{"method": "CFO_NFT", "metrics": {"chem_h_fraction": 0.33}}]  # a stored value is kept
     _fill_hydrogen_fraction(stored, [], tmp_path)
     assert stored[0]["metrics"]["chem_h_fraction"] == 0.33
+
+
+def test_every_shipped_molecular_run_config_loads_and_names_a_model_that_exists():
+    """Each ``configs/mol_*.yaml`` run config parses, and the flow it names (or the default) is a shipped file, so
+    one file reproduces one run on a fresh clone."""
+    from pathlib import Path
+
+    from cfo.tasks.molecules.design import load_mol_run_config
+
+    root = Path(__file__).resolve().parents[1]
+    configs = sorted(p for p in (root / "configs").glob("mol_*.yaml") if "pretrain" not in p.name)
+    assert len(configs) >= 10
+    for path in configs:
+        cfg = load_mol_run_config(path)
+        model = root / cfg.model if cfg.model else assets.MODEL_PATH
+        assert model.is_file(), f"{path.name}: model {model} missing"
+    assert assets.MODEL_PATH.is_file() and assets.FIRST_MODEL_PATH.is_file()

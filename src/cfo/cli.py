@@ -374,7 +374,7 @@ def mol_pretrain(
 
 @mol_app.command("sample")
 def mol_sample(
-    model: Path = typer.Option(..., "--model", help="model.pt (or snapshot.pt) written by `cfo mol pretrain`"),
+    model: Optional[Path] = typer.Option(None, "--model", help="model.pt (or snapshot.pt) written by `cfo mol pretrain` (default: the shipped one)"),
     n: int = typer.Option(100, help="molecules to generate (sizes from the training histogram)"),
     out: Path = typer.Option(Path("runs/mol_sample"), help="folder: samples.sdf, metrics.json, grid.png, histograms.png"),
     steps: int = typer.Option(100, help="ODE steps"),
@@ -389,13 +389,13 @@ def mol_sample(
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from cfo.tasks.molecules.assets import DATASET_PATH
+    from cfo.tasks.molecules.assets import DATASET_PATH, MODEL_PATH
     from cfo.tasks.molecules.dataset import MoleculeDataset
     from cfo.tasks.molecules.sample import sample_and_report
 
     with _user_errors(ValueError, FileNotFoundError):
         _check_device(device)
-        report = sample_and_report(model, out, n=n, steps=steps, seed=seed, device=device, workers=workers, relax_steps=relax_steps, dataset=MoleculeDataset.load(DATASET_PATH), bonds=bonds)
+        report = sample_and_report(model or MODEL_PATH, out, n=n, steps=steps, seed=seed, device=device, workers=workers, relax_steps=relax_steps, dataset=MoleculeDataset.load(DATASET_PATH), bonds=bonds)
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"wrote {out}/samples.sdf, metrics.json, grid.png, histograms.png")
 

@@ -19,27 +19,16 @@ import torch
 
 from cfo.tasks.molecules.assets import MODEL_PATH
 from cfo.tasks.molecules.chem import rdkit_chem
-from cfo.tasks.molecules.pretrain import decode_groups, load_molecule_model, sample_states
+from cfo.tasks.molecules.pretrain import load_molecule_model, sample_molecules
 from cfo.tasks.molecules.sample import sizes_from_histogram
-from cfo.tasks.molecules.toolkit import GeneratedMolecule
+from cfo.tasks.molecules.toolkit import GeneratedMolecule, to_rdkit
 
 
-def fragments(n_atoms: int, bonds: np.ndarray) -> list[list[int]]:
-    """Connected components of the bond graph (union-find), largest first."""
-    parent = list(range(n_atoms))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in bonds:
-        parent[root(int(a))] = root(int(b))
-    groups: dict[int, list[int]] = {}
-    for i in range(n_atoms):
-        groups.setdefault(root(i), []).append(i)
-    return sorted(groups.values(), key=len, reverse=True)
+def fragments(mol: GeneratedMolecule) -> list[list[int]]:
+    """The atom indices of each fragment of ``mol``'s bond graph, largest first (RDKit's ``GetMolFrags``, the same
+    fragments the toolkit's ``connected`` metric counts)."""
+    frags = rdkit_chem().GetMolFrags(to_rdkit(mol), asMols=False, sanitizeFrags=False)
+    return sorted((list(f) for f in frags), key=len, reverse=True)
 
 
 def separation_ratio(mol: GeneratedMolecule, piece: list[int], main: list[int], radii: dict[int, float]) -> float:
@@ -61,14 +50,14 @@ def main() -> None:
     net, summary = load_molecule_model(args.model)
     sizes = sizes_from_histogram(summary["size_histogram"], args.n, args.seed)
     with torch.no_grad():
-        groups = sample_states(net, sizes, steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
-    mols = [GeneratedMolecule.from_decoded(m) for m in decode_groups(groups, len(sizes), bonds="argmax")]
+        raw = sample_molecules(net, sizes, steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
+    mols = [GeneratedMolecule.from_decoded(m) for m in raw]
     table = rdkit_chem().GetPeriodicTable()
     radii = {z: table.GetRcovalent(z) for z in range(1, 87)}
     symbol = {z: table.GetElementSymbol(z) for z in range(1, 87)}
     counts, pieces, ratios = Counter(), Counter(), []
     for m in mols:
-        frags = fragments(len(m.numbers), m.bonds if m.bonds is not None else np.zeros((0, 2), int))
+        frags = fragments(m)
         counts[len(frags)] += 1
         for piece in frags[1:]:
             els = Counter(symbol[int(m.numbers[i])] for i in piece)

@@ -6,10 +6,11 @@
 #   (FlowMol's per-channel schedules; or configs/mol_pretrain_kekule.yaml, checkpoints/mol_pretrain_kekule)
 #   the run that could serve both molecular issues (FlowMol's recipe with the independent coupling AM needs):
 #   CONFIG=configs/mol_pretrain_flowmol_independent.yaml RUN=checkpoints/mol_pretrain_flowmol_independent bash scripts/gpu_pretrain.sh 9
-# The device machine's torch differs from ours and lacks pydantic and RDKit (the evaluation during training needs it): wheels downloaded here with
+# The device machine's torch differs from ours and lacks pydantic and RDKit. Without RDKit the training still runs:
+# Kekule labels come from src/cfo/assets/molecules_h18_kekule.npz and the in-training evaluations are recorded as
+# skipped (the rdkit wheel, 32 MB, does not fit the transfer beside the tree). Wheels downloaded here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 pydantic==2.14.4 pydantic-core==2.50.5 \
 #       annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 -d .whl
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 rdkit==2026.9.1 -d .whl
 # are installed into /tmp/site when .whl exists.
 set -eu
 MIN=${1:-8}

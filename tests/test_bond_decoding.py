@@ -129,3 +129,40 @@ def test_kekulised_labels_keep_the_molecule_and_drop_the_aromatic_class():
     broken = GeneratedMolecule(np.array([6, 6]), np.array([[0.0, 0, 0], [1.4, 0, 0]]), None, np.array([[0, 1]]), np.array([4]))
     with pytest.raises(ValueError):
         kekulized_orders(broken)  # an aromatic bond outside a ring has no Kekule form
+
+
+def test_shipped_kekule_labels_are_rdkits_and_let_training_data_load_without_it(monkeypatch, tmp_path):
+    """The shipped Kekule labels equal RDKit's Kekule form of every bond of the shipped dataset; with them,
+    ``buckets_from_dataset(kekulize=True)`` needs no RDKit (a GPU machine may lack it) and gives the same tensors;
+    labels made from another dataset are ignored, and tampered labels are refused."""
+    import cfo.tasks.molecules.toolkit as toolkit
+    from cfo.tasks.molecules.assets import KEKULE_LABELS_PATH
+    from cfo.tasks.molecules.pretrain import buckets_from_dataset, compute_kekule_bond_orders, read_kekule_labels, write_kekule_labels
+
+    data = MoleculeDataset.load(DATASET_PATH)
+    stored = read_kekule_labels(KEKULE_LABELS_PATH, data)
+    assert stored is not None and np.array_equal(stored, compute_kekule_bond_orders(data))
+    idx = np.arange(0, len(data), 97)
+    with_rdkit = buckets_from_dataset(data, idx, kekulize=True)
+
+    def no_rdkit(mol):
+        raise ImportError("RDKit is not installed")
+
+    monkeypatch.setattr(toolkit, "kekulized_orders", no_rdkit)
+    without = buckets_from_dataset(data, idx, kekulize=True)
+    for n in with_rdkit.sizes():
+        assert torch.equal(with_rdkit.data[n]["bonds"], without.data[n]["bonds"])
+    monkeypatch.undo()
+
+    part = MoleculeDataset.from_records([data.molecule(i) | {"converged": True} for i in range(20)])
+    part.save(tmp_path / "part.npz")
+    part = MoleculeDataset.load(tmp_path / "part.npz")
+    assert read_kekule_labels(KEKULE_LABELS_PATH, part) is None  # another dataset's labels are not used
+    path = write_kekule_labels(part, tmp_path / "part_kekule.npz")
+    assert np.array_equal(read_kekule_labels(path, part), compute_kekule_bond_orders(part))
+    with np.load(path) as f:
+        orders, sha = f["orders"].copy(), f["dataset_sha256"]
+    orders[np.flatnonzero(part.bond_orders == 1)[0]] = 2  # a single bond turned double
+    np.savez_compressed(path, orders=orders, dataset_sha256=sha)
+    with pytest.raises(ValueError, match="non-aromatic"):
+        read_kekule_labels(path, part)

@@ -344,3 +344,24 @@ def test_batch_workers_give_one_trajectory_whatever_their_number_and_resume_exac
     pretrain_molecules(cfg.model_copy(update={"steps": 5}), small, tmp_path / "mixed", progress=False, max_steps_now=1)
     with pytest.raises(ValueError, match="batch_workers"):
         pretrain_molecules(cfg.model_copy(update={"steps": 5, "batch_workers": 0}), small, tmp_path / "mixed", progress=False)
+
+
+def test_training_without_rdkit_skips_the_evaluation_and_goes_on(monkeypatch, tmp_path):
+    """Where RDKit is missing (a lent GPU machine), a Kekule-label training still loads its data (shipped labels) and
+    its sample-quality evaluations are recorded as skipped instead of ending the run."""
+    import importlib.util
+
+    import cfo.tasks.molecules.toolkit as toolkit
+    from cfo.tasks.molecules import assets
+    from cfo.tasks.molecules.dataset import MoleculeDataset
+    from cfo.tasks.molecules.pretrain import pretrain_molecules
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rdkit" else real_find_spec(name, *a))
+    monkeypatch.setattr(toolkit, "kekulized_orders", lambda mol: (_ for _ in ()).throw(ImportError("no RDKit")))
+    full = MoleculeDataset.load(assets.DATASET_PATH)
+    cfg = TINY.model_copy(update={"steps": 2, "batch_size": 4, "eval_every": 1, "eval_samples": 2, "warmup": 1,
+                                  "kekulize": True, "val_fraction": 0.99})
+    summary = pretrain_molecules(cfg, full, tmp_path / "run", progress=False)
+    assert summary["finished"] and len(summary["evals"]) == 2
+    assert all("RDKit is not installed" in e["skipped"] for e in summary["evals"])

@@ -2,11 +2,14 @@
 
 from pathlib import Path
 
-__all__ = ["ASSET_DIR", "DATASET_PATH", "FIRST_MODEL_PATH", "MODEL_PATH", "PREDICTOR_PATH"]
+__all__ = ["ASSET_DIR", "DATASET_PATH", "KEKULE_LABELS_PATH", "FIRST_MODEL_PATH", "MODEL_PATH", "PREDICTOR_PATH"]
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets"
 # `cfo mol build-data --n 12000 --max-heavy 18 --out runs/mol_data_h18`: 12,000 MOSES molecules of at most 18 heavy atoms
 DATASET_PATH = ASSET_DIR / "molecules_h18.npz"
+# `python scripts/make_kekule_labels.py`: RDKit's Kekule form of every bond of that dataset (matched by its sha256), so
+# pre-training with `kekulize: true` runs where RDKit is missing (a GPU machine); other datasets kekulise on the fly
+KEKULE_LABELS_PATH = ASSET_DIR / "molecules_h18_kekule.npz"
 # `cfo mol train-predictor --out runs/mol_predictor` (3,000 steps, 2 CPU threads, 26 min): energy and dipole predictor
 PREDICTOR_PATH = ASSET_DIR / "mol_predictor.pt"
 # The default molecule flow: FlowMol's recipe (per-channel cosine schedules, Kekule labels, EMA) with the independent

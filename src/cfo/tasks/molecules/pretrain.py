@@ -33,7 +33,7 @@ from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet, MoleculeFlowModel, MolLayout, channel_schedules, decode
 
 __all__ = [
-    "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "align_prior", "data_state", "training_point", "aligned_prior", "path_point", "step_generator", "BatchPrefetcher", "endpoint_loss", "time_scaled_weights", "training_loss",
+    "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "kekule_bond_orders", "compute_kekule_bond_orders", "write_kekule_labels", "read_kekule_labels", "align_prior", "data_state", "training_point", "aligned_prior", "path_point", "step_generator", "BatchPrefetcher", "endpoint_loss", "time_scaled_weights", "training_loss",
     "pretrain_molecules", "load_molecule_model", "sample_states", "decode_groups", "sample_molecules",
 ]
 
@@ -120,22 +120,72 @@ class SizeBuckets:
         return sum(self.histogram().values())
 
 
-def buckets_from_dataset(ds: MoleculeDataset, indices: np.ndarray | None = None, kekulize: bool = False) -> SizeBuckets:
-    """Dense per-size tensors of the molecules ``indices`` of ``ds`` (all by default); ``kekulize`` replaces aromatic
-    bond labels by a Kekule form (:func:`~cfo.tasks.molecules.toolkit.kekulized_orders`)."""
+def kekule_bond_orders(ds: MoleculeDataset) -> np.ndarray:
+    """Bond orders of every bond of ``ds`` in Kekule form (aromatic bonds as alternating single and double), one flat
+    array aligned with ``ds.bond_orders``.
+
+    Read from the shipped label file (``KEKULE_LABELS_PATH``) when it was made from this very dataset (same sha256),
+    so that training with ``kekulize: true`` needs no RDKit (a GPU machine may lack it); otherwise computed by RDKit
+    (:func:`~cfo.tasks.molecules.toolkit.kekulized_orders`, per molecule with an aromatic bond)."""
+    from cfo.tasks.molecules.assets import KEKULE_LABELS_PATH
+
+    stored = read_kekule_labels(KEKULE_LABELS_PATH, ds) if KEKULE_LABELS_PATH.exists() else None
+    return stored if stored is not None else compute_kekule_bond_orders(ds)
+
+
+def compute_kekule_bond_orders(ds: MoleculeDataset) -> np.ndarray:
+    """RDKit's Kekule form of every bond of ``ds`` (see :func:`kekule_bond_orders`); raises ``ValueError`` naming the
+    molecule when one cannot be kekulised."""
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, kekulized_orders
 
+    out = np.asarray(ds.bond_orders, dtype=np.int8).copy()
+    ptr = ds.bond_ptr
+    for i in range(len(ds)):
+        m = ds.molecule(i)
+        if (m["bond_orders"] == 4).any():
+            try:
+                kek = kekulized_orders(GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], m["bond_orders"]))
+            except ValueError as err:
+                raise ValueError(f"molecule {i} ({m['smiles']}): {err}") from err
+            out[ptr[i] : ptr[i + 1]] = kek
+    return out
+
+
+def write_kekule_labels(ds: MoleculeDataset, path: str | Path) -> Path:
+    """Write :func:`compute_kekule_bond_orders` of ``ds`` with the dataset's sha256 (``np.savez_compressed``)."""
+    if "sha256" not in ds.meta:
+        raise ValueError("the dataset has no sha256 (save and load it first), so labels could not be matched to it")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, orders=compute_kekule_bond_orders(ds), dataset_sha256=np.asarray(ds.meta["sha256"]))
+    return path
+
+
+def read_kekule_labels(path: str | Path, ds: MoleculeDataset) -> np.ndarray | None:
+    """The Kekule bond orders stored in ``path`` if they were made from ``ds`` (same sha256 and bond count), else
+    ``None`` (labels of another dataset are never used)."""
+    with np.load(path, allow_pickle=False) as f:
+        sha, orders = str(f["dataset_sha256"]), f["orders"]
+    if sha != ds.meta.get("sha256") or orders.shape != ds.bond_orders.shape:
+        return None
+    if (orders == 4).any() or ((orders != ds.bond_orders) & (ds.bond_orders != 4)).any():
+        raise ValueError(f"{path}: stored Kekule labels keep an aromatic bond or change a non-aromatic one; remake them")
+    return orders
+
+
+def buckets_from_dataset(ds: MoleculeDataset, indices: np.ndarray | None = None, kekulize: bool = False) -> SizeBuckets:
+    """Dense per-size tensors of the molecules ``indices`` of ``ds`` (all by default); ``kekulize`` replaces aromatic
+    bond labels by a Kekule form (:func:`kekule_bond_orders`)."""
     type_index = {ATOMIC_NUMBERS[e]: k for k, e in enumerate(ELEMENTS)}
     charge_index = {q: k for k, q in enumerate(CHARGES)}
+    kekule = kekule_bond_orders(ds) if kekulize else None
     groups: dict[int, list[dict]] = {}
     for i in (range(len(ds)) if indices is None else indices):
         m = ds.molecule(int(i))
         n = len(m["numbers"])
         lay = MolLayout(n)
         bonds = np.zeros(lay.n_pairs, dtype=np.int64)
-        orders = m["bond_orders"]
-        if kekulize and (orders == 4).any():
-            orders = kekulized_orders(GeneratedMolecule(m["numbers"], m["positions"], m["charges"], m["bonds"], orders))
+        orders = m["bond_orders"] if kekule is None else kekule[ds.bond_ptr[int(i)] : ds.bond_ptr[int(i) + 1]]
         for (a, b), order in zip(m["bonds"], orders):
             a, b = (int(a), int(b)) if a < b else (int(b), int(a))
             bonds[a * n - a * (a + 1) // 2 + (b - a - 1)] = int(order)  # row-major index of (a, b), a < b
@@ -417,6 +467,15 @@ def _lr(cfg: MolPretrainConfig, step: int) -> float:
 
 
 def _evaluate(net: EquivariantFlowNet, buckets: SizeBuckets, cfg: MolPretrainConfig, device: str, seed: int) -> dict:
+    """Sample-quality metrics of ``cfg.eval_samples`` molecules (sizes from the training histogram); without RDKit
+    (a GPU machine may lack it) the evaluation is skipped, logged, and recorded as ``{"skipped": reason}``, and the
+    training goes on."""
+    import importlib.util
+
+    if importlib.util.find_spec("rdkit") is None:
+        reason = "RDKit is not installed, so the sample-quality evaluation was skipped"
+        tqdm.write(f"warning: {reason}")
+        return {"skipped": reason}
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics
 
     gen = torch.Generator().manual_seed(seed)

@@ -143,13 +143,17 @@ def test_shipped_kekule_labels_are_rdkits_and_let_training_data_load_without_it(
     stored = read_kekule_labels(KEKULE_LABELS_PATH, data)
     assert stored is not None and np.array_equal(stored, compute_kekule_bond_orders(data))
     idx = np.arange(0, len(data), 97)
+    from cfo.tasks.molecules import assets
+
+    monkeypatch.setattr(assets, "KEKULE_LABELS_PATH", tmp_path / "absent.npz")  # no label file: RDKit kekulises
     with_rdkit = buckets_from_dataset(data, idx, kekulize=True)
+    monkeypatch.undo()
 
     def no_rdkit(mol):
         raise ImportError("RDKit is not installed")
 
     monkeypatch.setattr(toolkit, "kekulized_orders", no_rdkit)
-    without = buckets_from_dataset(data, idx, kekulize=True)
+    without = buckets_from_dataset(data, idx, kekulize=True)  # the shipped label file, no RDKit
     for n in with_rdkit.sizes():
         assert torch.equal(with_rdkit.data[n]["bonds"], without.data[n]["bonds"])
     monkeypatch.undo()

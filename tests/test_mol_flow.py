@@ -357,8 +357,12 @@ def test_training_without_rdkit_skips_the_evaluation_and_goes_on(monkeypatch, tm
     from cfo.tasks.molecules.pretrain import pretrain_molecules
 
     real_find_spec = importlib.util.find_spec
+
+    def no_rdkit(mol):
+        raise ImportError("RDKit is not installed")
+
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rdkit" else real_find_spec(name, *a))
-    monkeypatch.setattr(toolkit, "kekulized_orders", lambda mol: (_ for _ in ()).throw(ImportError("no RDKit")))
+    monkeypatch.setattr(toolkit, "kekulized_orders", no_rdkit)
     full = MoleculeDataset.load(assets.DATASET_PATH)
     cfg = TINY.model_copy(update={"steps": 2, "batch_size": 4, "eval_every": 1, "eval_samples": 2, "warmup": 1,
                                   "kekulize": True, "val_fraction": 0.99})

@@ -14,7 +14,7 @@ from cfo.cli import app
 from cfo.tasks.molecules import assets
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import MolLayout
-from cfo.tasks.molecules.oracles import CountedValues, XTBOracle, atom_clash, valence_violation
+from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, atom_clash, valence_violation, with_composition_gradient
 from cfo.tasks.molecules.predictors import load_predictor
 from cfo.tasks.molecules.pretrain import MolPretrainConfig, buckets_from_dataset, data_state
 from cfo.validation import NonFiniteValueError
@@ -178,6 +178,38 @@ def test_xtb_oracle_with_gradients_gives_xtbs_position_gradients_and_none_to_a_b
         em, mm = oracle.energy(x[:1] - h * v), oracle.dipole(x[:1] - h * v)
     assert ((ep - em) / (2 * h)).item() == pytest.approx((ge[0] * v[0]).sum().item(), rel=1e-3, abs=1e-5)
     assert ((mp_ - mm) / (2 * h)).item() == pytest.approx((gm[0] * v[0]).sum().item(), rel=1e-2, abs=1e-3)
+
+
+def test_composition_gradient_keeps_xtbs_values_and_position_gradient_and_adds_the_predictors_type_gradient(data):
+    """``with_composition_gradient(xTB energy, predictor energy)``: the value is xTB's, the position gradient is xTB's,
+    the type and charge gradients are the shipped predictor's (xTB gives none there), and without autograd the
+    predictor is not called at all."""
+    x, idx = _neutral_states(data, 30, 2)
+    x = x.double()
+    oracle = XTBOracle(workers=1, timeout_s=120, gradients=True)
+    net, _ = load_predictor(assets.PREDICTOR_PATH)
+    calls = []
+
+    def predictor_energy(z):
+        calls.append(z.shape[0])
+        return PredictorOracle(net).energy(z.float()).double()
+
+    hybrid = with_composition_gradient(oracle.energy, predictor_energy)
+    with torch.no_grad():
+        assert torch.allclose(hybrid(x), torch.as_tensor(data.energy[idx], dtype=x.dtype), atol=1e-4)
+    assert calls == []
+    xg = x.clone().requires_grad_(True)
+    e = hybrid(xg)
+    assert torch.allclose(e.detach(), torch.as_tensor(data.energy[idx], dtype=x.dtype), atol=1e-4) and calls == [2]
+    (g,) = torch.autograd.grad(e.sum(), xg)
+    xp = x.clone().requires_grad_(True)
+    (g_xtb,) = torch.autograd.grad(oracle.energy(xp).sum(), xp)
+    xs = x.clone().requires_grad_(True)
+    (g_pred,) = torch.autograd.grad(predictor_energy(xs).sum(), xs)
+    n_pos = 3 * MolLayout(30).n_atoms
+    assert torch.allclose(g[:, :n_pos], g_xtb[:, :n_pos]) and torch.count_nonzero(g[:, :n_pos]) > 0
+    assert torch.allclose(g[:, n_pos:], g_pred[:, n_pos:]) and torch.count_nonzero(g[:, n_pos:]) > 0
+    assert not torch.allclose(g[:, :n_pos], g_pred[:, :n_pos])  # the predictor's own position gradient is not used
 
 
 @pytest.fixture(scope="module")

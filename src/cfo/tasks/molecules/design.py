@@ -92,6 +92,11 @@ class MolRunConfig(BaseModel):
     reward_source: Literal["predictor", "xtb"] = Field(
         "predictor", description="training reward and constraint: the predictor, or real GFN2-xTB (NFT: black box; AM: xTB gradients in the positions)"
     )
+    xtb_composition_gradient: list[Literal["energy", "dipole"]] = Field(
+        default_factory=list,
+        description="with reward_source xtb, Adjoint Matching's gradient of these xTB properties in the type, charge and bond channels "
+        "comes from the predictor (xTB's own gradient covers the positions only; values stay xTB's)",
+    )
     mus: list[float] = Field(default_factory=lambda: [1.0], description="fixed weights of LAG_* (energy weight)")
     cfo: CFOConfig = Field(
         description="the CFO outer loop (CFO_* methods); K*N is also the budget of AM, NFT and LAG_*",
@@ -177,7 +182,7 @@ def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], xtb: Li
     differentiable in the positions (``"gradients"``, for Adjoint Matching). Returns ``(problem, counters, oracle)``:
     the :class:`CountedValues` wrappers that count failed values, and the oracle (an :class:`XTBOracle` keeps its
     failure causes)."""
-    from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, atom_clash, valence_violation
+    from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, atom_clash, valence_violation, with_composition_gradient
 
     if xtb not in ("no", "black_box", "gradients"):
         raise ValueError(f"xtb must be 'no', 'black_box' or 'gradients', got {xtb!r}")
@@ -186,8 +191,15 @@ def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], xtb: Li
     diff = xtb != "black_box"
     src = "xtb" if use_xtb else "predicted"
     explain = oracle.explain_last if use_xtb else None
-    r = CountedValues(oracle.dipole, f"{src} dipole", "min", diff, explain)
-    c = CountedValues(oracle.energy, f"{src} energy", "max", diff, explain)
+    dipole_fn, energy_fn = oracle.dipole, oracle.energy
+    if xtb == "gradients":  # predictor gradients in the composition channels, where xTB gives none
+        surrogate = PredictorOracle(predictor)
+        if "dipole" in cfg.xtb_composition_gradient:
+            dipole_fn = with_composition_gradient(oracle.dipole, surrogate.dipole)
+        if "energy" in cfg.xtb_composition_gradient:
+            energy_fn = with_composition_gradient(oracle.energy, surrogate.energy)
+    r = CountedValues(dipole_fn, f"{src} dipole", "min", diff, explain)
+    c = CountedValues(energy_fn, f"{src} energy", "max", diff, explain)
     constraints = [Constraint(c, bounds["energy"], differentiable=diff, name="energy", unit="Ha")]
     counters = {"reward": r, "energy": c}
     if cfg.valence_constraint:

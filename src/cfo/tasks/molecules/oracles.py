@@ -30,7 +30,8 @@ from cfo.tasks.molecules.flow import decode, layout_for_dim
 from cfo.tasks.molecules.predictors import PropertyNet, to_simplex
 from cfo.validation import NonFiniteValueError
 
-__all__ = ["BOND_VALENCE", "CLASH_DISTANCE_ANGSTROM", "CountedValues", "PredictorOracle", "XTBOracle", "atom_clash", "valence_violation", "xtb_of_decoded"]
+__all__ = ["BOND_VALENCE", "CLASH_DISTANCE_ANGSTROM", "CountedValues", "PredictorOracle", "XTBOracle", "atom_clash", "valence_violation",
+           "with_composition_gradient", "xtb_of_decoded"]
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,32 @@ class XTBOracle:
     def explain_last(self) -> str:
         """The failure causes of the last batch, e.g. ``"causes: scf 30, too_close 2"``."""
         return "causes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.last_causes.items())) if self.last_causes else "no xTB failure recorded"
+
+
+def with_composition_gradient(value_fn: Callable[[torch.Tensor], torch.Tensor],
+                              surrogate_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> value_fn(x) + (s(x~) - stop_grad(s(x~)))`` with ``x~`` = ``x`` whose position block is detached.
+
+    The value is ``value_fn``'s exactly (e.g. the GFN2-xTB energy of the decoded molecule) and so is its gradient in
+    the positions (xTB's analytic gradient); the type, charge and bond channels, where xTB has no gradient because it
+    sees their argmax, get the surrogate's gradient (the predictor, trained on xTB labels):
+
+        d f / d z = d s / d z   for the composition channels z,   d f / d R = d value / d R.
+
+    Why: at a fixed atom count the GFN2-xTB total energy is set mostly by the composition (a heavy atom in place of a
+    hydrogen lowers it by Ha), so a constraint on it whose gradient lives in the positions alone can only relax
+    geometries. Without autograd (evaluations, round estimates) this is ``value_fn`` and the surrogate is not called."""
+
+    def hybrid(x: torch.Tensor) -> torch.Tensor:
+        value = value_fn(x)
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return value
+        n_pos = 3 * layout_for_dim(x.shape[-1]).n_atoms
+        composition_only = torch.cat([x[..., :n_pos].detach(), x[..., n_pos:]], dim=-1)
+        s = surrogate_fn(composition_only).to(value.dtype)
+        return value + (s - s.detach())
+
+    return hybrid
 
 
 def _valence_table() -> tuple[torch.Tensor, torch.Tensor]:

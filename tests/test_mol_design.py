@@ -14,7 +14,7 @@ from cfo.cli import app
 from cfo.tasks.molecules import assets
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import MolLayout
-from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, atom_clash, valence_violation, with_composition_gradient
+from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, atom_clash, valence_violation, clip_per_atom, with_composition_gradient, with_surrogate_gradient
 from cfo.tasks.molecules.predictors import load_predictor
 from cfo.tasks.molecules.pretrain import MolPretrainConfig, buckets_from_dataset, data_state
 from cfo.validation import NonFiniteValueError
@@ -210,6 +210,63 @@ def test_composition_gradient_keeps_xtbs_values_and_position_gradient_and_adds_t
     assert torch.allclose(g[:, :n_pos], g_xtb[:, :n_pos]) and torch.count_nonzero(g[:, :n_pos]) > 0
     assert torch.allclose(g[:, n_pos:], g_pred[:, n_pos:]) and torch.count_nonzero(g[:, n_pos:]) > 0
     assert not torch.allclose(g[:, :n_pos], g_pred[:, :n_pos])  # the predictor's own position gradient is not used
+
+
+def test_surrogate_gradient_keeps_xtbs_values_and_takes_the_predictors_whole_gradient(data):
+    """``with_surrogate_gradient(xTB energy, predictor energy)``: xTB's values, the predictor's gradient in every
+    channel, and without autograd one xTB call and no predictor call."""
+    x, idx = _neutral_states(data, 30, 2)
+    x = x.double()
+    net, _ = load_predictor(assets.PREDICTOR_PATH)
+    oracle = XTBOracle(workers=1, timeout_s=120, gradients=True)
+    calls = []
+
+    def predictor_energy(z):
+        calls.append(z.shape[0])
+        return PredictorOracle(net).energy(z.float()).double()
+
+    hybrid = with_surrogate_gradient(oracle.energy, predictor_energy)
+    with torch.no_grad():
+        assert torch.allclose(hybrid(x), torch.as_tensor(data.energy[idx], dtype=x.dtype), atol=1e-4)
+    assert calls == []
+    xg = x.clone().requires_grad_(True)
+    e = hybrid(xg)
+    assert torch.allclose(e.detach(), torch.as_tensor(data.energy[idx], dtype=x.dtype), atol=1e-4) and calls == [2]
+    (g,) = torch.autograd.grad(e.sum(), xg)
+    xs = x.clone().requires_grad_(True)
+    (g_pred,) = torch.autograd.grad(predictor_energy(xs).sum(), xs)
+    assert torch.allclose(g, g_pred) and torch.count_nonzero(g) > 0
+
+
+def test_per_atom_clip_caps_each_atoms_gradient_and_keeps_its_direction(data):
+    g = torch.tensor([[[3.0, 4.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+    c = clip_per_atom(g, 1.0)
+    assert torch.allclose(c[0, 0], torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64))
+    assert torch.equal(c[0, 1:], g[0, 1:])  # below the cap, and zero, unchanged
+    # in the oracle: the energy gradient of a real molecule, clipped atom by atom; the dipole gradient untouched
+    x, _ = _neutral_states(data, 30, 1)
+    x = x.double()
+    grads = {}
+    for clip in (None, 0.05):
+        oracle = XTBOracle(workers=1, timeout_s=120, gradients=True, energy_atom_clip=clip)
+        xg = x.clone().requires_grad_(True)
+        (ge,) = torch.autograd.grad(oracle.energy(xg).sum(), xg)
+        (gm,) = torch.autograd.grad(oracle.dipole(xg).sum(), xg)
+        grads[clip] = (MolLayout(30).unpack(ge)[0], gm)
+    raw, clipped = grads[None][0], grads[0.05][0]
+    assert torch.allclose(clipped, clip_per_atom(raw, 0.05)) and float(clipped.norm(dim=-1).max()) <= 0.05 + 1e-12
+    assert float(raw.norm(dim=-1).max()) > 0.05  # the clip did something
+    assert torch.equal(grads[None][1], grads[0.05][1])
+    with pytest.raises(ValueError, match="energy_atom_clip"):
+        XTBOracle(energy_atom_clip=0.0)
+
+
+def test_an_xtb_property_cannot_take_both_predictor_gradient_options():
+    from cfo.tasks.molecules.design import MolRunConfig
+
+    with pytest.raises(ValueError, match="both"):
+        MolRunConfig(reward_source="xtb", xtb_composition_gradient=["energy"], xtb_predictor_gradient=["energy"])
+    assert MolRunConfig(reward_source="xtb", xtb_composition_gradient=["energy"], xtb_predictor_gradient=["dipole"])
 
 
 @pytest.fixture(scope="module")

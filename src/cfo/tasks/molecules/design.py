@@ -97,6 +97,15 @@ class MolRunConfig(BaseModel):
         description="with reward_source xtb, Adjoint Matching's gradient of these xTB properties in the type, charge and bond channels "
         "comes from the predictor (xTB's own gradient covers the positions only; values stay xTB's)",
     )
+    xtb_predictor_gradient: list[Literal["energy", "dipole"]] = Field(
+        default_factory=list,
+        description="with reward_source xtb, Adjoint Matching's gradient of these xTB properties comes from the predictor in every channel "
+        "(values stay xTB's; round estimates and evaluations are xTB's)",
+    )
+    xtb_energy_atom_clip: float | None = Field(
+        None, gt=0, description="with reward_source xtb, Adjoint Matching's xTB energy gradient is clipped per atom to this norm (Ha/A; None: off): "
+        "on generated geometries a few clashing atoms carry most of it",
+    )
     mus: list[float] = Field(default_factory=lambda: [1.0], description="fixed weights of LAG_* (energy weight)")
     cfo: CFOConfig = Field(
         description="the CFO outer loop (CFO_* methods); K*N is also the budget of AM, NFT and LAG_*",
@@ -123,6 +132,9 @@ class MolRunConfig(BaseModel):
         unknown = set(self.methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        both = set(self.xtb_composition_gradient) & set(self.xtb_predictor_gradient)
+        if both:
+            raise ValueError(f"{sorted(both)} cannot be in both xtb_composition_gradient and xtb_predictor_gradient")
         if not self.methods or not self.seeds:
             raise ValueError("methods and seeds must not be empty")
         if any(m.startswith("LAG_") for m in self.methods) and (not self.mus or any(not (mu >= 0 and math.isfinite(mu)) for mu in self.mus)):
@@ -182,12 +194,12 @@ def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], xtb: Li
     differentiable in the positions (``"gradients"``, for Adjoint Matching). Returns ``(problem, counters, oracle)``:
     the :class:`CountedValues` wrappers that count failed values, and the oracle (an :class:`XTBOracle` keeps its
     failure causes)."""
-    from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, atom_clash, valence_violation, with_composition_gradient
+    from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, atom_clash, valence_violation, with_composition_gradient, with_surrogate_gradient
 
     if xtb not in ("no", "black_box", "gradients"):
         raise ValueError(f"xtb must be 'no', 'black_box' or 'gradients', got {xtb!r}")
     use_xtb = xtb != "no"
-    oracle = XTBOracle(cfg.xtb_workers, cfg.xtb_timeout_s, gradients=xtb == "gradients") if use_xtb else PredictorOracle(predictor)
+    oracle = XTBOracle(cfg.xtb_workers, cfg.xtb_timeout_s, gradients=xtb == "gradients", energy_atom_clip=cfg.xtb_energy_atom_clip) if use_xtb else PredictorOracle(predictor)
     diff = xtb != "black_box"
     src = "xtb" if use_xtb else "predicted"
     explain = oracle.explain_last if use_xtb else None
@@ -198,6 +210,10 @@ def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], xtb: Li
             dipole_fn = with_composition_gradient(oracle.dipole, surrogate.dipole)
         if "energy" in cfg.xtb_composition_gradient:
             energy_fn = with_composition_gradient(oracle.energy, surrogate.energy)
+        if "dipole" in cfg.xtb_predictor_gradient:
+            dipole_fn = with_surrogate_gradient(oracle.dipole, surrogate.dipole)
+        if "energy" in cfg.xtb_predictor_gradient:
+            energy_fn = with_surrogate_gradient(oracle.energy, surrogate.energy)
     r = CountedValues(dipole_fn, f"{src} dipole", "min", diff, explain)
     c = CountedValues(energy_fn, f"{src} energy", "max", diff, explain)
     constraints = [Constraint(c, bounds["energy"], differentiable=diff, name="energy", unit="Ha")]

@@ -11,6 +11,9 @@ rollouts AM trains on) this prints, per rollout:
   ``xtb_composition_gradient`` / ``xtb_predictor_gradient`` options use it);
 
 then the medians, and the fraction of rollouts where the clashing atoms carry more than half of the squared norm.
+Last, it follows the predictor's composition gradient directly: type channels ``z - eps * dE_pred/dz`` for a few step
+sizes ``eps``, with the predicted energy, xTB's energy of the decoded (argmax) molecules and their H fraction, which
+shows whether that gradient is a direction xTB sees or one the predictor alone rewards.
 
 Usage: python benchmarks/mol_energy_gradient_clashes.py [--n 16] [--steps 100] [--clash 0.9] [--atom-clip 0.5]
 """
@@ -23,6 +26,7 @@ import torch
 
 from cfo.flows.sampling import sample_memoryless_sde
 from cfo.tasks.molecules.assets import MODEL_PATH, PREDICTOR_PATH
+from cfo.tasks.molecules.chem import ELEMENTS
 from cfo.tasks.molecules.flow import MoleculeFlowModel
 from cfo.tasks.molecules.oracles import PredictorOracle, XTBOracle, clip_per_atom
 from cfo.tasks.molecules.predictors import load_predictor
@@ -44,6 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="SDE steps per rollout (the molecular AM runs use 100)")
     ap.add_argument("--clash", type=float, default=0.9, help="nearest-neighbour distance (A) that counts as a clash")
     ap.add_argument("--atom-clip", type=float, default=0.5, help="per-atom clip (Ha/A) whose effect is shown")
+    ap.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.05, 0.2, 0.5], help="steps along -dE_pred/dtypes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -87,6 +92,22 @@ def main() -> None:
           f"clashing atoms: {float(close.mean()):.3f} of all")
     print(f"median norms: xTB dE/dR {float(g_atoms[ok].flatten(1).norm(dim=1).median()):.3g} Ha/A, predictor dE/dR "
           f"{float(p_pos.flatten(1).norm(dim=1).median()):.3g}, predictor dE/dtypes {float(p_types.flatten(1).norm(dim=1).median()):.3g}")
+
+    print("\nfollowing the predictor's composition gradient (type channels only):")
+    print("| eps | predicted E (Ha) | xTB E (Ha), scored | H fraction (argmax) |")
+    print("|---|---|---|---|")
+    predicted = PredictorOracle(predictor)
+    h = ELEMENTS.index("H")
+    black_box = XTBOracle(workers=1, timeout_s=120)
+    for eps in args.eps:
+        pos, types, charges, bonds = lay.unpack(x.float())
+        z = lay.pack(pos, types - eps * p_types, charges, bonds)
+        with torch.no_grad():
+            e_pred, e_xtb = predicted.energy(z), black_box.energy(z.double())
+        ok_z = torch.isfinite(e_xtb)
+        h_frac = float((lay.unpack(z)[1].argmax(-1) == h).float().mean())
+        xtb_txt = f"{float(e_xtb[ok_z].mean()):.2f}, {int(ok_z.sum())} of {args.n}" if bool(ok_z.any()) else f"none of {args.n}"
+        print(f"| {eps} | {float(e_pred.mean()):.2f} | {xtb_txt} | {h_frac:.2f} |")
 
 
 if __name__ == "__main__":

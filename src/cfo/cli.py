@@ -413,10 +413,13 @@ def mol_train_predictor(
     generated: Optional[Path] = typer.Option(None, help="generated.npz from `cfo mol label-samples`: train on it too, report its held-out error apart"),
     init: Optional[Path] = typer.Option(None, help="predictor.pt to start from (fine-tune) instead of a fresh network"),
     generated_fraction: float = typer.Option(0.5, help="share of the steps that train on the generated molecules"),
+    states: Optional[Path] = typer.Option(None, help="labelled flow states from scripts/make_generated_states.py: train on them too "
+                                          "(type channels as the flow left them); exclusive with --generated"),
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:
     """Train the differentiable energy (Ha) and dipole (D) predictor on the dataset's GFN2-xTB labels (and, with
-    --generated, on xTB-labelled samples of a flow model); reports the held-out MAE and writes a parity plot."""
+    --generated, on xTB-labelled samples of a flow model, or with --states on its raw terminal states); reports the
+    held-out MAE and writes a parity plot."""
     import torch
 
     from cfo.tasks.molecules.assets import DATASET_PATH
@@ -428,7 +431,12 @@ def mol_train_predictor(
         cfg = PredictorConfig(steps=steps, batch_size=batch_size, hidden=hidden, layers=layers, seed=seed, lr=lr,
                               generated_fraction=generated_fraction)
         gen = MoleculeDataset.load(generated) if generated is not None else None
-        summary = train_predictor(cfg, MoleculeDataset.load(dataset or DATASET_PATH), out, generated=gen, init=init)
+        labelled = None
+        if states is not None:
+            from cfo.tasks.molecules.generated_states import load_labelled_states
+
+            labelled = load_labelled_states(states)
+        summary = train_predictor(cfg, MoleculeDataset.load(dataset or DATASET_PATH), out, generated=gen, init=init, states=labelled)
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"wrote {out}/predictor.pt, metrics.json, parity.png")
 

@@ -5,10 +5,11 @@ The paper's energy constraint was a GNN on atom-type and charge *probabilities* 
 sampled from the pre-trained FlowMol and labelled by xTB. Our shipped predictor saw one-hot dataset molecules only, so
 off the simplex vertices it extrapolates: stepping a generated state's type channels along its energy gradient lowers
 the prediction by 40 Ha while no argmax, hence no xTB energy, changes (``benchmarks/mol_energy_gradient_clashes.py``).
-This module writes the data that would fix that: each record is a raw terminal state (positions, type and charge
-channels as the flow left them) with the xTB energy and dipole of its decoded (argmax) molecule.
+This module writes the data that would fix that: each record is a raw terminal state's atom block (positions, type and
+charge channels as the flow left them: the predictor's inputs; the bond block is not stored, it is 85 % of a 32-atom
+state) with the xTB energy and dipole of its decoded (argmax) molecule, whose bonds xTB does not use either.
 
-The file is an ``.npz`` that grows chunk by chunk (``x`` ``[n, D]`` float32, ``energy``, ``dipole`` float64 with NaN
+The file is an ``.npz`` that grows chunk by chunk (``atoms`` ``[n, N * (3 + types + charges)]`` float32, ``energy``, ``dipole`` float64 with NaN
 for a failed xTB calculation, ``error`` strings, ``chunk`` indices, and the settings), so a long run stops and resumes
 without repeating work: chunk ``k`` always draws from the generator seeded ``seed + k``.
 """
@@ -75,13 +76,14 @@ def append_labelled_chunks(model: MoleculeFlowModel, path: str | Path, n_total: 
         stored = {k: data[k].item() for k in settings}
         if stored != settings:
             raise ValueError(f"{path} was written with {stored}, not {settings}: choose another file")
-    done = int(data["x"].shape[0]) if data else 0
+    done = int(data["atoms"].shape[0]) if data else 0
     bar = tqdm(total=n_total, initial=min(done, n_total), desc="labelled states", disable=not progress)
     while done < n_total:
         k = done // chunk
         x = sample_terminal_states(model, chunk, steps, seed + k, sampler)
         energy, dipole, error = label_states(x, workers)
-        new = {"x": x.float().cpu().numpy(), "energy": energy, "dipole": dipole, "error": np.array(error, dtype="U32"),
+        n_atom_block = model.layout.dim - model.layout.n_pairs * model.layout.n_bonds
+        new = {"atoms": x[:, :n_atom_block].float().cpu().numpy(), "energy": energy, "dipole": dipole, "error": np.array(error, dtype="U32"),
                "chunk": np.full(chunk, k, dtype=np.int64)}
         data = {key: np.concatenate([data[key], v]) if data else v for key, v in new.items()}
         data.update({key: np.array(v) for key, v in settings.items()})

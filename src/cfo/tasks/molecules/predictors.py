@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from cfo.tasks.molecules.chem import ELEMENTS
 from cfo.tasks.molecules.dataset import MoleculeDataset
-from cfo.tasks.molecules.flow import CHARGES, _mlp, layout_for_dim
+from cfo.tasks.molecules.flow import CHARGES, MolLayout, _mlp, layout_for_dim
 
 __all__ = ["PredictorConfig", "PropertyNet", "to_simplex", "train_predictor", "load_predictor", "DEBYE_PER_E_ANGSTROM"]
 
@@ -169,6 +169,7 @@ def train_predictor(
     progress: bool = True,
     generated: MoleculeDataset | None = None,
     init: str | Path | None = None,
+    states: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Train on ``1 - val_fraction`` of ``ds`` (seeded split), report held-out MAEs, write ``predictor.pt``,
     ``metrics.json`` and ``parity.png`` in ``out_dir``.
@@ -178,7 +179,15 @@ def train_predictor(
     batch from them, the rest from ``ds``); their held-out MAEs are reported separately
     (``generated_energy_mae_Ha``, ``generated_dipole_mae_D``), since they measure the error on the kind of molecule
     the fine-tuning runs produce. ``init``: a ``predictor.pt`` to start from (its architecture and per-element
-    energies are kept; ``cfg``'s network settings are then ignored)."""
+    energies are kept; ``cfg``'s network settings are then ignored).
+
+    ``states``: labelled terminal states of a flow (:func:`cfo.tasks.molecules.generated_states.load_labelled_states`:
+    raw atom blocks with the xTB labels of their decoded molecules; failed labels dropped), used like ``generated``
+    but with the type and charge channels as the flow left them (mapped by :func:`to_simplex`, as
+    :meth:`PropertyNet.from_state` does), so the predictor is fitted on the continuous states whose gradients
+    Adjoint Matching uses, not only on one-hot molecules. Exclusive with ``generated``."""
+    if generated is not None and states is not None:
+        raise ValueError("give generated molecules or labelled states, not both")
     from cfo.tasks.molecules.energy import fit_element_energies
 
     out = Path(out_dir)
@@ -202,6 +211,11 @@ def train_predictor(
     pools = [_batches(ds, train_idx)]  # the dataset's training split, then the generated one
     if len(gen_train):
         pools.append(_batches(ds, gen_train))
+    state_val = None
+    if states is not None:
+        pool, state_val, n_state_train = _state_pools(states, cfg.val_fraction, cfg.seed)
+        pools.append(pool)
+        gen_train = np.zeros(n_state_train, dtype=np.int64)  # counted in the summary only
     pool_p = torch.tensor([1.0] if len(pools) == 1 else [1.0 - cfg.generated_fraction, cfg.generated_fraction], dtype=torch.float64)
     val = _batches(ds, val_idx)
     pool_sizes = [sorted(pool) for pool in pools]
@@ -237,8 +251,8 @@ def train_predictor(
                "energy_std_Ha": float(np.std(held["true_energy"])), "dipole_std_D": float(np.std(held["true_dipole"])),
                "init": None if init is None else str(init)}
     held_gen = None
-    if len(gen_val):
-        held_gen = _evaluate(net, _batches(ds, gen_val))
+    if len(gen_val) or state_val is not None:
+        held_gen = _evaluate(net, state_val if state_val is not None else _batches(ds, gen_val))
         summary.update({
             "generated_energy_mae_Ha": held_gen["energy_mae_Ha"], "generated_dipole_mae_D": held_gen["dipole_mae_D"],
             "generated_energy_bias_Ha": float(np.mean(np.subtract(held_gen["pred_energy"], held_gen["true_energy"]))),
@@ -249,6 +263,27 @@ def train_predictor(
     (out / "metrics.json").write_text(json.dumps({**summary, "losses": losses}, indent=1))
     _parity(held, out / "parity.png", held_gen)
     return summary
+
+
+def _state_pools(states: dict[str, np.ndarray], val_fraction: float, seed: int) -> tuple[dict, dict, int]:
+    """Training and held-out pools (``{n_atoms: tensors}``, as :func:`_batches` gives) of labelled flow states whose
+    xTB label exists; the type and charge channels mapped onto the simplex by :func:`to_simplex`."""
+    ok = np.isfinite(states["energy"]) & np.isfinite(states["dipole"])
+    if not ok.any():
+        raise ValueError("no labelled state has a finite xTB energy and dipole")
+    n_atoms = int(states["n_atoms"])
+    lay = MolLayout(n_atoms)
+    atoms = torch.as_tensor(states["atoms"][ok], dtype=torch.float32)
+    if atoms.shape[1] != n_atoms * (3 + lay.n_types + lay.n_charges):
+        raise ValueError(f"labelled states of {n_atoms} atoms need {n_atoms * (3 + lay.n_types + lay.n_charges)} atom channels, got {atoms.shape[1]}")
+    pos, types, charges = torch.split(atoms, [3 * n_atoms, lay.n_types * n_atoms, lay.n_charges * n_atoms], dim=1)
+    table = {"pos": pos.reshape(-1, n_atoms, 3), "types": to_simplex(types.reshape(-1, n_atoms, lay.n_types)),
+             "charges": to_simplex(charges.reshape(-1, n_atoms, lay.n_charges)),
+             "energy": torch.as_tensor(states["energy"][ok], dtype=torch.float32),
+             "dipole": torch.as_tensor(states["dipole"][ok], dtype=torch.float32)}
+    val_idx, train_idx = _split(int(ok.sum()), val_fraction, seed)
+    pick = lambda idx: {n_atoms: {k: v[torch.as_tensor(idx)] for k, v in table.items()}}  # noqa: E731
+    return pick(train_idx), pick(val_idx), len(train_idx)
 
 
 def _parity(held: dict, path: Path, held_generated: dict | None = None) -> None:

@@ -258,9 +258,20 @@ def _xtb_trained(cfg: dict) -> str:
     return " and ".join(_xtb_solvers(cfg)) or "no method"
 
 
+def _am_gradient_options(cfg: dict) -> str:
+    """The run's changes to Adjoint Matching's xTB gradients (empty when none), e.g. ``" (energy: the predictor's
+    gradient added in the composition channels)"``."""
+    parts = [f"{p}: the predictor's gradient added in the composition channels" for p in cfg.get("xtb_composition_gradient") or []]
+    parts += [f"{p}: the predictor's gradient in every channel, xTB's values" for p in cfg.get("xtb_predictor_gradient") or []]
+    if cfg.get("xtb_energy_atom_clip"):
+        parts.append(f"energy gradient clipped per atom at {cfg['xtb_energy_atom_clip']} Ha/A")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _xtb_use(cfg: dict) -> str:
     """How the run's solvers used xTB, e.g. ``"DiffusionNFT as a black box"``."""
-    return "; ".join(_XTB_USE[name] for name in _xtb_solvers(cfg)) or "no method trained"
+    return "; ".join(_XTB_USE[name] + (_am_gradient_options(cfg) if name == "Adjoint Matching" else "")
+                     for name in _xtb_solvers(cfg)) or "no method trained"
 
 
 def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_rel: str = ".", level: int = 2) -> str:

@@ -8,6 +8,7 @@ Rerun the same command to continue a stopped run. On a lent GPU machine: --devic
 """
 import argparse
 
+import numpy as np
 import torch
 
 from cfo.tasks.molecules.assets import MODEL_PATH
@@ -33,6 +34,6 @@ if __name__ == "__main__":
     net, _ = load_molecule_model(args.model, device=args.device)
     model = MoleculeFlowModel(net, args.n_atoms).to(args.device)
     data = append_labelled_chunks(model, args.out, args.n, args.chunk, args.steps, args.seed, args.sampler, args.workers)
-    ok = ~torch.isnan(torch.as_tensor(data["energy"]))
-    print(f"{args.out}: {len(ok)} states, {int(ok.sum())} labelled by xTB; energy {data['energy'][ok.numpy()].mean():.2f} Ha, "
-          f"dipole {data['dipole'][ok.numpy()].mean():.2f} D")
+    ok = np.isfinite(data["energy"])
+    print(f"{args.out}: {len(ok)} states, {int(ok.sum())} labelled by xTB; energy {data['energy'][ok].mean():.2f} Ha, "
+          f"dipole {data['dipole'][ok].mean():.2f} D")

@@ -180,6 +180,17 @@ def test_xtb_oracle_with_gradients_gives_xtbs_position_gradients_and_none_to_a_b
     assert ((mp_ - mm) / (2 * h)).item() == pytest.approx((gm[0] * v[0]).sum().item(), rel=1e-2, abs=1e-3)
 
 
+def _counting_predictor_energy(calls: list):
+    """The shipped predictor's energy of float64 states, recording each call's batch size in ``calls``."""
+    net, _ = load_predictor(assets.PREDICTOR_PATH)
+
+    def predictor_energy(z):
+        calls.append(z.shape[0])
+        return PredictorOracle(net).energy(z.float()).double()
+
+    return predictor_energy
+
+
 def test_composition_gradient_keeps_xtbs_values_and_position_gradient_and_adds_the_predictors_type_gradient(data):
     """``with_composition_gradient(xTB energy, predictor energy)``: the value is xTB's, the position gradient is xTB's,
     the type and charge gradients are the shipped predictor's (xTB gives none there), and without autograd the
@@ -187,13 +198,8 @@ def test_composition_gradient_keeps_xtbs_values_and_position_gradient_and_adds_t
     x, idx = _neutral_states(data, 30, 2)
     x = x.double()
     oracle = XTBOracle(workers=1, timeout_s=120, gradients=True)
-    net, _ = load_predictor(assets.PREDICTOR_PATH)
     calls = []
-
-    def predictor_energy(z):
-        calls.append(z.shape[0])
-        return PredictorOracle(net).energy(z.float()).double()
-
+    predictor_energy = _counting_predictor_energy(calls)
     hybrid = with_composition_gradient(oracle.energy, predictor_energy)
     with torch.no_grad():
         assert torch.allclose(hybrid(x), torch.as_tensor(data.energy[idx], dtype=x.dtype), atol=1e-4)
@@ -217,14 +223,9 @@ def test_surrogate_gradient_keeps_xtbs_values_and_takes_the_predictors_whole_gra
     channel, and without autograd one xTB call and no predictor call."""
     x, idx = _neutral_states(data, 30, 2)
     x = x.double()
-    net, _ = load_predictor(assets.PREDICTOR_PATH)
     oracle = XTBOracle(workers=1, timeout_s=120, gradients=True)
     calls = []
-
-    def predictor_energy(z):
-        calls.append(z.shape[0])
-        return PredictorOracle(net).energy(z.float()).double()
-
+    predictor_energy = _counting_predictor_energy(calls)
     hybrid = with_surrogate_gradient(oracle.energy, predictor_energy)
     with torch.no_grad():
         assert torch.allclose(hybrid(x), torch.as_tensor(data.energy[idx], dtype=x.dtype), atol=1e-4)

@@ -203,19 +203,15 @@ def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], xtb: Li
     diff = xtb != "black_box"
     src = "xtb" if use_xtb else "predicted"
     explain = oracle.explain_last if use_xtb else None
-    dipole_fn, energy_fn = oracle.dipole, oracle.energy
-    if xtb == "gradients":  # predictor gradients in the composition channels, where xTB gives none
+    fns = {"dipole": oracle.dipole, "energy": oracle.energy}
+    if xtb == "gradients":  # AM's gradient of an xTB property from the predictor, where configured (values stay xTB's)
         surrogate = PredictorOracle(predictor)
-        if "dipole" in cfg.xtb_composition_gradient:
-            dipole_fn = with_composition_gradient(oracle.dipole, surrogate.dipole)
-        if "energy" in cfg.xtb_composition_gradient:
-            energy_fn = with_composition_gradient(oracle.energy, surrogate.energy)
-        if "dipole" in cfg.xtb_predictor_gradient:
-            dipole_fn = with_surrogate_gradient(oracle.dipole, surrogate.dipole)
-        if "energy" in cfg.xtb_predictor_gradient:
-            energy_fn = with_surrogate_gradient(oracle.energy, surrogate.energy)
-    r = CountedValues(dipole_fn, f"{src} dipole", "min", diff, explain)
-    c = CountedValues(energy_fn, f"{src} energy", "max", diff, explain)
+        for name in cfg.xtb_composition_gradient:
+            fns[name] = with_composition_gradient(fns[name], getattr(surrogate, name))
+        for name in cfg.xtb_predictor_gradient:  # disjoint from the list above (MolRunConfig checks)
+            fns[name] = with_surrogate_gradient(fns[name], getattr(surrogate, name))
+    r = CountedValues(fns["dipole"], f"{src} dipole", "min", diff, explain)
+    c = CountedValues(fns["energy"], f"{src} energy", "max", diff, explain)
     constraints = [Constraint(c, bounds["energy"], differentiable=diff, name="energy", unit="Ha")]
     counters = {"reward": r, "energy": c}
     if cfg.valence_constraint:

@@ -59,8 +59,13 @@ class MolLayout:
         return self.n_atoms * (self.n_atoms - 1) // 2
 
     @property
+    def atom_dim(self) -> int:
+        """Length of the atom block (positions, types, charges) that precedes the bond block in a flat state."""
+        return self.n_atoms * (3 + self.n_types + self.n_charges)
+
+    @property
     def dim(self) -> int:
-        return self.n_atoms * (3 + self.n_types + self.n_charges) + self.n_pairs * self.n_bonds
+        return self.atom_dim + self.n_pairs * self.n_bonds
 
     def split_sizes(self) -> list[int]:
         n = self.n_atoms

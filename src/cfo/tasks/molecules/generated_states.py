@@ -77,13 +77,13 @@ def append_labelled_chunks(model: MoleculeFlowModel, path: str | Path, n_total: 
         if stored != settings:
             raise ValueError(f"{path} was written with {stored}, not {settings}: choose another file")
     done = int(data["atoms"].shape[0]) if data else 0
+    atom_dim = model.layout.atom_dim
     bar = tqdm(total=n_total, initial=min(done, n_total), desc="labelled states", disable=not progress)
     while done < n_total:
         k = done // chunk
         x = sample_terminal_states(model, chunk, steps, seed + k, sampler)
         energy, dipole, error = label_states(x, workers)
-        n_atom_block = model.layout.dim - model.layout.n_pairs * model.layout.n_bonds
-        new = {"atoms": x[:, :n_atom_block].float().cpu().numpy(), "energy": energy, "dipole": dipole, "error": np.array(error, dtype="U32"),
+        new = {"atoms": x[:, :atom_dim].float().cpu().numpy(), "energy": energy, "dipole": dipole, "error": np.array(error, dtype="U32"),
                "chunk": np.full(chunk, k, dtype=np.int64)}
         data = {key: np.concatenate([data[key], v]) if data else v for key, v in new.items()}
         data.update({key: np.array(v) for key, v in settings.items()})

@@ -211,11 +211,10 @@ def train_predictor(
     pools = [_batches(ds, train_idx)]  # the dataset's training split, then the generated one
     if len(gen_train):
         pools.append(_batches(ds, gen_train))
-    state_val = None
+    state_val, n_generated_train = None, len(gen_train)
     if states is not None:
-        pool, state_val, n_state_train = _state_pools(states, cfg.val_fraction, cfg.seed)
+        pool, state_val, n_generated_train = _state_pools(states, cfg.val_fraction, cfg.seed)
         pools.append(pool)
-        gen_train = np.zeros(n_state_train, dtype=np.int64)  # counted in the summary only
     pool_p = torch.tensor([1.0] if len(pools) == 1 else [1.0 - cfg.generated_fraction, cfg.generated_fraction], dtype=torch.float64)
     val = _batches(ds, val_idx)
     pool_sizes = [sorted(pool) for pool in pools]
@@ -257,7 +256,7 @@ def train_predictor(
             "generated_energy_mae_Ha": held_gen["energy_mae_Ha"], "generated_dipole_mae_D": held_gen["dipole_mae_D"],
             "generated_energy_bias_Ha": float(np.mean(np.subtract(held_gen["pred_energy"], held_gen["true_energy"]))),
             "generated_dipole_bias_D": float(np.mean(np.subtract(held_gen["pred_dipole"], held_gen["true_dipole"]))),
-            "generated_val_molecules": held_gen["n"], "generated_train_molecules": int(len(gen_train)),
+            "generated_val_molecules": held_gen["n"], "generated_train_molecules": int(n_generated_train),
         })
     torch.save({"config": cfg.model_dump(), "net_config": net.config, "model": net.state_dict(), "summary": summary}, out / "predictor.pt")
     (out / "metrics.json").write_text(json.dumps({**summary, "losses": losses}, indent=1))
@@ -274,9 +273,9 @@ def _state_pools(states: dict[str, np.ndarray], val_fraction: float, seed: int) 
     n_atoms = int(states["n_atoms"])
     lay = MolLayout(n_atoms)
     atoms = torch.as_tensor(states["atoms"][ok], dtype=torch.float32)
-    if atoms.shape[1] != n_atoms * (3 + lay.n_types + lay.n_charges):
-        raise ValueError(f"labelled states of {n_atoms} atoms need {n_atoms * (3 + lay.n_types + lay.n_charges)} atom channels, got {atoms.shape[1]}")
-    pos, types, charges = torch.split(atoms, [3 * n_atoms, lay.n_types * n_atoms, lay.n_charges * n_atoms], dim=1)
+    if atoms.shape[1] != lay.atom_dim:
+        raise ValueError(f"labelled states of {n_atoms} atoms need {lay.atom_dim} atom channels, got {atoms.shape[1]}")
+    pos, types, charges = torch.split(atoms, lay.split_sizes()[:3], dim=1)
     table = {"pos": pos.reshape(-1, n_atoms, 3), "types": to_simplex(types.reshape(-1, n_atoms, lay.n_types)),
              "charges": to_simplex(charges.reshape(-1, n_atoms, lay.n_charges)),
              "energy": torch.as_tensor(states["energy"][ok], dtype=torch.float32),

@@ -2,6 +2,10 @@
 # One call on a lent GPU machine: resume (or start) the long molecule-flow training for MIN minutes, diagnose the
 # weights it reached, and copy the training folder to $OUT so it can be committed here.
 #   usage (device tool): bash scripts/gpu_pretrain.sh [MIN]       (carry .whl when the machine lacks pydantic)
+#   a fresh run whose learning-rate schedule is fitted to the call (no resume needed; the plan for issue 5's next GPU
+#   session, docs/molecules.md "A larger network on the GPU"; a call may run 10 minutes, start-up and diagnostics included):
+#   BUDGET=1 CONFIG=configs/mol_pretrain_flowmol.yaml RUN=checkpoints/mol_pretrain_flowmol DIAG_S=30 bash scripts/gpu_pretrain.sh 8.3
+#   The working tree that travels is limited to 64 MiB: check `git ls-files -z | xargs -0 du -cb | tail -1` first.
 #   another training: CONFIG=configs/mol_pretrain_flowmol.yaml RUN=checkpoints/mol_pretrain_flowmol bash scripts/gpu_pretrain.sh 9
 #   (FlowMol's per-channel schedules; or configs/mol_pretrain_kekule.yaml, checkpoints/mol_pretrain_kekule)
 #   the run that could serve both molecular issues (FlowMol's recipe with the independent coupling AM needs):
@@ -14,8 +18,9 @@
 # are installed into /tmp/site when .whl exists.
 set -eu
 MIN=${1:-8}
-CONFIG=${CONFIG:-configs/mol_pretrain_long.yaml}
-RUN=${RUN:-checkpoints/mol_pretrain_long}
+CONFIG=${CONFIG:-configs/mol_pretrain_flowmol.yaml}
+RUN=${RUN:-checkpoints/mol_pretrain_flowmol}
+if [ -n "${BUDGET:-}" ]; then WHEN="--time-budget-min $MIN"; else WHEN="--stop-after-min $MIN"; fi
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD/src
@@ -23,11 +28,16 @@ else
   export PYTHONPATH=$PWD/src
 fi
 export PYTHONUNBUFFERED=1
-python3 -m cfo mol pretrain --config "$CONFIG" --device cuda --out "$RUN" --stop-after-min "$MIN" 2>&1 \
+python3 -m cfo mol pretrain --config "$CONFIG" --device cuda --out "$RUN" $WHEN 2>&1 \
   | tr '\r' '\n' | grep -v "it/s\]$" | tail -40
 # copy first, so the weights come back even when the diagnostics run past the call's limit
+# files over 16 MiB do not come back from the device: a large checkpoint comes back in parts,
+# rejoined here by `cat checkpoint.pt.part-* > checkpoint.pt`
 mkdir -p "${OUT:-/tmp/out}/$RUN"
-cp "$RUN"/* "${OUT:-/tmp/out}/$RUN/"
+for f in "$RUN"/*; do
+  if [ "$(stat -c %s "$f")" -gt 15728640 ]; then split -b 15m "$f" "${OUT:-/tmp/out}/$RUN/$(basename "$f").part-"
+  else cp "$f" "${OUT:-/tmp/out}/$RUN/"; fi
+done
 WEIGHTS="$RUN/model.pt"; [ -f "$WEIGHTS" ] || WEIGHTS="$RUN/snapshot.pt"
 timeout "${DIAG_S:-120}" python3 benchmarks/mol_flow_diagnostics.py --model "$WEIGHTS" --device cuda \
   | tee "${OUT:-/tmp/out}/diagnostics.txt" || echo "diagnostics stopped (limit ${DIAG_S:-120} s)"

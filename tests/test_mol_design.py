@@ -257,7 +257,9 @@ def test_per_atom_clip_caps_each_atoms_gradient_and_keeps_its_direction(data):
     raw, clipped = grads[None][0], grads[0.05][0]
     assert torch.allclose(clipped, clip_per_atom(raw, 0.05)) and float(clipped.norm(dim=-1).max()) <= 0.05 + 1e-12
     assert float(raw.norm(dim=-1).max()) > 0.05  # the clip did something
-    assert torch.equal(grads[None][1], grads[0.05][1])
+    # the dipole gradient is untouched by the clip: equal up to the last-bit noise of xTB's OpenMP reductions (two
+    # separate calculations differ there when xTB runs on several threads, amplified by the finite field difference)
+    assert torch.allclose(grads[None][1], grads[0.05][1], rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="energy_atom_clip"):
         XTBOracle(energy_atom_clip=0.0)
 

@@ -64,7 +64,8 @@ def describe(x: torch.Tensor, model: MoleculeFlowModel, oracle: PredictorOracle)
         d, e = oracle.dipole(x), oracle.energy(x)
     pos = model.layout.unpack(x)[0]
     return {"dipole": float(d.mean()), "energy": float(e.mean()), "pos_rms": float(pos.pow(2).mean().sqrt()),
-            "validity": chem["validity"], "atom_stability": chem["atom_stability"], "H_fraction": float(np.mean(numbers == 1))}
+            "validity": chem["validity"], "connected": chem["connected"], "validity_connected": chem["validity_connected"],
+            "atom_stability": chem["atom_stability"], "H_fraction": float(np.mean(numbers == 1))}
 
 
 def main() -> None:
@@ -94,12 +95,12 @@ def main() -> None:
     k = args.sde_steps[0]
     t0 = time.perf_counter()
     rows.append((f"SDE {k}, positions by ODE", sde_with_ode_positions(model, args.n, k, torch.Generator().manual_seed(args.seed)), time.perf_counter() - t0))
-    print("| sampler | dipole (D), predicted | energy (Ha), predicted | position RMS (A) | validity | atom stability | H fraction | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| sampler | dipole (D), predicted | energy (Ha), predicted | position RMS (A) | validity | connected | valid and connected | atom stability | H fraction | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, x, sec in rows:
         r = describe(x, model, oracle)
-        print(f"| {name} | {r['dipole']:.2f} | {r['energy']:.2f} | {r['pos_rms']:.2f} | {r['validity']:.2f} | "
-              f"{r['atom_stability']:.2f} | {r['H_fraction']:.2f} | {sec:.0f} |")
+        print(f"| {name} | {r['dipole']:.2f} | {r['energy']:.2f} | {r['pos_rms']:.2f} | {r['validity']:.2f} | {r['connected']:.2f} | "
+              f"{r['validity_connected']:.2f} | {r['atom_stability']:.2f} | {r['H_fraction']:.2f} | {sec:.0f} |")
 
 
 if __name__ == "__main__":

@@ -191,27 +191,39 @@ def _counting_predictor_energy(calls: list):
     return predictor_energy
 
 
-def test_composition_gradient_keeps_xtbs_values_and_position_gradient_and_adds_the_predictors_type_gradient(data):
-    """``with_composition_gradient(xTB energy, predictor energy)``: the value is xTB's, the position gradient is xTB's,
-    the type and charge gradients are the shipped predictor's (xTB gives none there), and without autograd the
-    predictor is not called at all."""
+def _hybrid_gradient(data, wrap) -> tuple[torch.Tensor, XTBOracle, object, torch.Tensor]:
+    """States of two dataset molecules, an xTB oracle, a counting predictor energy and the gradient of
+    ``wrap(xTB energy, predictor energy)``; checks on the way that the wrapped values are xTB's (the dataset labels),
+    that without autograd the predictor is not called, and that with it the predictor is called once."""
     x, idx = _neutral_states(data, 30, 2)
     x = x.double()
     oracle = XTBOracle(workers=1, timeout_s=120, gradients=True)
     calls = []
     predictor_energy = _counting_predictor_energy(calls)
-    hybrid = with_composition_gradient(oracle.energy, predictor_energy)
+    hybrid = wrap(oracle.energy, predictor_energy)
+    labels = torch.as_tensor(data.energy[idx], dtype=x.dtype)
     with torch.no_grad():
-        assert torch.allclose(hybrid(x), torch.as_tensor(data.energy[idx], dtype=x.dtype), atol=1e-4)
+        assert torch.allclose(hybrid(x), labels, atol=1e-4)
     assert calls == []
     xg = x.clone().requires_grad_(True)
     e = hybrid(xg)
-    assert torch.allclose(e.detach(), torch.as_tensor(data.energy[idx], dtype=x.dtype), atol=1e-4) and calls == [2]
+    assert torch.allclose(e.detach(), labels, atol=1e-4) and calls == [2]
     (g,) = torch.autograd.grad(e.sum(), xg)
-    xp = x.clone().requires_grad_(True)
-    (g_xtb,) = torch.autograd.grad(oracle.energy(xp).sum(), xp)
-    xs = x.clone().requires_grad_(True)
-    (g_pred,) = torch.autograd.grad(predictor_energy(xs).sum(), xs)
+    return x, oracle, predictor_energy, g
+
+
+def _gradient(f, x: torch.Tensor) -> torch.Tensor:
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(xg).sum(), xg)
+    return g
+
+
+def test_composition_gradient_keeps_xtbs_values_and_position_gradient_and_adds_the_predictors_type_gradient(data):
+    """``with_composition_gradient(xTB energy, predictor energy)``: the value is xTB's, the position gradient is xTB's,
+    the type and charge gradients are the shipped predictor's (xTB gives none there), and without autograd the
+    predictor is not called at all."""
+    x, oracle, predictor_energy, g = _hybrid_gradient(data, with_composition_gradient)
+    g_xtb, g_pred = _gradient(oracle.energy, x), _gradient(predictor_energy, x)
     n_pos = 3 * MolLayout(30).n_atoms
     assert torch.allclose(g[:, :n_pos], g_xtb[:, :n_pos]) and torch.count_nonzero(g[:, :n_pos]) > 0
     assert torch.allclose(g[:, n_pos:], g_pred[:, n_pos:]) and torch.count_nonzero(g[:, n_pos:]) > 0
@@ -221,21 +233,8 @@ def test_composition_gradient_keeps_xtbs_values_and_position_gradient_and_adds_t
 def test_surrogate_gradient_keeps_xtbs_values_and_takes_the_predictors_whole_gradient(data):
     """``with_surrogate_gradient(xTB energy, predictor energy)``: xTB's values, the predictor's gradient in every
     channel, and without autograd one xTB call and no predictor call."""
-    x, idx = _neutral_states(data, 30, 2)
-    x = x.double()
-    oracle = XTBOracle(workers=1, timeout_s=120, gradients=True)
-    calls = []
-    predictor_energy = _counting_predictor_energy(calls)
-    hybrid = with_surrogate_gradient(oracle.energy, predictor_energy)
-    with torch.no_grad():
-        assert torch.allclose(hybrid(x), torch.as_tensor(data.energy[idx], dtype=x.dtype), atol=1e-4)
-    assert calls == []
-    xg = x.clone().requires_grad_(True)
-    e = hybrid(xg)
-    assert torch.allclose(e.detach(), torch.as_tensor(data.energy[idx], dtype=x.dtype), atol=1e-4) and calls == [2]
-    (g,) = torch.autograd.grad(e.sum(), xg)
-    xs = x.clone().requires_grad_(True)
-    (g_pred,) = torch.autograd.grad(predictor_energy(xs).sum(), xs)
+    x, _, predictor_energy, g = _hybrid_gradient(data, with_surrogate_gradient)
+    g_pred = _gradient(predictor_energy, x)
     assert torch.allclose(g, g_pred) and torch.count_nonzero(g) > 0
 
 

@@ -99,8 +99,8 @@ def main() -> None:
     predicted = PredictorOracle(predictor)
     h = ELEMENTS.index("H")
     black_box = XTBOracle(workers=1, timeout_s=120)
+    pos, types, charges, bonds = lay.unpack(x.float())
     for eps in args.eps:
-        pos, types, charges, bonds = lay.unpack(x.float())
         z = lay.pack(pos, types - eps * p_types, charges, bonds)
         with torch.no_grad():
             e_pred, e_xtb = predicted.energy(z), black_box.energy(z.double())

@@ -21,12 +21,12 @@ def test_labelled_chunks_store_raw_states_with_xtb_labels_and_resume_without_rep
     path = tmp_path / "states.npz"
     first = append_labelled_chunks(model, path, n_total=2, chunk=2, steps=8, seed=3, progress=False)
     lay = model.layout
-    n_atom_block = lay.dim - lay.n_pairs * lay.n_bonds
+    n_atom_block, n_pos = lay.atom_dim, 3 * lay.n_atoms
     assert first["atoms"].shape == (2, n_atom_block) and first["chunk"].tolist() == [0, 0]
     # the stored atom block is the raw terminal state's (type channels not rounded to one-hot) of chunk 0's generator
     x0 = sample_terminal_states(model, 2, 8, seed=3)
     assert np.allclose(first["atoms"], x0[:, :n_atom_block].numpy(), atol=1e-6)
-    assert not np.allclose(first["atoms"][:, 36:], np.round(first["atoms"][:, 36:]))
+    assert not np.allclose(first["atoms"][:, n_pos:], np.round(first["atoms"][:, n_pos:]))
     energy, dipole, error = label_states(x0)
     ok = ~np.isnan(energy)
     assert ok.any() and np.allclose(first["energy"][ok], energy[ok]) and np.allclose(first["dipole"][ok], dipole[ok])

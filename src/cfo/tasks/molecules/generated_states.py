@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cfo.flows.sampling import sample_memoryless_sde, sample_ode
-from cfo.tasks.molecules.flow import MoleculeFlowModel, decode
+from cfo.tasks.molecules.flow import MoleculeFlowModel, decode, layout_for_dim
 
 __all__ = ["sample_terminal_states", "label_states", "append_labelled_chunks", "load_labelled_states"]
 
@@ -45,7 +45,6 @@ def label_states(x: torch.Tensor, workers: int = 1, timeout_s: float = 120.0) ->
     """GFN2-xTB energy (Ha) and dipole (D) of each state's decoded molecule (single point on the generated geometry);
     a failed calculation gives NaN and its cause in the third list (``""`` where it worked)."""
     from cfo.tasks.molecules.oracles import xtb_of_decoded
-    from cfo.tasks.molecules.flow import layout_for_dim
 
     results = xtb_of_decoded(decode(x, layout_for_dim(x.shape[-1])), workers, timeout_s)
     energy = np.array([r.energy if r.ok else np.nan for r in results], dtype=np.float64)

@@ -83,9 +83,9 @@ def test_inactive_constraint_returns_unconstrained_tilt():
     assert torch.allclose(x.mean(0), UNCONSTRAINED_MEAN, atol=0.03), x.mean(0)
 
 
-def _tiny(tmp_path, bound=1.0, rounds=3):
+def _tiny(tmp_path, bound=1.0, rounds=3, keep_optimizer=False):
     cfg = CFOConfig(rounds=rounds, steps_per_round=4, rho_init=1.0, eval_samples=64, seed=7)
-    solver = AdjointMatching(AdjointMatchingConfig(batch_size=16, rollout_steps=6))
+    solver = AdjointMatching(AdjointMatchingConfig(batch_size=16, rollout_steps=6, keep_optimizer=keep_optimizer))
     return CFO(_problem(bound), solver, gaussian_finetunable(), cfg, checkpoint_dir=tmp_path)
 
 
@@ -93,11 +93,13 @@ def _strip(history):
     return [{k: v for k, v in h.__dict__.items() if k != "seconds"} for h in history]
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
-    full = _tiny(tmp_path / "full").run(progress=False)
-    first = _tiny(tmp_path / "resumed").run(max_rounds=2, progress=False)  # "killed" after round 2
+@pytest.mark.parametrize("keep_optimizer", [False, True])
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, keep_optimizer):
+    """Also with Adam carried across rounds: the round checkpoint holds the solver's carried state."""
+    full = _tiny(tmp_path / "full", keep_optimizer=keep_optimizer).run(progress=False)
+    first = _tiny(tmp_path / "resumed", keep_optimizer=keep_optimizer).run(max_rounds=2, progress=False)  # "killed" after round 2
     assert len(first.history) == 2 and first.final is None
-    resumed = _tiny(tmp_path / "resumed").run(progress=False)  # a new process would do exactly this
+    resumed = _tiny(tmp_path / "resumed", keep_optimizer=keep_optimizer).run(progress=False)  # a new process would do exactly this
     assert _strip(resumed.history) == _strip(full.history)
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)

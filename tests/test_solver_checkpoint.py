@@ -88,3 +88,25 @@ def test_unconstrained_baseline_passes_its_checkpoint_and_reports_prior_time_and
     assert again.restored_caller_state == {"saves": 3} and again.prior_seconds > 0
     again.clear()
     assert not (tmp_path / "state.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["am", "nft"])
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_optimizer_makes_split_calls_equal_one_call(name, keep):
+    """With ``keep_optimizer`` three calls of 2 steps (three CFO rounds, say) continue one Adam and end exactly where
+    one call of 6 steps ends; with a fresh Adam per call (the default, Algorithm 1) they do not."""
+
+    def solver():
+        s = SOLVERS[name]()
+        s.config = s.config.model_copy(update={"keep_optimizer": keep})
+        return s
+
+    reward = Linear([1.0, -0.5])
+    one, gen = gaussian_finetunable(), torch.Generator().manual_seed(3)
+    solver().finetune(one, reward, 1.0, 6, reference=gaussian_reference(), generator=gen)
+    split, gen, s = gaussian_finetunable(), torch.Generator().manual_seed(3), solver()
+    for _ in range(3):
+        s.finetune(split, reward, 1.0, 2, reference=gaussian_reference(), generator=gen)
+    same = all(torch.equal(p, q) for p, q in zip(one.parameters(), split.parameters()))
+    assert same == keep
+    assert (s.carried_state is not None) == keep

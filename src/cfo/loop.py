@@ -3,7 +3,7 @@
     lambda_1 = 0, rho_1 = rho_init
     for k = 1..K:
         f_k(x)  = r(x) - sum_i rho_i/2 max(0, c_i(x) - B_i - lambda_i/rho_i)^2        (or the expectation form)
-        pi_k    = Solver(f_k, init = pi_{k-1}, reference = pre, N steps, fresh optimiser)
+        pi_k    = Solver(f_k, init = pi_{k-1}, reference = pre, N steps, fresh optimiser*)
         G_k     = E_{pi_k}[c] - B                                                    (fresh Monte-Carlo samples)
         V_k     = min(G_k, -lambda_k/rho_k)                                           (pre-update lambda_k, rho_k)
         lambda_{k+1} = clip(lambda_k - rho_k G_k, lambda_min, 0)
@@ -11,7 +11,8 @@
 
 The loop knows only :class:`~cfo.problem.ConstrainedProblem` and the :class:`~cfo.solvers.base.InnerSolver` protocol.
 An optional ``target_margin`` tightens every bound to ``B - margin`` (constraint tightening; 0 by default, i.e.
-Algorithm 1 as published).  It writes a checkpoint after every round and resumes from it; randomness comes from one generator per round seeded by
+Algorithm 1 as published). (*) A solver's ``keep_optimizer`` option carries Adam's state from round to round instead
+(saved with the round checkpoint).  It writes a checkpoint after every round and resumes from it; randomness comes from one generator per round seeded by
 ``(seed, k)``, so a resumed run repeats an uninterrupted one exactly.
 """
 
@@ -247,6 +248,7 @@ class CFO:
             "model": _cpu_state_dict(model),
             "history": [asdict(h) for h in history],
             "best": best,
+            "solver_carried": getattr(self.solver, "carried_state", None),
         }
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -290,6 +292,8 @@ class CFO:
             lam, rho, v_prev = state["lam"], state["rho"], state["v_prev"]
             history = [RoundRecord(**h) for h in state["history"]]
             best = state.get("best")
+            if state.get("solver_carried") is not None:
+                self.solver.carried_state = state["solver_carried"]
             start = int(state["k"]) + 1
             log.info("resuming CFO from round %d of %d", start, cfg.rounds)
         target = self.problem.bounds() - cfg.target_margin  # B (minus the optional tightening margin)

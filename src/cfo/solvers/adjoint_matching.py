@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from cfo.flows.model import FlowModel
 from cfo.flows.sampling import Trajectory, sample_memoryless_sde
 from cfo.flows.schedulers import as_coefficient
-from cfo.solvers.base import FinetuneStats, SolverCheckpoint, TerminalReward, gradient_step, schedule_lr, start_finetune
+from cfo.solvers.base import FinetuneStats, SolverCheckpoint, TerminalReward, carry_optimizer, gradient_step, schedule_lr, start_finetune
 from cfo.validation import NonFiniteValueError, check_batch_values
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,10 @@ class AdjointMatchingConfig(BaseModel):
     adjoint_clip: float | None = Field(
         None, gt=0, description="max per-sample norm of the lean adjoint a_t at every grid time (None: off); a guard for "
         "ill-conditioned flows whose backward transport amplifies a few samples' adjoints by orders of magnitude",
+    )
+    keep_optimizer: bool = Field(
+        False, description="carry Adam's state from one finetune call (CFO round) to the next instead of a fresh Adam "
+        "per call (Algorithm 1 and the authors' code: fresh); see cfo.solvers.base.carry_optimizer",
     )
     adjoint_scheme: Literal["heun", "euler"] = Field(
         "heun",
@@ -240,6 +244,7 @@ class AdjointMatching:
     def __init__(self, config: AdjointMatchingConfig | None = None) -> None:
         self.config = config if config is not None else AdjointMatchingConfig()
         self.last_stats: FinetuneStats | None = None
+        self.carried_state: dict | None = None  # Adam's state for the next call (config.keep_optimizer)
         self._warned_coupling = False  # the coupling warning is logged once per solver, not once per CFO round
 
     def finetune(
@@ -254,7 +259,7 @@ class AdjointMatching:
         progress: bool = False,
         checkpoint: SolverCheckpoint | None = None,
     ) -> FlowModel:
-        """Run ``steps`` AM iterations on ``model`` (in place, fresh Adam) towards ``reference * exp(f/alpha)``.
+        """Run ``steps`` AM iterations on ``model`` (in place; a fresh Adam unless ``keep_optimizer``) towards ``reference * exp(f/alpha)``.
 
         With a ``checkpoint`` the call saves its state every ``checkpoint.every`` steps and resumes from a saved one."""
         if not getattr(reward, "differentiable", False):
@@ -262,7 +267,7 @@ class AdjointMatching:
         cfg = self.config
         if not self._warned_coupling:
             self._warned_coupling = warn_if_sde_not_marginal(reference)
-        params, opt = start_finetune(model, alpha, steps, cfg.lr)
+        params, opt = start_finetune(model, alpha, steps, cfg.lr, self.carried_state if cfg.keep_optimizer else None)
         stats = FinetuneStats()
         self.last_stats = stats
         interior = list(range(1, cfg.rollout_steps))
@@ -293,6 +298,7 @@ class AdjointMatching:
             stats.record(loss, values)
             if progress and (step % 10 == 0 or step == steps - 1):
                 bar.set_postfix(loss=f"{stats.losses[-1]:.3g}", reward=f"{stats.reward_means[-1]:.3g}")
+        self.carried_state = carry_optimizer(opt, cfg.keep_optimizer)
         model.eval()
         return model
 

@@ -25,7 +25,7 @@ from cfo.flows.model import FlowModel
 from cfo.flows.training import gradient_step
 from cfo.validation import NonFiniteValueError
 
-__all__ = ["TerminalReward", "InnerSolver", "FinetuneStats", "SolverCheckpoint", "start_finetune", "schedule_lr", "gradient_step"]
+__all__ = ["TerminalReward", "InnerSolver", "FinetuneStats", "SolverCheckpoint", "start_finetune", "carry_optimizer", "schedule_lr", "gradient_step"]
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,11 @@ class SolverCheckpoint:
 
 
 def start_finetune(
-    model: FlowModel, alpha: float, steps: int, lr: float
+    model: FlowModel, alpha: float, steps: int, lr: float, carried: dict | None = None
 ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
-    """Check the arguments every solver shares and return the trainable parameters with a fresh Adam on them."""
+    """Check the arguments every solver shares and return the trainable parameters with an Adam on them: fresh, or
+    continuing ``carried`` (an earlier call's ``optimizer.state_dict()``, see :func:`carry_optimizer`) at learning rate
+    ``lr``."""
     if not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
     if steps < 0:
@@ -171,7 +173,25 @@ def start_finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model to fine-tune has no trainable parameter")
-    return params, torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=lr)
+    if carried is not None:
+        try:
+            opt.load_state_dict(carried)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"the carried optimiser state does not fit this model's trainable parameters: {err}") from err
+        for group in opt.param_groups:
+            group["lr"] = lr
+    return params, opt
+
+
+def carry_optimizer(opt: torch.optim.Optimizer, keep: bool) -> dict | None:
+    """The optimiser state a solver hands to its next ``finetune`` call (``keep_optimizer``), or ``None`` (a fresh Adam
+    each call, as in Algorithm 1 and the authors' code).
+
+    Why carry it: Adam's first steps move every parameter by about ``lr`` whatever its gradient's noise
+    (``m_hat / sqrt(v_hat) = sign(g)`` at step 1), so a fresh Adam in each of K CFO rounds gives K such kicks; carried
+    across rounds, the moment estimates continue as in one unconstrained run while the reward ``f_k`` changes."""
+    return opt.state_dict() if keep else None
 
 
 def schedule_lr(opt: torch.optim.Optimizer, lr: float, schedule: str, step: int, steps: int) -> None:
@@ -187,7 +207,11 @@ class InnerSolver(Protocol):
 
     A ``checkpoint`` (:class:`SolverCheckpoint`) makes one long call resumable: the solver saves its whole state every
     ``checkpoint.every`` steps and, given a saved state, continues from it as if never interrupted. The CFO loop does
-    not need it (it checkpoints between rounds); the single-call baselines do."""
+    not need it (it checkpoints between rounds); the single-call baselines do.
+
+    Optional: a solver may keep state from one call to the next in an attribute ``carried_state`` (``None`` or a
+    dict of tensors and numbers; our solvers' ``keep_optimizer`` option keeps Adam's state there). The CFO loop saves
+    it in its round checkpoint and restores it on resume, so a resumed run continues as an uninterrupted one."""
 
     name: str
     requires_gradients: bool

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from cfo.flows.model import FlowModel
 from cfo.flows.sampling import sample_ode
-from cfo.solvers.base import FinetuneStats, SolverCheckpoint, TerminalReward, gradient_step, schedule_lr, start_finetune
+from cfo.solvers.base import FinetuneStats, SolverCheckpoint, TerminalReward, carry_optimizer, gradient_step, schedule_lr, start_finetune
 from cfo.validation import NonFiniteValueError, check_batch_values
 
 __all__ = ["DiffusionNFTConfig", "DiffusionNFT", "advantage_scale", "optimality_probability", "nft_loss", "old_policy_decay"]
@@ -61,6 +61,10 @@ class DiffusionNFTConfig(BaseModel):
     )
     decay: Literal[0, 1, 2] = Field(0, description="theta_old EMA schedule: 0 on-policy; 1 min(1e-3 k, 0.5); 2 delayed")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm of the fine-tuned parameters")
+    keep_optimizer: bool = Field(
+        False, description="carry Adam's state from one finetune call (CFO round) to the next instead of a fresh Adam "
+        "per call (Algorithm 1 and the authors' code: fresh); see cfo.solvers.base.carry_optimizer",
+    )
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="within one finetune call")
     t_min: float = Field(0.0, ge=0, lt=1, description="times are drawn from U(t_min, t_max)")
     t_max: float = Field(
@@ -135,6 +139,7 @@ class DiffusionNFT:
     def __init__(self, config: DiffusionNFTConfig | None = None) -> None:
         self.config = config if config is not None else DiffusionNFTConfig()
         self.last_stats: FinetuneStats | None = None
+        self.carried_state: dict | None = None  # Adam's state for the next call (config.keep_optimizer)
 
     def finetune(
         self,
@@ -148,11 +153,11 @@ class DiffusionNFT:
         progress: bool = False,
         checkpoint: SolverCheckpoint | None = None,
     ) -> FlowModel:
-        """Run ``steps`` NFT iterations on ``model`` (in place; fresh Adam; ``theta_old`` starts at ``model``).
+        """Run ``steps`` NFT iterations on ``model`` (in place; a fresh Adam unless ``keep_optimizer``; ``theta_old`` starts at ``model``).
 
         With a ``checkpoint`` the call saves its state every ``checkpoint.every`` steps and resumes from a saved one."""
         cfg = self.config
-        params, opt = start_finetune(model, alpha, steps, cfg.lr)
+        params, opt = start_finetune(model, alpha, steps, cfg.lr, self.carried_state if cfg.keep_optimizer else None)
         old = copy.deepcopy(model).eval()
         for p in old.parameters():
             p.requires_grad_(False)
@@ -197,5 +202,6 @@ class DiffusionNFT:
             stats.record(loss, values)
             if progress and (step % 10 == 0 or step == steps - 1):
                 bar.set_postfix(loss=f"{stats.losses[-1]:.3g}", reward=f"{stats.reward_means[-1]:.3g}")
+        self.carried_state = carry_optimizer(opt, cfg.keep_optimizer)
         model.eval()
         return model

@@ -21,9 +21,9 @@ import argparse
 
 import numpy as np
 import torch
-from rdkit import Chem
 
 from cfo.solvers.diffusion_nft import optimality_probability
+from cfo.tasks.molecules.toolkit import read_sdf
 
 SETTINGS = ((0.0, 0.25), (-2.5, 0.25), (0.0, 1.0), (-8.4, 1.0))  # (lambda_k, rho_k): first rounds of the two runs
 
@@ -31,8 +31,8 @@ SETTINGS = ((0.0, 0.25), (-2.5, 0.25), (0.0, 1.0), (-8.4, 1.0))  # (lambda_k, rh
 def read_xtb(path: str) -> tuple[np.ndarray, np.ndarray]:
     """xTB dipoles (D) and energies (Ha) of the molecules of ``path`` whose xTB calculation succeeded."""
     dip, en = [], []
-    for mol in Chem.SDMolSupplier(path, removeHs=False, sanitize=False):
-        if mol is not None and mol.HasProp("xtb_ok") and mol.GetProp("xtb_ok") == "1":
+    for mol in read_sdf(path):
+        if mol.HasProp("xtb_ok") and mol.GetProp("xtb_ok") == "1":
             dip.append(float(mol.GetProp("xtb_dipole_D")))
             en.append(float(mol.GetProp("xtb_energy_Ha")))
     if len(dip) < 2:
@@ -47,7 +47,7 @@ def augmented_reward(dipole: np.ndarray, energy: np.ndarray, bound: float, lam: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sdf", default="docs/runs/mol_nft_xtb_full/PRE/samples.sdf")
+    ap.add_argument("--sdf", default="docs/runs/mol_nft_xtb_full/PRE/samples.sdf.gz")
     ap.add_argument("--bound", type=float, default=-58.16)
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--adv-clip", type=float, default=5.0)

@@ -20,12 +20,13 @@ from cfo.tasks.molecules.predictors import load_predictor
 
 
 def read_scored_samples(sdf: Path) -> list[dict]:
-    """Molecules of a samples.sdf whose xTB calculation succeeded: numbers, positions, charges, xTB energy, dipole."""
-    from rdkit import Chem
+    """Molecules of a samples SDF (plain or gzipped) whose xTB calculation succeeded: numbers, positions, charges,
+    xTB energy, dipole."""
+    from cfo.tasks.molecules.toolkit import read_sdf
 
     out = []
-    for mol in Chem.SDMolSupplier(str(sdf), removeHs=False, sanitize=False):
-        if mol is None or not mol.HasProp("xtb_ok") or mol.GetProp("xtb_ok") not in ("1", "True", "true"):
+    for mol in read_sdf(sdf):
+        if not mol.HasProp("xtb_ok") or mol.GetProp("xtb_ok") not in ("1", "True", "true"):
             continue
         pos = mol.GetConformer().GetPositions().astype(np.float32)
         out.append({
@@ -36,6 +37,13 @@ def read_scored_samples(sdf: Path) -> list[dict]:
             "dipole": float(mol.GetProp("xtb_dipole_D")),
         })
     return out
+
+
+def sample_files(run: Path) -> list[Path]:
+    """Each method's samples SDF in a run folder (``<method>/samples.sdf`` or its gzipped form), by method."""
+    from cfo.tasks.molecules.toolkit import sdf_path
+
+    return [p for p in (sdf_path(d) for d in sorted(run.iterdir()) if d.is_dir()) if p is not None]
 
 
 def predict(net, mols: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +71,7 @@ def main() -> None:
     torch.set_num_threads(1)
     nets = [(p, load_predictor(p)[0]) for p in args.predictor]
     print("method   n   | " + " | ".join(f"{p}: energy MAE / bias (Ha), dipole MAE / bias (D)" for p, _ in nets))
-    for sdf in sorted(args.run.glob("*/samples.sdf")):
+    for sdf in sample_files(args.run):
         mols = read_scored_samples(sdf)
         if not mols:
             continue

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mol_predictor_on_samples import predict, read_scored_samples  # noqa: E402
+from mol_predictor_on_samples import predict, read_scored_samples, sample_files  # noqa: E402
 
 from cfo.tasks.molecules.assets import PREDICTOR_PATH  # noqa: E402
 from cfo.tasks.molecules.predictors import load_predictor  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     net, _ = load_predictor(args.predictor)
     rows = {}
-    for sdf in sorted(args.run.glob("*/samples.sdf")):
+    for sdf in sample_files(args.run):
         mols = read_scored_samples(sdf)[: args.n]
         start = time.perf_counter()
         res = evaluate_batch([(m["numbers"], m["positions"]) for m in mols], workers=args.workers, timeout_s=600,

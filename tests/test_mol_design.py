@@ -516,6 +516,32 @@ def test_hydrogen_fraction_of_samples_and_of_old_run_folders(tmp_path):
     assert stored[0]["metrics"]["chem_h_fraction"] == 0.33
 
 
+def test_gzipped_samples_sdf_reads_like_the_plain_one(tmp_path):
+    """Run folders under docs/runs keep ``samples.sdf.gz``: the reader gives the same records, and the report's
+    hydrogen-fraction fallback finds the gzipped file when the plain one is absent."""
+    import gzip
+    import shutil
+
+    from cfo.tasks.molecules.report import _fill_hydrogen_fraction
+    from cfo.tasks.molecules.toolkit import GeneratedMolecule, read_sdf, sdf_path, write_sdf
+
+    rng = np.random.default_rng(1)
+    mols = [GeneratedMolecule(np.array(z), rng.normal(scale=2.0, size=(len(z), 3)), properties={"seed": 0, "xtb_energy_Ha": -5.5 - k})
+            for k, z in enumerate([[6, 1, 1, 1, 1], [8, 1, 1], [6, 8, 7, 6, 1]])]
+    plain = write_sdf(mols, tmp_path / "CFO_NFT" / "samples.sdf")
+    with open(plain, "rb") as src, gzip.open(plain.with_name("samples.sdf.gz"), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    a, b = list(read_sdf(plain)), list(read_sdf(plain.with_name("samples.sdf.gz")))
+    assert [m.GetNumAtoms() for m in a] == [m.GetNumAtoms() for m in b] == [5, 3, 5]
+    assert [m.GetProp("xtb_energy_Ha") for m in b] == ["-5.5", "-6.5", "-7.5"]
+    plain.unlink()
+    assert sdf_path(tmp_path / "CFO_NFT") == tmp_path / "CFO_NFT" / "samples.sdf.gz"
+    assert sdf_path(tmp_path / "AM") is None
+    rows = [{"method": "CFO_NFT", "metrics": {}}]
+    _fill_hydrogen_fraction(rows, [], tmp_path)
+    assert rows[0]["metrics"]["chem_h_fraction"] == pytest.approx(7 / 13)
+
+
 def test_every_shipped_molecular_run_config_loads_and_names_a_model_that_exists():
     """Each ``configs/mol_*.yaml`` run config parses, and the flow it names (or the default) is a shipped file, so
     one file reproduces one run on a fresh clone."""

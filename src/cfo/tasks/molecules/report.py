@@ -50,20 +50,19 @@ def _fill_hydrogen_fraction(rows: list[dict], per_seed: list[dict], out: Path) -
     """Fill ``chem_h_fraction`` where a run folder written before the metric existed lacks it, from the atoms of
     ``<method>/samples.sdf`` (every final sample of every seed, each record with its seed): per seed, and for the
     aggregated row the mean over its seeds, as the runner aggregates."""
-    from cfo.tasks.molecules.chem import rdkit_chem
+    from cfo.tasks.molecules.toolkit import read_sdf, sdf_path
 
     for r in rows:
         if "chem_h_fraction" in r.get("metrics", {}):
             continue
-        path = out / slug(r["method"]) / "samples.sdf"
-        if not path.exists():
+        path = sdf_path(out / slug(r["method"]))
+        if path is None:
             continue
         counts: dict[str, list[int]] = {}
-        for mol in rdkit_chem().SDMolSupplier(str(path), sanitize=False, removeHs=False):
-            if mol is not None:
-                c = counts.setdefault(mol.GetProp("seed") if mol.HasProp("seed") else "", [0, 0])
-                c[0] += sum(a.GetAtomicNum() == 1 for a in mol.GetAtoms())
-                c[1] += mol.GetNumAtoms()
+        for mol in read_sdf(path):
+            c = counts.setdefault(mol.GetProp("seed") if mol.HasProp("seed") else "", [0, 0])
+            c[0] += sum(a.GetAtomicNum() == 1 for a in mol.GetAtoms())
+            c[1] += mol.GetNumAtoms()
         by_seed = {seed: h / n for seed, (h, n) in counts.items() if n}
         for p in per_seed:
             if p["method"] == r["method"] and str(p["seed"]) in by_seed:
@@ -94,15 +93,16 @@ def format_mol_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _sdf_values(path: Path, key: str) -> list[float]:
-    from cfo.tasks.molecules.chem import rdkit_chem
+def _sdf_values(folder: Path, key: str) -> list[float]:
+    """The finite values of the SD field ``key`` in ``folder``'s samples SDF (plain or gzipped); [] without one."""
+    from cfo.tasks.molecules.toolkit import read_sdf, sdf_path
 
-    Chem = rdkit_chem()
     out = []
-    if not path.exists():
+    path = sdf_path(folder)
+    if path is None:
         return out
-    for mol in Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False):
-        if mol is not None and mol.HasProp(key):
+    for mol in read_sdf(path):
+        if mol.HasProp(key):
             v = float(mol.GetProp(key))
             if math.isfinite(v):
                 out.append(v)
@@ -126,8 +126,8 @@ def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[s
     labels = list(dict.fromkeys(j.label for j in jobs))
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
     for label in labels:
-        sdf = out / slug(label) / "samples.sdf"
-        e, d = _sdf_values(sdf, "xtb_energy_Ha"), _sdf_values(sdf, "xtb_dipole_D")
+        folder = out / slug(label)
+        e, d = _sdf_values(folder, "xtb_energy_Ha"), _sdf_values(folder, "xtb_dipole_D")
         if e:
             ax[0].hist(e, bins=25, histtype="step", lw=1.5, label=label)
             ax[1].hist(d, bins=25, histtype="step", lw=1.5, label=label)

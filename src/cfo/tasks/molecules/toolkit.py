@@ -19,8 +19,9 @@ Definitions (as in FlowMol and the paper's anchors):
 
 from __future__ import annotations
 
+import gzip
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -309,3 +310,24 @@ def write_sdf(mols: Sequence[GeneratedMolecule], path: str | Path) -> Path:
             writer.write(out)
     writer.close()
     return path
+
+
+def sdf_path(folder: str | Path, stem: str = "samples") -> Path | None:
+    """``folder/<stem>.sdf``, else its gzipped form ``folder/<stem>.sdf.gz`` (how the run folders under ``docs/runs``
+    keep their samples), else None."""
+    for name in (f"{stem}.sdf", f"{stem}.sdf.gz"):
+        if (Path(folder) / name).exists():
+            return Path(folder) / name
+    return None
+
+
+def read_sdf(path: str | Path) -> Iterator:
+    """The RDKit molecules of an SDF, plain or gzipped (``.gz``), unsanitised and with explicit hydrogens kept, as
+    :func:`write_sdf` wrote them; records RDKit cannot parse are skipped."""
+    Chem = rdkit_chem()
+    path = Path(path)
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as stream:
+            yield from (m for m in Chem.ForwardSDMolSupplier(stream, sanitize=False, removeHs=False) if m is not None)
+    else:
+        yield from (m for m in Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False) if m is not None)

@@ -105,6 +105,24 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, keep_optimizer):
         assert torch.equal(p, q)
 
 
+def test_round_history_is_readable_json_after_every_round(tmp_path):
+    """``cfo_history.json`` beside the checkpoint holds the rounds so far: after a run stopped at round 2 (as a killed
+    one would be) and after the resumed run, equal to the result's history and multipliers."""
+    import json
+
+    from cfo.loop import HISTORY_NAME
+
+    first = _tiny(tmp_path).run(max_rounds=2, progress=False)
+    saved = json.loads((tmp_path / HISTORY_NAME).read_text())
+    assert saved["rounds_done"] == 2 and saved["rounds"] == 3
+    assert saved["history"] == [{k: v for k, v in h.items() if k != "returned"} for h in first.history_dicts()]
+    assert saved["lambda_next"] == first.lam and saved["rho_next"] == first.rho
+    resumed = _tiny(tmp_path).run(progress=False)
+    saved = json.loads((tmp_path / HISTORY_NAME).read_text())
+    assert saved["rounds_done"] == 3 and [h["k"] for h in saved["history"]] == [1, 2, 3]
+    assert saved["history"] == [{k: v for k, v in h.items() if k != "returned"} for h in resumed.history_dicts()]
+
+
 def test_checkpoint_from_another_problem_is_refused(tmp_path):
     _tiny(tmp_path, bound=1.0, rounds=1).run(progress=False)
     with pytest.raises(CheckpointMismatchError, match="another problem"):

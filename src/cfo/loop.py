@@ -12,12 +12,14 @@
 The loop knows only :class:`~cfo.problem.ConstrainedProblem` and the :class:`~cfo.solvers.base.InnerSolver` protocol.
 An optional ``target_margin`` tightens every bound to ``B - margin`` (constraint tightening; 0 by default, i.e.
 Algorithm 1 as published). (*) A solver's ``keep_optimizer`` option carries Adam's state from round to round instead
-(saved with the round checkpoint).  It writes a checkpoint after every round and resumes from it; randomness comes from one generator per round seeded by
+(saved with the round checkpoint).  It writes a checkpoint after every round (with the rounds so far as plain JSON
+beside it, ``cfo_history.json``) and resumes from it; randomness comes from one generator per round seeded by
 ``(seed, k)``, so a resumed run repeats an uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -48,6 +50,7 @@ __all__ = ["CFOConfig", "AugmentedReward", "RoundRecord", "CFOResult", "CFO", "C
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "cfo_checkpoint.pt"
+HISTORY_NAME = "cfo_history.json"  # the rounds so far, readable while a run goes on or after it was killed
 CHECKPOINT_VERSION = 1
 
 
@@ -252,6 +255,16 @@ class CFO:
         }
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
+        os.replace(tmp, path)
+        self._write_history(k, lam, rho, history)
+
+    def _write_history(self, k: int, lam: torch.Tensor, rho: torch.Tensor, history: list[RoundRecord]) -> None:
+        """``checkpoint_dir/cfo_history.json``: every round so far (``lambda_k``, ``rho_k``, ``G_k``, ``V_k``, the
+        estimates) and the multipliers ``lambda_{k+1}``, ``rho_{k+1}`` the next round starts from, in plain JSON."""
+        path = self.checkpoint_dir / HISTORY_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rounds_done": k, "rounds": self.config.rounds, "lambda_next": lam.tolist(),
+                                   "rho_next": rho.tolist(), "history": [asdict(h) for h in history]}, indent=1))
         os.replace(tmp, path)
 
     def _load(self) -> dict | None:

@@ -277,6 +277,14 @@ def test_pretrain_checkpoint_resume_and_sample_cli(tmp_path):
     assert metrics["n"] == 4 and 0.0 <= metrics["validity"] <= 1.0 and metrics["bonds"] == "valence"
     bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--bonds", "greedy", "--out", str(tmp_path / "t")])
     assert bad.exit_code != 0 and "bonds must be one of" in bad.output
+    every = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--n", "3", "--steps", "4",
+                                     "--workers", "1", "--relax-steps", "0", "--out", str(tmp_path / "u"), "--xtb-on", "all"])
+    assert every.exit_code == 0, every.output
+    scored = json.loads((tmp_path / "u" / "metrics.json").read_text())
+    assert scored["xtb_on"] == "all" and scored["xtb_scored"] == 3  # every sample went to xTB, scored or counted as refused
+    assert scored["energy_Ha"]["n"] + sum(scored["xtb_failures"].values()) == 3
+    bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--xtb-on", "some", "--out", str(tmp_path / "t")])
+    assert bad.exit_code != 0 and "xtb_on must be one of" in bad.output
     from rdkit import Chem
 
     assert len([m for m in Chem.SDMolSupplier(str(tmp_path / "s" / "samples.sdf"), removeHs=False, sanitize=False)]) == 4

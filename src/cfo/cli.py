@@ -383,9 +383,10 @@ def mol_sample(
     workers: int = typer.Option(2, help="processes for GFN2-xTB"),
     relax_steps: int = typer.Option(50, help="GFN2-xTB relaxation steps before the second scoring (0: none)"),
     bonds: str = typer.Option("argmax", help="bond decoding: argmax (FlowMol's) or valence (drop the least confident bonds of over-valent atoms)"),
+    xtb_on: str = typer.Option("valid", "--xtb-on", help="which samples GFN2-xTB scores: valid (valid and connected) or all (as cfo mol run scores them)"),
 ) -> None:
     """Generate molecules, write an SDF, print validity, stability, uniqueness, QED, Lipinski, SA and the GFN2-xTB
-    energy and dipole of the valid samples beside the training data's."""
+    energy and dipole of the valid samples (or of all, ``--xtb-on all``) beside the training data's."""
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -395,7 +396,8 @@ def mol_sample(
 
     with _user_errors(ValueError, FileNotFoundError):
         _check_device(device)
-        report = sample_and_report(model or MODEL_PATH, out, n=n, steps=steps, seed=seed, device=device, workers=workers, relax_steps=relax_steps, dataset=MoleculeDataset.load(DATASET_PATH), bonds=bonds)
+        report = sample_and_report(model or MODEL_PATH, out, n=n, steps=steps, seed=seed, device=device, workers=workers, relax_steps=relax_steps, dataset=MoleculeDataset.load(DATASET_PATH), bonds=bonds,
+                                   xtb_on=xtb_on)
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"wrote {out}/samples.sdf, metrics.json, grid.png, histograms.png")
 

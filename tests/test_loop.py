@@ -283,3 +283,11 @@ def test_reports_name_the_returned_round_only_under_best_feasible(tmp_path):
     lines = returned_round_lines(tmp_path, "best_feasible")
     assert lines[0].startswith("- CFO_AM, seed 0: the final samples are round 2's model of 3")
     assert returned_round_lines(tmp_path, "last") == []
+    rounds = [{"k": 1, "gap": [0.5], "returned": False}, {"k": 2, "gap": [0.2], "returned": True}]  # no round met B
+    (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": rounds}}))
+    lines = returned_round_lines(tmp_path, "best_feasible")
+    assert "round 2's model of 2" in lines[0] and "no round's estimate met every bound" in lines[0]
+    rounds[0].update(gap=[-0.1], returned=True)
+    rounds[1]["returned"] = False
+    (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": rounds}}))
+    assert "whose estimate met every bound" in returned_round_lines(tmp_path, "best_feasible")[0]

@@ -135,8 +135,12 @@ def returned_round_lines(out: Path, return_model: str) -> list[str]:
     lines = []
     for label, per_seed in json.loads((out / "history.json").read_text()).items():
         for seed, rounds in per_seed.items():
-            chosen = [h["k"] for h in rounds if h.get("returned")]
-            if chosen:
-                lines.append(f"- {label}, {seed}: the final samples are round {chosen[0]}'s model of {len(rounds)} "
-                             "(`return_model: best_feasible`: the round with the highest estimated reward whose estimate met every bound).")
+            chosen = [h for h in rounds if h.get("returned")]
+            if not chosen:
+                continue
+            met = "gap" not in chosen[0] or all(g <= 0 for g in chosen[0]["gap"])  # G_k <= 0 for every constraint
+            why = ("the round with the highest estimated reward whose estimate met every bound" if met else
+                   "no round's estimate met every bound, so the last round's model, as under `return_model: last`")
+            lines.append(f"- {label}, {seed}: the final samples are round {chosen[0]['k']}'s model of {len(rounds)} "
+                         f"(`return_model: best_feasible`: {why}).")
     return lines + [""] if lines else []

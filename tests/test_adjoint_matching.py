@@ -145,3 +145,16 @@ def test_reference_is_not_modified():
     AdjointMatching(AdjointMatchingConfig(batch_size=16, rollout_steps=5)).finetune(model, Linear([1.0, 0.0]), 1.0, 5, reference=ref)
     assert all(torch.equal(a, b) for a, b in zip(before, ref.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_generator_on_another_device_than_the_model_is_refused_up_front():
+    """The solvers draw noise on the model's device, so a generator elsewhere (here one that says cuda, for a CPU
+    model) is refused with the fix in the message before any step runs."""
+    from types import SimpleNamespace
+
+    from cfo.solvers.base import start_finetune
+
+    model = gaussian_finetunable()
+    with pytest.raises(ValueError, match="generator is on cuda but the model on cpu"):
+        start_finetune(model, 1.0, 3, 1e-3, generator=SimpleNamespace(device=torch.device("cuda")))
+    start_finetune(model, 1.0, 3, 1e-3, generator=torch.Generator())  # same device: accepted

@@ -101,6 +101,28 @@ def test_nft_skips_and_reports_nan_rewards():
         solver.finetune(gaussian_finetunable(), NaN(), 1.0, 10, reference=gaussian_reference())
 
 
+def test_nft_counts_clipped_advantages_and_warns_when_most_are(caplog):
+    """A reward spread of about 100 against alpha = 1 puts nearly every advantage at +-A_max: the call records the
+    clipped share per step and warns; at alpha = 1000 none is clipped and it stays quiet."""
+
+    class Wide:
+        differentiable = False
+
+        def __call__(self, x):
+            return 100.0 * x[:, 0]
+
+    for alpha, expect_warning in ((1.0, True), (1000.0, False)):
+        solver = DiffusionNFT(DiffusionNFTConfig(batch_size=16, sample_steps=2, adv_clip=5.0))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cfo.solvers.diffusion_nft"):
+            solver.finetune(gaussian_finetunable(), Wide(), alpha, 3, reference=gaussian_reference(),
+                            generator=torch.Generator().manual_seed(0))
+        fractions = solver.last_stats.clipped_fractions
+        assert len(fractions) == 3
+        assert (min(fractions) > 0.5) if expect_warning else (max(fractions) == 0.0)
+        assert ("were clipped" in caplog.text) == expect_warning
+
+
 def test_cfo_drives_nft_with_black_box_constraint():
     """The loop runs a zero-order solver on a problem whose reward and constraint raise no gradient."""
     problem = ConstrainedProblem(

@@ -181,3 +181,17 @@ def test_kl_between_two_gaussian_flows_matches_the_closed_form():
     kl, se = kl_divergence(p, q, n=4000, steps=60, generator=torch.Generator().manual_seed(0))
     assert abs(kl - float(exact)) < 3 * se + 0.01
     assert kl_divergence(p, p, n=500, steps=40, generator=torch.Generator().manual_seed(0))[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradient_step_refuses_a_non_finite_gradient_of_a_finite_loss():
+    """``sqrt(0 * p)`` is 0 with gradient NaN: no step is taken, parameters and Adam's state stay as they were."""
+    from cfo.flows.training import gradient_step
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.Adam([p], lr=0.1)
+    loss = torch.sqrt(p * 0.0).sum()
+    assert torch.isfinite(loss)
+    assert gradient_step(opt, [p], loss, grad_clip=1.0) is False
+    assert torch.equal(p.detach(), torch.tensor([1.0, 2.0])) and not opt.state and p.grad is None
+    assert gradient_step(opt, [p], (p ** 2).sum(), grad_clip=1.0) is True
+    assert not torch.equal(p.detach(), torch.tensor([1.0, 2.0]))

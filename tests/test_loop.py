@@ -129,6 +129,20 @@ def test_checkpoint_from_another_problem_is_refused(tmp_path):
         _tiny(tmp_path, bound=0.5, rounds=1).run(progress=False)
     with pytest.raises(CheckpointMismatchError, match="another config"):
         _tiny(tmp_path, bound=1.0, rounds=2).run(progress=False)
+    with pytest.raises(CheckpointMismatchError, match="another solver_config"):  # e.g. Adam carried, not fresh
+        _tiny(tmp_path, bound=1.0, rounds=1, keep_optimizer=True).run(progress=False)
+
+
+def test_checkpoint_written_before_solver_settings_were_checked_still_resumes(tmp_path):
+    """A round checkpoint whose identity lacks ``solver_config`` (older runs) is resumed, not refused."""
+    full = _tiny(tmp_path / "full").run(progress=False)
+    _tiny(tmp_path / "old").run(max_rounds=2, progress=False)
+    path = tmp_path / "old" / "cfo_checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["identity"]["solver_config"]
+    torch.save(state, path)
+    resumed = _tiny(tmp_path / "old").run(progress=False)
+    assert _strip(resumed.history) == _strip(full.history)
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):
@@ -291,3 +305,44 @@ def test_reports_name_the_returned_round_only_under_best_feasible(tmp_path):
     rounds[1]["returned"] = False
     (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": rounds}}))
     assert "whose estimate met every bound" in returned_round_lines(tmp_path, "best_feasible")[0]
+
+
+def _nan_above(threshold: float):
+    """``b.x``, but NaN where ``x_1 > threshold`` (a constraint that fails on a known part of the samples)."""
+    return lambda x: torch.where(x[:, 1] > threshold, torch.full_like(x[:, 0], float("nan")), x @ Bvec)
+
+
+def test_evaluation_leaves_out_a_tolerated_few_nonfinite_samples_and_refuses_more():
+    from cfo import evaluate_samples
+    from cfo.validation import NonFiniteValueError
+
+    x = torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
+    x[:3, 1] = 10.0  # three samples whose constraint value is NaN
+    problem = ConstrainedProblem(Reward(lambda x: x @ A), Constraint(_nan_above(5.0), 1.0))
+    ev = evaluate_samples(problem, x, max_nonfinite_fraction=0.05)
+    assert ev.n == 97 and ev.nonfinite == 3
+    assert ev.reward_mean == pytest.approx(float((x[3:] @ A).double().mean()))
+    assert ev.constraint_mean[0] == pytest.approx(float((x[3:] @ Bvec).double().mean()))
+    with pytest.raises(NonFiniteValueError, match="3 of 100 evaluation samples"):
+        evaluate_samples(problem, x, max_nonfinite_fraction=0.02)
+    with pytest.raises(NonFiniteValueError, match="3 of 100"):
+        evaluate_samples(problem, x)  # by default none is tolerated
+
+
+def test_cfo_round_counts_nonfinite_evaluation_samples_and_stops_beyond_the_tolerance(tmp_path):
+    """About 2.4 % of the Gaussian's samples (x_1 > 0.9) get a NaN constraint value: under the default 5 % the rounds
+    run, their estimates use the finite samples and the history counts the others; under 0.1 % the first round stops
+    with an error, and its model is not saved as a finished round."""
+    from cfo.validation import NonFiniteValueError
+
+    problem = ConstrainedProblem(Reward(lambda x: x @ A), Constraint(_nan_above(0.9), 1.0))
+    cfg = CFOConfig(rounds=2, steps_per_round=1, eval_samples=2000)
+    result = CFO(problem, ScriptedShift([[0.0, 0.0]] * 2), gaussian_finetunable(), cfg, checkpoint_dir=tmp_path / "a").run(progress=False)
+    counts = [h.nonfinite_eval for h in result.history]
+    assert len(counts) == 2 and all(10 < n < 100 for n in counts)
+    assert result.final.nonfinite == counts[-1] and result.final.n == 2000 - counts[-1]
+    assert all(h.constraint_mean[0] == h.constraint_mean[0] for h in result.history)  # finite, not NaN
+    strict = cfg.model_copy(update={"max_nonfinite_fraction": 0.001})
+    with pytest.raises(NonFiniteValueError, match="evaluation samples have a NaN"):
+        CFO(problem, ScriptedShift([[0.0, 0.0]] * 2), gaussian_finetunable(), strict, checkpoint_dir=tmp_path / "b").run(progress=False)
+    assert not (tmp_path / "b" / "cfo_checkpoint.pt").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
@@ -10,8 +11,11 @@ import torch
 from cfo.flows.model import FlowModel
 from cfo.flows.sampling import sample_ode
 from cfo.problem import ConstrainedProblem
+from cfo.validation import NonFiniteValueError
 
 __all__ = ["Evaluation", "Sampler", "default_sampler", "evaluate_samples", "evaluation_from_values", "evaluate_model"]
+
+log = logging.getLogger(__name__)
 
 Sampler = Callable[[FlowModel, int, torch.Generator | None], torch.Tensor]
 
@@ -35,6 +39,7 @@ class Evaluation:
     constraint_mean: list[float]
     constraint_std: list[float]
     feasible_fraction: float  # fraction of samples with c_i(x) <= B_i for every i
+    nonfinite: int = 0  # samples left out because r or some c_i was NaN or infinite (``n`` counts the others)
 
     def gap(self, problem: ConstrainedProblem) -> torch.Tensor:
         """``G = E[c] - B``, shape ``[m]``."""
@@ -64,9 +69,25 @@ def evaluation_from_values(r: torch.Tensor, c: torch.Tensor, bounds: torch.Tenso
 
 
 @torch.no_grad()
-def evaluate_samples(problem: ConstrainedProblem, x: torch.Tensor) -> Evaluation:
-    """Statistics of ``r`` and ``c`` on given samples ``x`` (values are validated: shape ``[batch]``, finite)."""
-    return evaluation_from_values(problem.reward_values(x), problem.constraint_values(x), problem.bounds(device=x.device))
+def evaluate_samples(problem: ConstrainedProblem, x: torch.Tensor, max_nonfinite_fraction: float = 0.0) -> Evaluation:
+    """Statistics of ``r`` and ``c`` on given samples ``x`` (values validated: shape ``[batch]``).
+
+    A sample whose reward or any constraint value is NaN or infinite is left out of every statistic and counted in
+    ``Evaluation.nonfinite`` (with a logged warning) while such samples are at most ``max_nonfinite_fraction`` of
+    ``x``; above that (by default: any) :class:`~cfo.validation.NonFiniteValueError` names how many there were."""
+    r, c = problem.reward_values(x, finite=False), problem.constraint_values(x, finite=False)
+    ok = torch.isfinite(r) & torch.isfinite(c).all(dim=1)
+    bad = int((~ok).sum())
+    if bad:
+        if bad > max_nonfinite_fraction * x.shape[0] or bad == x.shape[0]:
+            raise NonFiniteValueError(
+                f"{bad} of {x.shape[0]} evaluation samples have a NaN or infinite reward or constraint value "
+                f"(reward {int((~torch.isfinite(r)).sum())}, constraints {(~torch.isfinite(c)).sum(dim=0).tolist()}); "
+                f"at most a fraction {max_nonfinite_fraction:g} may be left out")
+        log.warning("evaluation: left out %d of %d samples with a NaN or infinite reward or constraint value", bad, x.shape[0])
+    ev = evaluation_from_values(r[ok], c[ok], problem.bounds(device=x.device))
+    ev.nonfinite = bad
+    return ev
 
 
 def evaluate_model(
@@ -75,9 +96,11 @@ def evaluate_model(
     n: int,
     generator: torch.Generator | None = None,
     sampler: Sampler | None = None,
+    max_nonfinite_fraction: float = 0.0,
 ) -> tuple[Evaluation, torch.Tensor]:
-    """Draw ``n`` fresh samples of ``model`` and return their :class:`Evaluation` and the samples."""
+    """Draw ``n`` fresh samples of ``model`` and return their :class:`Evaluation` (see :func:`evaluate_samples` for
+    ``max_nonfinite_fraction``) and the samples."""
     sampler = sampler if sampler is not None else default_sampler()
     model.eval()
     x = sampler(model, n, generator)
-    return evaluate_samples(problem, x), x
+    return evaluate_samples(problem, x, max_nonfinite_fraction), x

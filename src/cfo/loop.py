@@ -87,6 +87,12 @@ class CFOConfig(BaseModel):
         "the last model when none did. "
         "Training is the same either way (the loop always continues from the last model); only the returned model differs",
     )
+    max_nonfinite_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0,
+        description="largest fraction of a round's evaluation samples that may have a NaN or infinite reward or "
+        "constraint value: they are left out of G_k's estimate, counted in the history (nonfinite_eval) and logged; "
+        "more stops the run with an error naming them (the round's model is not saved, so a resume repeats the round)",
+    )
     seed: int = Field(0, description="seed of every round's random draws (round k draws from its own generator, so a resumed run repeats them)")
 
     @model_validator(mode="after")
@@ -161,6 +167,7 @@ class RoundRecord:
     steps: int
     skipped_steps: int
     seconds: float
+    nonfinite_eval: int = 0  # evaluation samples left out of the estimates (NaN or infinite r or c)
 
 
 @dataclass
@@ -228,9 +235,14 @@ class CFO:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _identity(self) -> dict:
-        # return_model does not change the rounds, so a run may be resumed with the other choice
-        config = self.config.model_dump(exclude={"return_model"})
-        return {"problem": self.problem.fingerprint(), "config": config, "solver": self.solver.name}
+        # return_model does not change the rounds, so a run may be resumed with the other choice; nor does the
+        # tolerance for non-finite evaluation values (a run stopped by it may be resumed with a larger one)
+        config = self.config.model_dump(exclude={"return_model", "max_nonfinite_fraction"})
+        solver_config = getattr(self.solver, "config", None)
+        if isinstance(solver_config, BaseModel):  # the inner solver's settings (which steps a resumed round repeats)
+            solver_config = solver_config.model_dump(mode="json", exclude={"max_skip_fraction"})
+        return {"problem": self.problem.fingerprint(), "config": config, "solver": self.solver.name,
+                "solver_config": solver_config if isinstance(solver_config, dict) else None}
 
     def _checkpoint_path(self) -> Path | None:
         return None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT_NAME
@@ -278,7 +290,9 @@ class CFO:
         if state.get("version") != CHECKPOINT_VERSION:
             raise CheckpointMismatchError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
         mine, theirs = self._identity(), state.get("identity", {})
-        for key in ("problem", "solver", "config"):
+        for key in ("problem", "solver", "config", "solver_config"):
+            if key == "solver_config" and key not in theirs:
+                continue  # written before solver settings were part of a checkpoint's identity
             if mine[key] != theirs.get(key):
                 raise CheckpointMismatchError(
                     f"checkpoint {path} belongs to another {key}: saved {theirs.get(key)!r}, this run {mine[key]!r}. "
@@ -319,7 +333,8 @@ class CFO:
             model = self.solver.finetune(
                 model, reward_k, self.problem.alpha, cfg.steps_per_round, reference=self.reference, generator=gen, progress=progress
             )
-            evaluation, _ = evaluate_model(model, self.problem, cfg.eval_samples, generator=gen, sampler=self.sampler)
+            evaluation, _ = evaluate_model(model, self.problem, cfg.eval_samples, generator=gen, sampler=self.sampler,
+                                           max_nonfinite_fraction=cfg.max_nonfinite_fraction)
             gap = torch.tensor(evaluation.constraint_mean, dtype=torch.float32) - target
             v = contraction_statistic(gap, lam, rho, cfg.rho_rule)
             lam_next = update_multiplier(lam, rho, gap, cfg.lambda_min)
@@ -342,6 +357,7 @@ class CFO:
                     steps=stats.steps_done if stats is not None else cfg.steps_per_round,
                     skipped_steps=stats.skipped_steps if stats is not None else 0,
                     seconds=time.perf_counter() - t0,
+                    nonfinite_eval=evaluation.nonfinite,
                 )
             )
             lam, rho, v_prev = lam_next, rho_next, v
@@ -363,12 +379,13 @@ class CFO:
                     log.info("return_model=best_feasible: returning round %d's model (E[r] %.4g)", chosen.k, chosen.reward_mean)
             result.selected_round = chosen.k
             result.final = Evaluation(
-                n=cfg.eval_samples,
+                n=cfg.eval_samples - chosen.nonfinite_eval,
                 reward_mean=chosen.reward_mean,
                 reward_std=chosen.reward_std,
                 constraint_mean=chosen.constraint_mean,
                 constraint_std=chosen.constraint_std,
                 feasible_fraction=chosen.feasible_fraction,
+                nonfinite=chosen.nonfinite_eval,
             )
         return result
 

@@ -29,8 +29,9 @@ class Reward:
     name: str = "reward"
     unit: str = ""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return check_batch_values(self.fn(x), x.shape[0], self.name)
+    def __call__(self, x: torch.Tensor, finite: bool = True) -> torch.Tensor:
+        """Values ``[batch]`` on ``x``; ``finite=False`` lets NaN and infinity through (the caller counts them)."""
+        return check_batch_values(self.fn(x), x.shape[0], self.name, finite)
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ class Constraint:
         if b != b or b in (float("inf"), float("-inf")):
             raise ValueError(f"constraint {self.name!r}: bound must be finite, got {self.bound}")
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return check_batch_values(self.fn(x), x.shape[0], self.name)
+    def __call__(self, x: torch.Tensor, finite: bool = True) -> torch.Tensor:
+        """Values ``[batch]`` on ``x``; ``finite=False`` lets NaN and infinity through (the caller counts them)."""
+        return check_batch_values(self.fn(x), x.shape[0], self.name, finite)
 
 
 @dataclass(frozen=True)
@@ -101,15 +103,15 @@ class ConstrainedProblem:
         """True when the reward (if any) and every constraint are differentiable."""
         return all(c.differentiable for c in self._constraints) and (self.reward is None or self.reward.differentiable)
 
-    def reward_values(self, x: torch.Tensor) -> torch.Tensor:
-        """``r(x)`` of shape ``[batch]`` (zeros for constrained generation)."""
+    def reward_values(self, x: torch.Tensor, finite: bool = True) -> torch.Tensor:
+        """``r(x)`` of shape ``[batch]`` (zeros for constrained generation); ``finite=False``: NaN/inf let through."""
         if self.reward is None:
             return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        return self.reward(x)
+        return self.reward(x, finite)
 
-    def constraint_values(self, x: torch.Tensor) -> torch.Tensor:
-        """``c_i(x)`` stacked to shape ``[batch, m]``."""
-        return torch.stack([c(x) for c in self._constraints], dim=1)
+    def constraint_values(self, x: torch.Tensor, finite: bool = True) -> torch.Tensor:
+        """``c_i(x)`` stacked to shape ``[batch, m]``; ``finite=False``: NaN/inf let through."""
+        return torch.stack([c(x, finite) for c in self._constraints], dim=1)
 
     def fingerprint(self) -> dict:
         """What identifies this problem in a checkpoint: names, bounds, alpha."""

@@ -11,13 +11,15 @@ class NonFiniteValueError(FloatingPointError):
     """A reward, constraint or loss returned NaN or infinity."""
 
 
-def check_batch_values(values: object, batch: int, name: str) -> torch.Tensor:
-    """Return ``values`` if it is a finite tensor of shape ``[batch]``; raise a clear error otherwise."""
+def check_batch_values(values: object, batch: int, name: str, finite: bool = True) -> torch.Tensor:
+    """Return ``values`` if it is a tensor of shape ``[batch]`` (and, with ``finite``, every entry finite); raise a
+    clear error otherwise."""
     if not torch.is_tensor(values):
         raise TypeError(f"{name} must return a torch.Tensor of shape [{batch}], got {type(values).__name__}")
     if values.shape != (batch,):
         raise ValueError(f"{name} must return shape [batch]=[{batch}], got {list(values.shape)}")
-    check_finite(values, name)
+    if finite:
+        check_finite(values, name)
     return values
 
 

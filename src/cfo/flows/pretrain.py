@@ -68,7 +68,8 @@ def pretrain_flow(
         loss = flow_matching_loss(model, x1, gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"flow-matching loss became {loss.item()} at step {step}")
-        gradient_step(opt, model.parameters(), loss, config.grad_clip)
+        if not gradient_step(opt, model.parameters(), loss, config.grad_clip):
+            raise FloatingPointError(f"flow-matching gradient became non-finite at step {step} (loss {loss.item()})")
         result.losses.append(loss.item())
         if step % 100 == 0:
             bar.set_postfix(loss=f"{sum(result.losses[-100:]) / len(result.losses[-100:]):.4f}")

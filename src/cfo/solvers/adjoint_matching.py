@@ -101,8 +101,10 @@ def lean_adjoint(reference: FlowModel, traj: Trajectory, a1: torch.Tensor, schem
     grid point), then return ``a_t = alpha_t z_t``.  On a Gaussian reference with a linear reward the second order
     matters: first-order schemes bias the fine-tuned mean by a few percent at 40 steps.
 
-    ``scheme="euler"`` instead takes ``z_j = z_{j+1} + 2 h J(X_{t_j}, t_j)^T z_{j+1}``: the discrete adjoint of the
-    Euler-Maruyama rollout, which evaluates Jacobians only at ``t_j < 1``. Endpoint-parameterised velocities
+    ``scheme="euler"`` instead takes ``z_j = z_{j+1} + 2 h J(X_{t_j}, t_j)^T z_{j+1}``: the discrete adjoint an
+    Euler-Maruyama rollout would have (our rollouts use the exponential integrator, whose exact discrete adjoint
+    differs at O(h); this is a consistent first-order scheme for the adjoint ODE), which evaluates Jacobians only at
+    ``t_j < 1``. Endpoint-parameterised velocities
     ``(x1_hat - x)/(1 - t)`` have ``J ~ -I/(1 - t)`` in channels where ``x1_hat`` ignores ``x``; at ``t = 1`` that is
     ``-1/(1 - T_MAX)``, and Heun's step through it multiplies the adjoint by about ``-2h/(1 - T_MAX)``. The Euler
     factor ``1 - 2h/(1 - t_j)`` stays in ``[-1, 1]`` because ``1 - t_j >= h``.
@@ -155,7 +157,8 @@ def _lean_adjoint_euler(reference: FlowModel, traj: Trajectory, a1: torch.Tensor
         a_j = (alpha_{t_j} / alpha_{t_{j+1}}) * (a_{j+1} + 2 h J(X_{t_j}, t_j)^T a_{j+1}).
 
     With one ``alpha_t`` for all coordinates this is ``z_j = z_{j+1} + 2 h J^T z_{j+1}`` in ``z = a/alpha_t``: the
-    discrete adjoint of the Euler-Maruyama rollout."""
+    discrete adjoint of an Euler-Maruyama rollout (first-order consistent with the exponential-integrator rollout we
+    use, not its exact discrete adjoint)."""
     times = traj.times.tolist()
     n = len(times) - 1
     sched = reference.scheduler
@@ -267,7 +270,8 @@ class AdjointMatching:
         cfg = self.config
         if not self._warned_coupling:
             self._warned_coupling = warn_if_sde_not_marginal(reference)
-        params, opt = start_finetune(model, alpha, steps, cfg.lr, self.carried_state if cfg.keep_optimizer else None)
+        params, opt = start_finetune(model, alpha, steps, cfg.lr, self.carried_state if cfg.keep_optimizer else None,
+                                    generator)
         stats = FinetuneStats()
         self.last_stats = stats
         interior = list(range(1, cfg.rollout_steps))
@@ -294,7 +298,9 @@ class AdjointMatching:
             if not torch.isfinite(loss):
                 stats.skip("adjoint matching", step, steps, f"loss is {loss.item()}", cfg.max_skip_fraction)
                 continue
-            gradient_step(opt, params, loss, cfg.grad_clip)
+            if not gradient_step(opt, params, loss, cfg.grad_clip):
+                stats.skip("adjoint matching", step, steps, "gradient is not finite", cfg.max_skip_fraction)
+                continue
             stats.record(loss, values)
             if progress and (step % 10 == 0 or step == steps - 1):
                 bar.set_postfix(loss=f"{stats.losses[-1]:.3g}", reward=f"{stats.reward_means[-1]:.3g}")

@@ -47,6 +47,7 @@ class FinetuneStats:
     reward_means: list[float] = field(default_factory=list)
     skipped_steps: int = 0
     skip_reasons: list[str] = field(default_factory=list)
+    clipped_fractions: list[float] = field(default_factory=list)  # DiffusionNFT: share of advantages at +-A_max, per step
 
     @property
     def steps_done(self) -> int:
@@ -161,13 +162,16 @@ class SolverCheckpoint:
 
 
 def start_finetune(
-    model: FlowModel, alpha: float, steps: int, lr: float, carried: dict | None = None
+    model: FlowModel, alpha: float, steps: int, lr: float, carried: dict | None = None, generator: torch.Generator | None = None
 ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
-    """Check the arguments every solver shares and return the trainable parameters with an Adam on them: fresh, or
-    continuing ``carried`` (an earlier call's ``optimizer.state_dict()``, see :func:`carry_optimizer`) at learning rate
-    ``lr``."""
+    """Check the arguments every solver shares (a ``generator`` must live on the model's device type, since the
+    solvers draw noise there) and return the trainable parameters with an Adam on them: fresh, or continuing
+    ``carried`` (an earlier call's ``optimizer.state_dict()``, see :func:`carry_optimizer`) at learning rate ``lr``."""
     if not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
+    if generator is not None and torch.device(generator.device).type != torch.device(model.device).type:
+        raise ValueError(f"the generator is on {generator.device} but the model on {model.device}: "
+                         f"make it with torch.Generator(device={str(model.device)!r})")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -13,10 +13,12 @@ iteration:
        L = A_max / beta * mean[ r ||v+ - u||^2 + (1 - r) ||v- - u||^2 ]  +  mean ||v_theta - v_ref||^2.
 
 4. Adam step on ``theta``; then ``theta_old <- d theta_old + (1 - d) theta`` with the decay schedule ``d(step)``.
+   ``theta_old`` and the step counter of ``d(step)`` start afresh in every ``finetune`` call (every CFO round), from
+   the model the call is given.
 
 **How alpha enters (our design decision).** The official code z-scores rewards, which erases their scale and with it
 the KL trade-off.  We keep the scale: writing ``v_theta = v_old + delta``, the loss is minimised at
-``delta = (Cov(clip(A), u | x_t) - (v_old - v_ref)) / (beta / A_max + 1)`` (per point ``x_t``), so an on-policy fixed
+``delta = (Cov(clip(A), u | x_t) - (v_old - v_ref)) / (A_max beta + 1)`` (per point ``x_t``), so an on-policy fixed
 point satisfies ``v* - v_ref = Cov(A, u | x_t)`` while no advantage is clipped.  That is the linear response of the
 KL-regularised optimum ``p_ref exp(f/alpha)``, and it is *exact* for a Gaussian reference with a linear reward (the
 conditional covariance of a Gaussian is exact), which the tests check.  ``beta`` and the decay schedule set only how
@@ -28,6 +30,7 @@ fixed point with ``alpha`` replaced by the batch standard deviation of ``f`` (fo
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Literal
 
 import torch
@@ -39,8 +42,10 @@ from cfo.flows.sampling import sample_ode
 from cfo.solvers.base import FinetuneStats, SolverCheckpoint, TerminalReward, carry_optimizer, gradient_step, schedule_lr, start_finetune
 from cfo.validation import NonFiniteValueError, check_batch_values
 
-__all__ = ["DiffusionNFTConfig", "DiffusionNFT", "advantage_scale", "optimality_probability", "nft_loss", "old_policy_decay"]
+__all__ = ["DiffusionNFTConfig", "DiffusionNFT", "advantage_scale", "optimality_probability", "nft_loss", "old_policy_decay",
+           "warn_if_advantages_saturate"]
 
+log = logging.getLogger(__name__)
 
 
 class DiffusionNFTConfig(BaseModel):
@@ -72,7 +77,7 @@ class DiffusionNFTConfig(BaseModel):
         "errors (x1_hat - x1)/(1 - t) would otherwise let the last instants dominate the loss"
     )
     max_skip_fraction: float = Field(
-        0.1, ge=0, le=1, description="raise when more steps than this fraction are skipped (a step is skipped, counted and logged when its loss is not finite or no reward of its batch is)"
+        0.1, ge=0, le=1, description="raise when more steps than this fraction are skipped (a step is skipped, counted and logged when its loss or any reward of its batch is not finite)"
     )
 
 
@@ -106,6 +111,21 @@ def optimality_probability(values: torch.Tensor, alpha: float, adv_clip: float, 
     ``T = advantage_scale(f, alpha, kind)`` (``alpha`` by default)."""
     adv = ((values - values.mean()) / advantage_scale(values, alpha, kind)).clamp(-adv_clip, adv_clip)
     return 0.5 + adv / (2.0 * adv_clip)
+
+
+def warn_if_advantages_saturate(clipped_fractions: list[float], adv_clip: float, threshold: float = 0.5) -> bool:
+    """Log a warning (and return True) when on average more than ``threshold`` of a call's advantages sat at the clip
+    ``+-A_max``: the iteration then no longer moves towards ``p_ref exp(f/alpha)`` but towards a flatter target, since
+    the temperature ``alpha`` is small against the spread of ``f``; a larger ``alpha`` or ``adv_clip`` restores it."""
+    if not clipped_fractions:
+        return False
+    mean = sum(clipped_fractions) / len(clipped_fractions)
+    if mean <= threshold:
+        return False
+    log.warning("diffusion nft: %.0f %% of the advantages (f - mean f)/alpha were clipped at +-%g (mean over %d steps); the "
+                "fixed point is no longer the KL tilt p_ref exp(f/alpha): raise alpha or adv_clip", 100 * mean, adv_clip,
+                len(clipped_fractions))
+    return True
 
 
 def nft_loss(
@@ -157,7 +177,8 @@ class DiffusionNFT:
 
         With a ``checkpoint`` the call saves its state every ``checkpoint.every`` steps and resumes from a saved one."""
         cfg = self.config
-        params, opt = start_finetune(model, alpha, steps, cfg.lr, self.carried_state if cfg.keep_optimizer else None)
+        params, opt = start_finetune(model, alpha, steps, cfg.lr, self.carried_state if cfg.keep_optimizer else None,
+                                    generator)
         old = copy.deepcopy(model).eval()
         for p in old.parameters():
             p.requires_grad_(False)
@@ -179,6 +200,7 @@ class DiffusionNFT:
                 stats.skip("diffusion nft", step, steps, str(err), cfg.max_skip_fraction)
                 continue
             r = optimality_probability(values.to(x1.dtype), alpha, cfg.adv_clip, cfg.advantage)
+            stats.clipped_fractions.append(float(((r <= 0.0) | (r >= 1.0)).to(torch.float64).mean()))
             n = cfg.batch_size * cfg.times_per_sample
             x1_rep = x1.repeat_interleave(cfg.times_per_sample, dim=0)
             r_rep = r.repeat_interleave(cfg.times_per_sample)
@@ -194,7 +216,9 @@ class DiffusionNFT:
             if not torch.isfinite(loss):
                 stats.skip("diffusion nft", step, steps, f"loss is {loss.item()}", cfg.max_skip_fraction)
                 continue
-            gradient_step(opt, params, loss, cfg.grad_clip)
+            if not gradient_step(opt, params, loss, cfg.grad_clip):
+                stats.skip("diffusion nft", step, steps, "gradient is not finite", cfg.max_skip_fraction)
+                continue
             d = old_policy_decay(step + 1, cfg.decay)
             with torch.no_grad():
                 for p_old, p in zip(old.parameters(), model.parameters()):
@@ -202,6 +226,7 @@ class DiffusionNFT:
             stats.record(loss, values)
             if progress and (step % 10 == 0 or step == steps - 1):
                 bar.set_postfix(loss=f"{stats.losses[-1]:.3g}", reward=f"{stats.reward_means[-1]:.3g}")
+        warn_if_advantages_saturate(stats.clipped_fractions, cfg.adv_clip)
         self.carried_state = carry_optimizer(opt, cfg.keep_optimizer)
         model.eval()
         return model

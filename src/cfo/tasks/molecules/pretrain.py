@@ -583,7 +583,8 @@ def pretrain_molecules(
             loss, parts = endpoint_loss(net, lay, batch, xt, t, cfg)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {step} (atoms {n})")
-            gradient_step(opt, net.parameters(), loss, cfg.grad_clip)
+            if not gradient_step(opt, net.parameters(), loss, cfg.grad_clip):
+                raise FloatingPointError(f"training gradient became non-finite at step {step} (atoms {n}; the last checkpoint resumes)")
             if ema is not None:
                 _update_ema(ema, net, cfg.ema_decay)
             state["step"] = step + 1

@@ -158,3 +158,47 @@ def test_generator_on_another_device_than_the_model_is_refused_up_front():
     with pytest.raises(ValueError, match="generator is on cuda but the model on cpu"):
         start_finetune(model, 1.0, 3, 1e-3, generator=SimpleNamespace(device=torch.device("cuda")))
     start_finetune(model, 1.0, 3, 1e-3, generator=torch.Generator())  # same device: accepted
+
+
+class _TwoChannelFlow:
+    """Builds a 2D flow model whose coordinates are the named channels ``x0`` and ``x1`` (the channel_mask hook)."""
+
+    @staticmethod
+    def make(mean, cov, seed: int = 0):
+        from cfo.flows import FlowModel, GaussianVelocity, ResidualVelocity, VelocityMLP
+
+        class Named(FlowModel):
+            def channel_mask(self, names):
+                return torch.tensor([float("x0" in names), float("x1" in names)])
+
+        torch.manual_seed(seed)
+        net = ResidualVelocity(GaussianVelocity(mean, cov), VelocityMLP(2, hidden=64, depth=2).zero_output_())
+        return Named(net, (2,)), Named(GaussianVelocity(mean, cov), (2,))
+
+
+def test_controlled_channels_tilt_only_those_channels():
+    """Independent Gaussian coordinates N(m, diag(1, 0.5)), reward a.x with a = (1, 0.5), control in x0 only: the
+    restricted optimum tilts x0 by S_00 a_0 / alpha = 1 and leaves x1 at the reference, N((1.5, -0.5), S)."""
+    mean, cov = torch.tensor([0.5, -0.5]), torch.diag(torch.tensor([1.0, 0.5]))
+    model, ref = _TwoChannelFlow.make(mean, cov)
+    solver = AdjointMatching(AdjointMatchingConfig(lr=3e-3, batch_size=128, rollout_steps=40, controlled_channels=["x0"]))
+    solver.finetune(model, Linear([1.0, 0.5]), 1.0, 300, reference=ref, generator=torch.Generator().manual_seed(0))
+    x = sample_ode(model, 40_000, steps=50, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(x.mean(0), torch.tensor([1.5, -0.5]), atol=0.03), x.mean(0)
+    assert torch.allclose(torch.cov(x.T), cov, atol=0.04)
+    with pytest.raises(ValueError, match="has no named channels"):
+        AdjointMatching(AdjointMatchingConfig(controlled_channels=["pos"])).finetune(
+            gaussian_finetunable(), Linear([1.0, 0.5]), 1.0, 1, reference=gaussian_reference())
+
+
+def test_molecule_channel_mask_covers_the_named_blocks():
+    from cfo.tasks.molecules.flow import EquivariantFlowNet, MoleculeFlowModel
+
+    model = MoleculeFlowModel(EquivariantFlowNet(hidden=8, edge_hidden=4, layers=1), 4)
+    lay = model.layout
+    mask = model.channel_mask(["pos"])
+    assert mask.shape == (lay.dim,) and mask[: 3 * 4].eq(1).all() and mask[3 * 4 :].eq(0).all()
+    pos, types, charges, bonds = lay.unpack(model.channel_mask(["types", "bonds"])[None])
+    assert pos.eq(0).all() and types.eq(1).all() and charges.eq(0).all() and bonds.eq(1).all()
+    with pytest.raises(ValueError, match="subset of"):
+        model.channel_mask(["coords"])

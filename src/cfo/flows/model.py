@@ -77,6 +77,12 @@ class FlowModel(nn.Module):
         """Projection hook for tangent vectors (velocities, adjoints); identity here, zero-COM for molecules."""
         return v
 
+    def channel_mask(self, names: Sequence[str]) -> torch.Tensor:
+        """Hook: 1 on the coordinates of the named channels of a state, 0 elsewhere, shaped ``data_shape`` (for a
+        solver that acts on some channels only, e.g. Adjoint Matching's ``controlled_channels``). A plain flow model
+        has no named channels; models whose states are made of named blocks (molecules) override it."""
+        raise ValueError(f"{type(self).__name__} has no named channels, so it cannot select {list(names)}")
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters():

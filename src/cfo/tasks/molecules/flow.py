@@ -256,6 +256,14 @@ class MoleculeFlowModel(FlowModel):
     def project_tangent(self, v: torch.Tensor) -> torch.Tensor:
         return self.layout.remove_com(v)
 
+    def channel_mask(self, names) -> torch.Tensor:
+        """1 on the coordinates of the named blocks (``pos``, ``types``, ``charges``, ``bonds``), 0 elsewhere ``[D]``."""
+        unknown = set(names) - set(CHANNELS)
+        if unknown or not names:
+            raise ValueError(f"channels must be a non-empty subset of {CHANNELS}, got {list(names)}")
+        blocks = [torch.full((size,), float(name in names)) for name, size in zip(CHANNELS, self.layout.split_sizes())]
+        return torch.cat(blocks).to(self.device)
+
     def with_size(self, n_atoms: int) -> "MoleculeFlowModel":
         """The same network (shared, not copied) for molecules of ``n_atoms`` atoms."""
         return MoleculeFlowModel(self.network, n_atoms)

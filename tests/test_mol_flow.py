@@ -197,9 +197,11 @@ def test_sampling_returns_molecules_of_the_requested_sizes():
     net = _net(torch.float32)
     sizes = [5, 9, 5, 12]
     mols = sample_molecules(net, sizes, steps=5, generator=torch.Generator().manual_seed(0))
-    assert [len(m["numbers"]) for m in mols] == sizes
-    for m, n in zip(mols, sizes):
+    noisy = sample_molecules(net, sizes, steps=10, generator=torch.Generator().manual_seed(0), noise_scale=2.0)  # the SDE sampler
+    assert [len(m["numbers"]) for m in mols] == sizes == [len(m["numbers"]) for m in noisy]
+    for m, n in zip(mols + noisy, sizes + sizes):
         assert m["positions"].shape == (n, 3) and np.isfinite(m["positions"]).all()
+        assert np.abs(m["positions"].mean(0)).max() < 1e-4  # both samplers stay at zero centre of mass
         assert set(np.unique(m["numbers"]).tolist()) <= {1, 6, 7, 8, 9, 16, 17, 35}
         assert set(np.unique(m["charges"]).tolist()) <= {-1, 0, 1}
         b = m["bonds"]
@@ -271,10 +273,13 @@ def test_pretrain_checkpoint_resume_and_sample_cli(tmp_path):
     assert np.allclose(la, lb, rtol=1e-5)  # the resumed run repeats the uninterrupted one
     assert (tmp_path / "a" / "loss.png").exists()
     res = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--n", "4", "--steps", "4",
-                                   "--workers", "1", "--relax-steps", "0", "--out", str(tmp_path / "s"), "--bonds", "valence"])
+                                   "--workers", "1", "--relax-steps", "0", "--out", str(tmp_path / "s"), "--bonds", "valence",
+                                   "--noise-scale", "1"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
-    assert metrics["n"] == 4 and 0.0 <= metrics["validity"] <= 1.0 and metrics["bonds"] == "valence"
+    assert metrics["n"] == 4 and 0.0 <= metrics["validity"] <= 1.0 and metrics["bonds"] == "valence" and metrics["noise_scale"] == 1.0
+    bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--noise-scale", "-1", "--out", str(tmp_path / "t")])
+    assert bad.exit_code != 0 and "noise_scale must be >= 0" in bad.output
     bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--bonds", "greedy", "--out", str(tmp_path / "t")])
     assert bad.exit_code != 0 and "bonds must be one of" in bad.output
     every = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--n", "3", "--steps", "4",

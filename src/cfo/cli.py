@@ -377,9 +377,10 @@ def mol_sample(
     model: Optional[Path] = typer.Option(None, "--model", help="model.pt (or snapshot.pt) written by `cfo mol pretrain` (default: the shipped one)"),
     n: int = typer.Option(100, help="molecules to generate (sizes from the training histogram)"),
     out: Path = typer.Option(Path("runs/mol_sample"), help="folder: samples.sdf, metrics.json, grid.png, histograms.png"),
-    steps: int = typer.Option(100, help="ODE steps"),
+    steps: int = typer.Option(100, help="ODE (or SDE) steps"),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
+    noise_scale: float = typer.Option(0.0, "--noise-scale", help="0: the ODE sampler; gamma > 0: the SDE with the ODE's marginals and noise gamma on t in [0.1, 0.9] (1: the memoryless SDE's noise)"),
     workers: int = typer.Option(2, help="processes for GFN2-xTB"),
     relax_steps: int = typer.Option(50, help="GFN2-xTB relaxation steps before the second scoring (0: none)"),
     bonds: str = typer.Option("argmax", help="bond decoding: argmax (FlowMol's) or valence (drop the least confident bonds of over-valent atoms)"),
@@ -397,7 +398,7 @@ def mol_sample(
     with _user_errors(ValueError, FileNotFoundError):
         _check_device(device)
         report = sample_and_report(model or MODEL_PATH, out, n=n, steps=steps, seed=seed, device=device, workers=workers, relax_steps=relax_steps, dataset=MoleculeDataset.load(DATASET_PATH), bonds=bonds,
-                                   xtb_on=xtb_on)
+                                   xtb_on=xtb_on, noise_scale=noise_scale)
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"wrote {out}/samples.sdf, metrics.json, grid.png, histograms.png")
 

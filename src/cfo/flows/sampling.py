@@ -14,7 +14,7 @@ import torch
 from cfo.flows.model import FlowModel
 from cfo.flows.schedulers import as_coefficient
 
-__all__ = ["Trajectory", "time_grid", "sample_ode", "sample_memoryless_sde"]
+__all__ = ["Trajectory", "time_grid", "sample_ode", "sample_memoryless_sde", "sample_noisy_sde", "score_from_velocity"]
 
 
 @dataclass
@@ -111,3 +111,70 @@ def sample_memoryless_sde(
         x = model.project(x)
         states.append(x)
     return Trajectory(times=torch.tensor(grid, dtype=torch.float64), states=torch.stack(states))
+
+
+def score_from_velocity(model: FlowModel, v: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+    """The score ``grad log p_t(x) = (v - kappa_t x) / eta_t`` that a Gaussian path's velocity ``v`` implies.
+
+    From ``x = alpha_t x1_hat + beta_t x0_hat`` and ``v = alpha'_t x1_hat + beta'_t x0_hat``: ``v = kappa_t x - (eta_t /
+    beta_t) x0_hat`` and ``score = -x0_hat / beta_t`` (exact when ``X_0 ~ N(0, I)`` is drawn independently of the data
+    in pre-training). Needs ``0 < t < 1``."""
+    sched = model.scheduler
+    return (v - as_coefficient(sched.kappa(t), x) * x) / as_coefficient(sched.eta(t), x)
+
+
+def _noisy_step_coefficients(model: FlowModel, s: float, h: float, gamma: float, like: torch.Tensor):
+    """``(decay, drift weight, noise std)`` of one step ``s -> s + h`` of ``dX = [(1 + gamma) v - a X] dt + sqrt(2
+    gamma eta_s) dW`` with ``a = gamma kappa_s`` and ``v`` frozen: ``X' = e^(-a h) X + (1 - e^(-a h))/a (1 + gamma) v +
+    sqrt(gamma eta_s (1 - e^(-2 a h))/a) eps`` (the Ornstein-Uhlenbeck step; it tends to Euler-Maruyama as ``a h -> 0``)."""
+    sched = model.scheduler
+    kappa = torch.as_tensor(sched.kappa(s), dtype=torch.float64)
+    eta = torch.as_tensor(sched.eta(s), dtype=torch.float64)
+    a = gamma * kappa
+    decay = torch.exp(-a * h)
+    drift_w = -torch.expm1(-a * h) / a
+    noise_std = torch.sqrt(gamma * eta * -torch.expm1(-2.0 * a * h) / a)
+    return tuple(as_coefficient(c if c.dim() else float(c), like) for c in (decay, drift_w, noise_std))
+
+
+@torch.no_grad()
+def sample_noisy_sde(
+    model: FlowModel,
+    n: int,
+    steps: int = 100,
+    noise_scale: float = 1.0,
+    window: tuple[float, float] = (0.1, 0.9),
+    generator: torch.Generator | None = None,
+    x0: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample with the SDE family that shares the ODE's marginals, with noise ``gamma = noise_scale`` inside ``window``.
+
+    For any ``gamma >= 0``, ``dX = [v + gamma eta_t score] dt + sqrt(2 gamma eta_t) dW = [(1 + gamma) v - gamma kappa_t X] dt
+    + sqrt(2 gamma eta_t) dW`` has the marginals ``p_t`` of the probability-flow ODE (``gamma = 0``); ``gamma = 1`` is
+    the memoryless SDE of :func:`sample_memoryless_sde`. The noise re-injects what the drift's ``gamma eta score`` term
+    pulls back towards ``p_t``, so errors of the learnt field made earlier on the path are partly corrected later
+    (the reason stochastic samplers can beat the ODE on an imperfect model). Inside ``window = (t_lo, t_hi)``, ``0 <
+    t_lo < t_hi < 1``, where ``kappa_t`` and ``eta_t`` are finite, each step integrates the linear term ``-gamma
+    kappa_s X`` exactly with ``v`` and the coefficients frozen at ``s`` (an exponential-integrator Euler-Maruyama
+    step, stable for any ``gamma``; :func:`_noisy_step_coefficients`); outside it steps are the ODE's midpoint steps, so
+    the sample ends on the ODE's last step. Returns ``X_1`` ``[n, *data_shape]``.
+    """
+    lo, hi = window
+    if not 0.0 < lo < hi < 1.0:
+        raise ValueError(f"window must satisfy 0 < t_lo < t_hi < 1 (kappa_t and eta_t are singular at the ends), got {window}")
+    if noise_scale < 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    if x0 is None:
+        x0 = model.sample_prior(n, generator=generator)
+    x = x0
+    for s, t in zip(time_grid(steps).tolist()[:-1], time_grid(steps).tolist()[1:]):
+        h = t - s
+        if noise_scale > 0 and lo <= s < hi:
+            decay, drift_w, noise_std = _noisy_step_coefficients(model, s, h, noise_scale, x)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = decay * x + drift_w * (1.0 + noise_scale) * model(x, s) + noise_std * noise
+        else:
+            x_mid = x + 0.5 * h * model(x, s)
+            x = x + h * model(x_mid, s + 0.5 * h)
+        x = model.project(x)
+    return x

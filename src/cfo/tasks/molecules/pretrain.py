@@ -44,6 +44,11 @@ RESUMABLE_CHANGES = frozenset({"ema_decay", "eval_every", "eval_samples", "eval_
 # batch_workers may change between positive counts (same per-step streams), not between 0 and > 0.
 
 
+# Where ``sample_states``' SDE adds noise: inside (0, 1), away from the schedules' singular ends; the last 10 % of
+# the path is the ODE's, so a sample ends on the endpoint prediction as the ODE's do.
+SDE_WINDOW = (0.1, 0.9)
+
+
 class MolPretrainConfig(BaseModel):
     """Settings of ``cfo mol pretrain`` (network, optimisation, evaluation). Unknown keys are rejected."""
 
@@ -396,16 +401,24 @@ def sample_states(
     steps: int = 100,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
+    noise_scale: float = 0.0,
+    sde_window: tuple[float, float] = SDE_WINDOW,
 ) -> list[tuple[MolLayout, torch.Tensor, list[int]]]:
-    """Generate one molecule per entry of ``sizes`` (atom counts) by the ODE sampler, one batch per distinct size;
-    returns ``(layout, states [b, D], positions in sizes)`` per size, in increasing size."""
-    from cfo.flows.sampling import sample_ode
+    """Generate one molecule per entry of ``sizes`` (atom counts), one batch per distinct size; returns ``(layout,
+    states [b, D], positions in sizes)`` per size, in increasing size. ``noise_scale = 0`` is the ODE sampler (midpoint);
+    ``gamma > 0`` the SDE with the ODE's marginals and noise ``gamma`` inside ``sde_window``
+    (:func:`cfo.flows.sampling.sample_noisy_sde`)."""
+    from cfo.flows.sampling import sample_noisy_sde, sample_ode
 
     groups = []
     for n in sorted(set(sizes)):
         where = [k for k, s in enumerate(sizes) if s == n]
         model = MoleculeFlowModel(net, n).to(device)
-        groups.append((model.layout, sample_ode(model, len(where), steps=steps, generator=generator), where))
+        if noise_scale > 0:
+            x = sample_noisy_sde(model, len(where), steps=steps, noise_scale=noise_scale, window=sde_window, generator=generator)
+        else:
+            x = sample_ode(model, len(where), steps=steps, generator=generator)
+        groups.append((model.layout, x, where))
     return groups
 
 
@@ -425,11 +438,12 @@ def sample_molecules(
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     bonds: str = "argmax",
+    noise_scale: float = 0.0,
 ) -> list[dict]:
-    """Generate one molecule per entry of ``sizes`` (atom counts) by the ODE sampler; returns decoded molecules
-    (``numbers``, ``charges``, ``positions``, ``bonds``, ``bond_orders``; ``bonds`` as in
-    :func:`~cfo.tasks.molecules.flow.decode`) in the order of ``sizes``."""
-    return decode_groups(sample_states(net, sizes, steps, generator, device), len(sizes), bonds=bonds)
+    """Generate one molecule per entry of ``sizes`` (atom counts), by the ODE sampler or, with ``noise_scale > 0``, the
+    SDE of :func:`sample_states`; returns decoded molecules (``numbers``, ``charges``, ``positions``, ``bonds``,
+    ``bond_orders``; ``bonds`` as in :func:`~cfo.tasks.molecules.flow.decode`) in the order of ``sizes``."""
+    return decode_groups(sample_states(net, sizes, steps, generator, device, noise_scale=noise_scale), len(sizes), bonds=bonds)
 
 
 def _trajectory_changes(saved: dict, cfg: MolPretrainConfig) -> list[str]:

@@ -51,23 +51,28 @@ def sample_and_report(
     dataset: MoleculeDataset | None = None,
     bonds: str = "argmax",
     xtb_on: str = "valid",
+    noise_scale: float = 0.0,
 ) -> dict:
     """Sample ``n`` molecules (sizes from the training histogram), score them, write the outputs; returns metrics.
     ``bonds``: how bond channels become bonds (``"argmax"``, FlowMol's convention, or ``"valence"``; see
     :mod:`cfo.tasks.molecules.bond_decoding`). ``xtb_on``: which samples GFN2-xTB scores, ``"valid"`` (the valid,
     connected ones) or ``"all"`` (every sample, as ``cfo mol run`` scores its sample sets; geometries xTB refuses are
-    counted in ``xtb_failures``)."""
+    counted in ``xtb_failures``). ``noise_scale``: 0 samples by the ODE; ``gamma > 0`` by the SDE with the ODE's
+    marginals (:func:`cfo.tasks.molecules.pretrain.sample_states`)."""
     from cfo.tasks.molecules.bond_decoding import check_bond_decoding
 
     check_bond_decoding(bonds)  # before sampling, not after it
     if xtb_on not in XTB_ON:
         raise ValueError(f"xtb_on must be one of {XTB_ON}, got {xtb_on!r}")
+    if not noise_scale >= 0:
+        raise ValueError(f"noise_scale must be >= 0 (0: the ODE), got {noise_scale}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net, summary = load_molecule_model(model_path, device=device)
     sizes = sizes_from_histogram(summary["size_histogram"], n, seed)
     with torch.no_grad():
-        raw = sample_molecules(net, sizes, steps=steps, generator=torch.Generator(device=device).manual_seed(seed), device=device, bonds=bonds)
+        raw = sample_molecules(net, sizes, steps=steps, generator=torch.Generator(device=device).manual_seed(seed), device=device, bonds=bonds,
+                               noise_scale=noise_scale)
     mols = [GeneratedMolecule.from_decoded(m) for m in raw]
     metrics, rows = molecule_metrics(mols)
     scored = [k for k, r in enumerate(rows) if r["valid_connected"] or xtb_on == "all"]
@@ -81,7 +86,7 @@ def sample_and_report(
             failures[res.error] = failures.get(res.error, 0) + 1
     write_sdf(mols, out / "samples.sdf")
     report = {
-        "model": str(model_path), "n": n, "steps": steps, "seed": seed, "bonds": bonds, **metrics,
+        "model": str(model_path), "n": n, "steps": steps, "seed": seed, "bonds": bonds, "noise_scale": noise_scale, **metrics,
         "xtb_on": xtb_on, "xtb_scored": len(scored), "xtb_failures": failures,
         "energy_Ha": _stats([s.energy for s in singles]), "dipole_D": _stats([s.dipole for s in singles]),
         "relaxed_energy_Ha": _stats([r.energy for r in relaxed]), "relaxed_dipole_D": _stats([r.dipole for r in relaxed]),

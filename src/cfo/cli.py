@@ -380,7 +380,7 @@ def mol_sample(
     steps: int = typer.Option(100, help="ODE (or SDE) steps"),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    noise_scale: float = typer.Option(0.0, "--noise-scale", help="0: the ODE sampler; gamma > 0: the SDE with the ODE's marginals and noise gamma on t in [0.1, 0.9] (1: the memoryless SDE's noise)"),
+    noise_scale: float = typer.Option(0.0, "--noise-scale", help="0: the ODE sampler; gamma > 0: the SDE with the ODE's marginals and noise gamma on t in [0.1, 0.9] (1: the memoryless SDE's noise; keep gamma/steps <= 0.04: on the shipped model 64 with --steps 1600 gave the best samples, docs/molecules.md)"),
     workers: int = typer.Option(2, help="processes for GFN2-xTB"),
     relax_steps: int = typer.Option(50, help="GFN2-xTB relaxation steps before the second scoring (0: none)"),
     bonds: str = typer.Option("argmax", help="bond decoding: argmax (FlowMol's) or valence (drop the least confident bonds of over-valent atoms)"),

@@ -72,14 +72,14 @@ def sample_ode(
         x = chunk
         for s, t in zip(grid[:-1], grid[1:]):
             h = t - s
-            if method == "euler":
-                x = x + h * model(x, s)
-            else:
-                x_mid = x + 0.5 * h * model(x, s)
-                x = x + h * model(x_mid, s + 0.5 * h)
-            x = model.project(x)
+            x = model.project(x + h * model(x, s) if method == "euler" else _midpoint_step(model, x, s, h))
         out.append(x)
     return torch.cat(out)
+
+
+def _midpoint_step(model: FlowModel, x: torch.Tensor, s: float, h: float) -> torch.Tensor:
+    """One explicit midpoint step ``x + h v(x + h/2 v(x, s), s + h/2)`` of the ODE (not projected)."""
+    return x + h * model(x + 0.5 * h * model(x, s), s + 0.5 * h)
 
 
 @torch.no_grad()
@@ -162,19 +162,19 @@ def sample_noisy_sde(
     lo, hi = window
     if not 0.0 < lo < hi < 1.0:
         raise ValueError(f"window must satisfy 0 < t_lo < t_hi < 1 (kappa_t and eta_t are singular at the ends), got {window}")
-    if noise_scale < 0:
+    if not noise_scale >= 0:
         raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
     if x0 is None:
         x0 = model.sample_prior(n, generator=generator)
     x = x0
-    for s, t in zip(time_grid(steps).tolist()[:-1], time_grid(steps).tolist()[1:]):
+    grid = time_grid(steps).tolist()
+    for s, t in zip(grid[:-1], grid[1:]):
         h = t - s
         if noise_scale > 0 and lo <= s < hi:
             decay, drift_w, noise_std = _noisy_step_coefficients(model, s, h, noise_scale, x)
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = decay * x + drift_w * (1.0 + noise_scale) * model(x, s) + noise_std * noise
         else:
-            x_mid = x + 0.5 * h * model(x, s)
-            x = x + h * model(x_mid, s + 0.5 * h)
+            x = _midpoint_step(model, x, s, h)
         x = model.project(x)
     return x

@@ -44,11 +44,6 @@ RESUMABLE_CHANGES = frozenset({"ema_decay", "eval_every", "eval_samples", "eval_
 # batch_workers may change between positive counts (same per-step streams), not between 0 and > 0.
 
 
-# Where ``sample_states``' SDE adds noise: inside (0, 1), away from the schedules' singular ends; the last 10 % of
-# the path is the ODE's, so a sample ends on the endpoint prediction as the ODE's do.
-SDE_WINDOW = (0.1, 0.9)
-
-
 class MolPretrainConfig(BaseModel):
     """Settings of ``cfo mol pretrain`` (network, optimisation, evaluation). Unknown keys are rejected."""
 
@@ -402,20 +397,19 @@ def sample_states(
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     noise_scale: float = 0.0,
-    sde_window: tuple[float, float] = SDE_WINDOW,
 ) -> list[tuple[MolLayout, torch.Tensor, list[int]]]:
     """Generate one molecule per entry of ``sizes`` (atom counts), one batch per distinct size; returns ``(layout,
     states [b, D], positions in sizes)`` per size, in increasing size. ``noise_scale = 0`` is the ODE sampler (midpoint);
-    ``gamma > 0`` the SDE with the ODE's marginals and noise ``gamma`` inside ``sde_window``
-    (:func:`cfo.flows.sampling.sample_noisy_sde`)."""
+    any other value goes to :func:`cfo.flows.sampling.sample_noisy_sde` (``gamma > 0``: the SDE with the ODE's
+    marginals and noise ``gamma`` on its default window; a negative or NaN value is refused there)."""
     from cfo.flows.sampling import sample_noisy_sde, sample_ode
 
     groups = []
     for n in sorted(set(sizes)):
         where = [k for k, s in enumerate(sizes) if s == n]
         model = MoleculeFlowModel(net, n).to(device)
-        if noise_scale > 0:
-            x = sample_noisy_sde(model, len(where), steps=steps, noise_scale=noise_scale, window=sde_window, generator=generator)
+        if noise_scale != 0:
+            x = sample_noisy_sde(model, len(where), steps=steps, noise_scale=noise_scale, generator=generator)
         else:
             x = sample_ode(model, len(where), steps=steps, generator=generator)
         groups.append((model.layout, x, where))

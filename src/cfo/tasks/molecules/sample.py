@@ -64,8 +64,6 @@ def sample_and_report(
     check_bond_decoding(bonds)  # before sampling, not after it
     if xtb_on not in XTB_ON:
         raise ValueError(f"xtb_on must be one of {XTB_ON}, got {xtb_on!r}")
-    if not noise_scale >= 0:
-        raise ValueError(f"noise_scale must be >= 0 (0: the ODE), got {noise_scale}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net, summary = load_molecule_model(model_path, device=device)

@@ -359,6 +359,35 @@ def test_batch_workers_give_one_trajectory_whatever_their_number_and_resume_exac
         pretrain_molecules(cfg.model_copy(update={"steps": 5, "batch_workers": 0}), small, tmp_path / "mixed", progress=False)
 
 
+def test_init_from_starts_a_fresh_run_at_a_model_and_refuses_another_network(tmp_path):
+    """``init_from``: a warm restart begins at the given model's weights (the first step's loss equals that model's
+    loss on the same batch, not a random network's) with its EMA started there; a model of another width is refused."""
+    from cfo.tasks.molecules import assets
+    from cfo.tasks.molecules.dataset import MoleculeDataset
+    from cfo.tasks.molecules.pretrain import pretrain_molecules
+
+    full = MoleculeDataset.load(assets.DATASET_PATH)
+    small = MoleculeDataset.from_records([full.molecule(i) | {"converged": True} for i in range(24)])
+    cfg = TINY_COS.model_copy(update={"steps": 30, "batch_size": 4, "eval_samples": 0, "warmup": 1, "lr": 3e-3})
+    pretrain_molecules(cfg, small, tmp_path / "base", progress=False)
+    warm = cfg.model_copy(update={"steps": 1, "lr": 1e-12, "ema_decay": 0.9, "init_from": str(tmp_path / "base" / "model.pt")})
+    cold = warm.model_copy(update={"init_from": None})
+    first = {}
+    for name, c in (("warm", warm), ("cold", cold)):
+        pretrain_molecules(c, small, tmp_path / name, progress=False)
+        first[name] = json.loads((tmp_path / name / "history.json").read_text())["losses"][0]
+    base_losses = json.loads((tmp_path / "base" / "history.json").read_text())["losses"]
+    assert first["warm"] < 0.8 * first["cold"] and first["warm"] < 0.8 * base_losses[0]
+    base_w = torch.load(tmp_path / "base" / "model.pt", weights_only=False)["model"]
+    warm_w = torch.load(tmp_path / "warm" / "model.pt", weights_only=False)["model"]
+    assert all(torch.allclose(base_w[k], warm_w[k], atol=1e-6) for k in base_w)  # lr ~ 0: the EMA stays at the start
+    wider = warm.model_copy(update={"hidden": 32})
+    with pytest.raises(ValueError, match="other network settings \\(hidden\\)"):
+        pretrain_molecules(wider, small, tmp_path / "wider", progress=False)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        pretrain_molecules(warm.model_copy(update={"init_from": str(tmp_path / "none.pt")}), small, tmp_path / "none", progress=False)
+
+
 def test_training_without_rdkit_skips_the_evaluation_and_goes_on(monkeypatch, tmp_path):
     """Where RDKit is missing (a lent GPU machine), a Kekule-label training still loads its data (shipped labels) and
     its sample-quality evaluations are recorded as skipped instead of ending the run."""

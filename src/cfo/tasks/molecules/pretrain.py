@@ -89,6 +89,10 @@ class MolPretrainConfig(BaseModel):
     and rotated onto the data's, :func:`align_prior`; straighter paths for the ODE) or ``independent`` (no alignment:
     the product coupling under which the memoryless SDE that Adjoint Matching rolls out samples the model's
     distribution; ``benchmarks/mol_sde_vs_ode.py`` measures the difference)."""
+    init_from: str | None = None
+    """A ``model.pt`` (written by this command, e.g. the shipped ``src/cfo/assets/mol_flow_recipe.pt``) whose weights
+    start a fresh run, and its EMA, instead of a random initialisation: a warm restart with a new optimiser and
+    learning-rate schedule. Its network settings and prior coupling must equal this config's (None: random start)."""
     time_scaled_loss: bool = False
     """FlowMol's time-scaled loss: each channel's per-molecule loss is weighted by ``clip(alpha_t / (1 - alpha_t),
     0.05, 1.5)`` of that channel (late times, where the state already shows the answer, weigh more)."""
@@ -440,6 +444,25 @@ def sample_molecules(
     return decode_groups(sample_states(net, sizes, steps, generator, device, noise_scale=noise_scale), len(sizes), bonds=bonds)
 
 
+NETWORK_FIELDS = ("hidden", "edge_hidden", "layers", "n_rbf", "cutoff", "cosine_nu", "prior_coupling")
+
+
+def load_initial_weights(net: EquivariantFlowNet, cfg: MolPretrainConfig) -> None:
+    """Copy the weights of ``cfg.init_from`` into ``net`` (a warm restart); a file whose network settings differ from
+    ``cfg``'s is refused with the differing fields named."""
+    path = Path(cfg.init_from)
+    if not path.exists():
+        raise FileNotFoundError(f"init_from: no model at {path}")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if "model" not in saved or "config" not in saved:
+        raise ValueError(f"init_from: {path} is not a model.pt written by `cfo mol pretrain` (no 'model' and 'config')")
+    theirs = MolPretrainConfig.model_validate(saved["config"])
+    differ = [k for k in NETWORK_FIELDS if getattr(theirs, k) != getattr(cfg, k)]
+    if differ:
+        raise ValueError(f"init_from: {path} has other network settings ({', '.join(differ)}) than this config")
+    net.load_state_dict(saved["model"])
+
+
 def _trajectory_changes(saved: dict, cfg: MolPretrainConfig) -> list[str]:
     """The settings (outside :data:`RESUMABLE_CHANGES`) in which a checkpoint's config differs from ``cfg``."""
     old = MolPretrainConfig.model_validate(saved).model_dump()
@@ -537,6 +560,8 @@ def pretrain_molecules(
         gen.set_state(saved["generator"].cpu())  # map_location moved it; RNG states are CPU byte tensors
         state = saved["state"]
         ema = saved.get("ema")
+    elif cfg.init_from is not None:
+        load_initial_weights(net, cfg)
     if cfg.ema_decay == 0:
         ema = None
     elif ema is None:  # a fresh run, or one resumed with the EMA newly switched on

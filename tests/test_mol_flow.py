@@ -206,6 +206,16 @@ def test_sampling_returns_molecules_of_the_requested_sizes():
         assert set(np.unique(m["charges"]).tolist()) <= {-1, 0, 1}
         b = m["bonds"]
         assert (b[:, 0] < b[:, 1]).all() and b.max(initial=0) < n and ((m["bond_orders"] >= 1) & (m["bond_orders"] <= 4)).all()
+    # the SDE's noise window reaches sample_noisy_sde: another window gives other states, a singular one is refused
+    from cfo.tasks.molecules.pretrain import sample_states
+
+    def states(**kw):
+        return sample_states(net, [5], steps=10, generator=torch.Generator().manual_seed(0), noise_scale=2.0, **kw)[0][1]
+
+    assert torch.equal(states(), states(noise_window=(0.1, 0.9)))
+    assert not torch.allclose(states(), states(noise_window=(0.5, 0.6)))
+    with pytest.raises(ValueError, match="window"):
+        states(noise_window=(0.0, 0.5))
     # decode reads the argmax of every channel
     lay = MolLayout(3)
     x = torch.zeros(1, lay.dim)

@@ -401,11 +401,13 @@ def sample_states(
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     noise_scale: float = 0.0,
+    noise_window: tuple[float, float] | None = None,
 ) -> list[tuple[MolLayout, torch.Tensor, list[int]]]:
     """Generate one molecule per entry of ``sizes`` (atom counts), one batch per distinct size; returns ``(layout,
     states [b, D], positions in sizes)`` per size, in increasing size. ``noise_scale = 0`` is the ODE sampler (midpoint);
     any other value goes to :func:`cfo.flows.sampling.sample_noisy_sde` (``gamma > 0``: the SDE with the ODE's
-    marginals and noise ``gamma`` on its default window; a negative or NaN value is refused there)."""
+    marginals and noise ``gamma`` on ``noise_window``, None for that function's default; a negative or NaN value is
+    refused there)."""
     from cfo.flows.sampling import sample_noisy_sde, sample_ode
 
     groups = []
@@ -413,7 +415,8 @@ def sample_states(
         where = [k for k, s in enumerate(sizes) if s == n]
         model = MoleculeFlowModel(net, n).to(device)
         if noise_scale != 0:
-            x = sample_noisy_sde(model, len(where), steps=steps, noise_scale=noise_scale, generator=generator)
+            window = {} if noise_window is None else {"window": tuple(noise_window)}
+            x = sample_noisy_sde(model, len(where), steps=steps, noise_scale=noise_scale, generator=generator, **window)
         else:
             x = sample_ode(model, len(where), steps=steps, generator=generator)
         groups.append((model.layout, x, where))

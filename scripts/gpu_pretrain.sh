@@ -2,9 +2,12 @@
 # One call on a lent GPU machine: resume (or start) the long molecule-flow training for MIN minutes, diagnose the
 # weights it reached, and copy the training folder to $OUT so it can be committed here.
 #   usage (device tool): bash scripts/gpu_pretrain.sh [MIN]       (carry .whl when the machine lacks pydantic)
-#   a fresh run whose learning-rate schedule is fitted to the call (no resume needed; the plan for issue 5's next GPU
-#   session, docs/molecules.md "A larger network on the GPU"; a call may run 10 minutes, start-up and diagnostics included):
+#   a fresh run whose learning-rate schedule is fitted to the call (no resume needed; a call may run 10 minutes,
+#   start-up and diagnostics included):
 #   BUDGET=1 CONFIG=configs/mol_pretrain_flowmol.yaml RUN=checkpoints/mol_pretrain_flowmol DIAG_S=30 bash scripts/gpu_pretrain.sh 8.3
+#   a warm restart of the shipped model (ran 2026-11-28: 16,259 x 256 in 489 s, loss flat, samples within noise of the
+#   default's; docs/molecules.md "A warm restart on the GPU"):
+#   BUDGET=1 CONFIG=configs/mol_pretrain_flowmol_independent_gpu_warm.yaml RUN=checkpoints/mol_pretrain_flowmol_independent_gpu_warm DIAG_S=30 bash scripts/gpu_pretrain.sh 8.0
 #   The working tree that travels is limited to 64 MiB: check `git ls-files -z | xargs -0 du -cb | tail -1` first.
 #   another training: CONFIG=configs/mol_pretrain_flowmol.yaml RUN=checkpoints/mol_pretrain_flowmol bash scripts/gpu_pretrain.sh 9
 #   (FlowMol's per-channel schedules; or configs/mol_pretrain_kekule.yaml, checkpoints/mol_pretrain_kekule)

@@ -410,12 +410,12 @@ def sample_states(
     refused there)."""
     from cfo.flows.sampling import sample_noisy_sde, sample_ode
 
+    window = {} if noise_window is None else {"window": tuple(noise_window)}
     groups = []
     for n in sorted(set(sizes)):
         where = [k for k, s in enumerate(sizes) if s == n]
         model = MoleculeFlowModel(net, n).to(device)
         if noise_scale != 0:
-            window = {} if noise_window is None else {"window": tuple(noise_window)}
             x = sample_noisy_sde(model, len(where), steps=steps, noise_scale=noise_scale, generator=generator, **window)
         else:
             x = sample_ode(model, len(where), steps=steps, generator=generator)

@@ -370,8 +370,9 @@ def test_batch_workers_give_one_trajectory_whatever_their_number_and_resume_exac
 
 
 def test_init_from_starts_a_fresh_run_at_a_model_and_refuses_another_network(tmp_path):
-    """``init_from``: a warm restart begins at the given model's weights (the first step's loss equals that model's
-    loss on the same batch, not a random network's) with its EMA started there; a model of another width is refused."""
+    """``init_from``: a warm restart begins at the given model's weights (its first loss is well below a random
+    network's and the base run's first loss) with its EMA started there; a model of another width, and a missing
+    file, are refused."""
     from cfo.tasks.molecules import assets
     from cfo.tasks.molecules.dataset import MoleculeDataset
     from cfo.tasks.molecules.pretrain import pretrain_molecules

@@ -284,10 +284,14 @@ def test_pretrain_checkpoint_resume_and_sample_cli(tmp_path):
     assert (tmp_path / "a" / "loss.png").exists()
     res = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--n", "4", "--steps", "4",
                                    "--workers", "1", "--relax-steps", "0", "--out", str(tmp_path / "s"), "--bonds", "valence",
-                                   "--noise-scale", "1"])
+                                   "--noise-scale", "1", "--noise-window", "0.2", "0.8"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert metrics["n"] == 4 and 0.0 <= metrics["validity"] <= 1.0 and metrics["bonds"] == "valence" and metrics["noise_scale"] == 1.0
+    assert metrics["noise_window"] == [0.2, 0.8] and metrics["model"] == str(tmp_path / "a" / "model.pt")  # outside the cwd: as given
+    bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--noise-scale", "1",
+                                   "--noise-window", "0.8", "0.2", "--out", str(tmp_path / "t")])
+    assert bad.exit_code != 0 and "window must satisfy" in bad.output
     bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--noise-scale", "-1", "--out", str(tmp_path / "t")])
     assert bad.exit_code != 0 and "noise_scale must be >= 0" in bad.output
     bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--bonds", "greedy", "--out", str(tmp_path / "t")])
@@ -399,6 +403,30 @@ def test_init_from_starts_a_fresh_run_at_a_model_and_refuses_another_network(tmp
         pretrain_molecules(warm.model_copy(update={"init_from": str(tmp_path / "none.pt")}), small, tmp_path / "none", progress=False)
 
 
+def test_time_focus_draws_the_stated_mixture_and_leaves_the_default_stream_alone():
+    """``time_focus``: the training times follow ``(1 - q) U(0, 1) + q U(lo, hi)`` (the share inside the window is
+    ``q + (1 - q)(hi - lo)``, and inside it the times stay uniform), without a focus they are ``torch.rand`` bit for bit,
+    and a window outside [0, 1] is refused."""
+    from pydantic import ValidationError
+
+    from cfo.tasks.molecules.pretrain import training_times
+
+    n, (lo, hi), q = 200_000, (0.4, 0.8), 0.5
+    t = training_times(n, torch.Generator().manual_seed(0), (lo, hi), q)
+    inside = (t >= lo) & (t < hi)
+    assert abs(inside.float().mean().item() - (q + (1 - q) * (hi - lo))) < 0.005  # 0.70; the standard error is 0.001
+    assert t.min() >= 0 and t.max() < 1
+    halves = ((t[inside] - lo) / (hi - lo) < 0.5).float().mean().item()
+    assert abs(halves - 0.5) < 0.005
+    plain = training_times(7, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, torch.rand(7, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(training_times(7, torch.Generator().manual_seed(3), (lo, hi), 0.0), plain)  # q = 0: no time moves
+    for bad in ([0.8, 0.4], [-0.1, 0.5], [0.5, 1.2]):
+        with pytest.raises(ValidationError, match="time_focus"):
+            MolPretrainConfig(time_focus=bad)
+    assert MolPretrainConfig(time_focus=[0.4, 0.8]).time_focus == (0.4, 0.8)
+
+
 def test_training_without_rdkit_skips_the_evaluation_and_goes_on(monkeypatch, tmp_path):
     """Where RDKit is missing (a lent GPU machine), a Kekule-label training still loads its data (shipped labels) and
     its sample-quality evaluations are recorded as skipped instead of ending the run."""
@@ -422,3 +450,15 @@ def test_training_without_rdkit_skips_the_evaluation_and_goes_on(monkeypatch, tm
     summary = pretrain_molecules(cfg, full, tmp_path / "run", progress=False)
     assert summary["finished"] and len(summary["evals"]) == 2
     assert all("RDKit is not installed" in e["skipped"] for e in summary["evals"])
+
+
+def test_sample_metrics_name_the_model_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """A model below the working directory is named by its relative path (committed sample folders carry no machine's
+    absolute path); one elsewhere keeps the path it was given."""
+    from cfo.tasks.molecules.sample import _portable_path
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _portable_path(tmp_path / "runs" / "model.pt") == "runs/model.pt"
+    assert _portable_path("runs/model.pt") == "runs/model.pt"
+    assert _portable_path("/elsewhere/model.pt") == "/elsewhere/model.pt"

@@ -6,7 +6,7 @@ dense tensor and the atom count of generated molecules follows the data. Per bat
 1. ``x_1``: positions (centred), one-hot types, charges and bond classes of the data;
 2. ``x_0``: a standard normal state, positions centred and **aligned to the data** by the optimal permutation of atoms
    (Hungarian algorithm on squared distances) and then the optimal rotation (Kabsch, no reflection);
-3. ``t ~ U(0, 1)``, ``x_t = t x_1 + (1 - t) x_0`` (with ``cosine_nu``: ``alpha_t x_1 + (1 - alpha_t) x_0`` per channel);
+3. ``t ~ U(0, 1)`` (or a mixture with a window, ``time_focus``), ``x_t = t x_1 + (1 - t) x_0`` (with ``cosine_nu``: ``alpha_t x_1 + (1 - alpha_t) x_0`` per channel);
 4. loss (FlowMol's weights): ``3 MSE(pos) + 0.4 CE(types) + 1 CE(charges) + 2 CE(bonds)`` of the endpoint prediction
    (with ``time_scaled_loss``: each channel's term weighted per molecule by ``clip(alpha_t / (1 - alpha_t), 0.05, 1.5)``).
 """
@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from cfo.flows.schedulers import Scheduler
@@ -33,8 +33,8 @@ from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet, MoleculeFlowModel, MolLayout, channel_schedules, decode
 
 __all__ = [
-    "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "kekule_bond_orders", "compute_kekule_bond_orders", "write_kekule_labels", "read_kekule_labels", "align_prior", "data_state", "training_point", "aligned_prior", "path_point", "step_generator", "BatchPrefetcher", "endpoint_loss", "time_scaled_weights", "training_loss",
-    "pretrain_molecules", "load_molecule_model", "sample_states", "decode_groups", "sample_molecules",
+    "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "kekule_bond_orders", "compute_kekule_bond_orders", "write_kekule_labels", "read_kekule_labels", "align_prior", "data_state", "training_point", "aligned_prior", "path_point", "step_generator", "BatchPrefetcher", "training_times", "endpoint_loss", "time_scaled_weights", "training_loss",
+    "pretrain_molecules", "read_model_file", "load_molecule_model", "sample_states", "decode_groups", "sample_molecules",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -96,6 +96,19 @@ class MolPretrainConfig(BaseModel):
     time_scaled_loss: bool = False
     """FlowMol's time-scaled loss: each channel's per-molecule loss is weighted by ``clip(alpha_t / (1 - alpha_t),
     0.05, 1.5)`` of that channel (late times, where the state already shows the answer, weigh more)."""
+    time_focus: tuple[float, float] | None = None
+    """A window ``[lo, hi]`` of ``t`` that gets extra training draws: each molecule's time comes from ``U(lo, hi)`` with
+    probability ``time_focus_fraction``, else from ``U(0, 1)`` (None: ``t ~ U(0, 1)``, bit for bit as before). Meant for
+    the part of the path where the samples go wrong (for the shipped model, ``[0.4, 0.8]``, where the bond graph is
+    decided; ``benchmarks/mol_flow_diagnostics.py``)."""
+    time_focus_fraction: float = Field(0.5, ge=0, le=1, description="probability that a training time is drawn from time_focus")
+
+    @field_validator("time_focus")
+    @classmethod
+    def _window_inside_unit_interval(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0.0 <= v[0] < v[1] <= 1.0:
+            raise ValueError(f"time_focus must be [lo, hi] with 0 <= lo < hi <= 1, got {list(v)}")
+        return v
 
     @property
     def aligns_prior(self) -> bool:
@@ -256,15 +269,29 @@ def _sample_batch(buckets: SizeBuckets, batch_size: int, gen: torch.Generator) -
 
 def training_point(
     layout: MolLayout, batch: dict[str, torch.Tensor], gen: torch.Generator, device: torch.device | str, scheduler: Scheduler | None = None,
-    align: bool = True,
+    align: bool = True, time_focus: tuple[float, float] | None = None, time_focus_fraction: float = 0.5,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """The batch on ``device``, and a point ``x_t = alpha_t x_1 + (1 - alpha_t) x_0`` of the training path per molecule
-    with its time ``t ~ U(0, 1)`` (``scheduler``: the network's, per channel; None: linear, ``alpha_t = t``): the prior
+    with its time ``t`` (:func:`training_times`) (``scheduler``: the network's, per channel; None: linear, ``alpha_t = t``): the prior
     draw ``x_0`` is centred and, with ``align``, aligned to the data (:func:`align_prior`)."""
     batch = {k: v.to(device) for k, v in batch.items()}
     x0 = aligned_prior(layout, batch["pos"], gen, device, align)
-    t = torch.rand(x0.shape[0], generator=gen).to(device)
+    t = training_times(x0.shape[0], gen, time_focus, time_focus_fraction).to(device)
     return batch, path_point(layout, batch, x0, t, scheduler), t
+
+
+def training_times(
+    batch_size: int, gen: torch.Generator, time_focus: tuple[float, float] | None = None, time_focus_fraction: float = 0.5
+) -> torch.Tensor:
+    """Training times ``t`` ``[batch_size]`` on the CPU: ``U(0, 1)``, or with ``time_focus = (lo, hi)`` the mixture
+    ``(1 - q) U(0, 1) + q U(lo, hi)``, ``q = time_focus_fraction`` (its density is ``1 - q + q / (hi - lo)`` inside
+    the window, ``1 - q`` outside). Without a focus this draws exactly ``torch.rand(batch_size)``."""
+    u = torch.rand(batch_size, generator=gen)
+    if time_focus is None:
+        return u
+    lo, hi = time_focus
+    in_window = torch.rand(batch_size, generator=gen) < time_focus_fraction
+    return torch.where(in_window, lo + (hi - lo) * u, u)
 
 
 def aligned_prior(layout: MolLayout, pos: torch.Tensor, gen: torch.Generator, device: torch.device | str, align: bool = True) -> torch.Tensor:
@@ -302,15 +329,17 @@ def _init_batch_worker(buckets: SizeBuckets) -> None:
     _WORKER_BUCKETS = buckets
 
 
-def _prepare_batch(args: tuple[int, int, int, bool]) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """In a worker: step ``step``'s batch, its prior draw (aligned to it when ``align``) and its times, all on the
-    CPU."""
-    seed, step, batch_size, align = args
+def _prepare_batch(
+    args: tuple[int, int, int, bool, tuple[float, float] | None, float],
+) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """In a worker: step ``step``'s batch, its prior draw (aligned to it when ``align``) and its times
+    (:func:`training_times`), all on the CPU."""
+    seed, step, batch_size, align, time_focus, time_focus_fraction = args
     gen = step_generator(seed, step)
     n, batch = _sample_batch(_WORKER_BUCKETS, batch_size, gen)
     lay = MolLayout(n)
     x0 = aligned_prior(lay, batch["pos"], gen, "cpu", align)
-    return n, batch, x0, torch.rand(batch_size, generator=gen)
+    return n, batch, x0, training_times(batch_size, gen, time_focus, time_focus_fraction)
 
 
 class BatchPrefetcher:
@@ -327,7 +356,8 @@ class BatchPrefetcher:
 
     def get(self, step: int) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         while self.next < min(step + 1 + self.depth, self.stop):
-            self.pending.append((self.next, self.pool.apply_async(_prepare_batch, ((self.cfg.seed, self.next, self.cfg.batch_size, self.cfg.aligns_prior),))))
+            self.pending.append((self.next, self.pool.apply_async(_prepare_batch, ((self.cfg.seed, self.next, self.cfg.batch_size, self.cfg.aligns_prior,
+                                                                                     self.cfg.time_focus, self.cfg.time_focus_fraction),))))
             self.next += 1
         queued, result = self.pending.popleft()
         if queued != step:
@@ -342,7 +372,7 @@ class BatchPrefetcher:
 def training_loss(net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], cfg: MolPretrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """The endpoint loss of one same-size batch (see the module docstring); returns the loss and its parts."""
     return endpoint_loss(net, layout, *training_point(layout, batch, gen, next(net.parameters()).device, net.scheduler_for(layout),
-                                                           cfg.aligns_prior), cfg)
+                                                           cfg.aligns_prior, cfg.time_focus, cfg.time_focus_fraction), cfg)
 
 
 def endpoint_loss(
@@ -440,11 +470,12 @@ def sample_molecules(
     device: str | torch.device = "cpu",
     bonds: str = "argmax",
     noise_scale: float = 0.0,
+    noise_window: tuple[float, float] | None = None,
 ) -> list[dict]:
     """Generate one molecule per entry of ``sizes`` (atom counts), by the ODE sampler or, with ``noise_scale > 0``, the
-    SDE of :func:`sample_states`; returns decoded molecules (``numbers``, ``charges``, ``positions``, ``bonds``,
+    SDE of :func:`sample_states` (noise on ``t`` in ``noise_window``; None: its default); returns decoded molecules (``numbers``, ``charges``, ``positions``, ``bonds``,
     ``bond_orders``; ``bonds`` as in :func:`~cfo.tasks.molecules.flow.decode`) in the order of ``sizes``."""
-    return decode_groups(sample_states(net, sizes, steps, generator, device, noise_scale=noise_scale), len(sizes), bonds=bonds)
+    return decode_groups(sample_states(net, sizes, steps, generator, device, noise_scale=noise_scale, noise_window=noise_window), len(sizes), bonds=bonds)
 
 
 NETWORK_FIELDS = ("hidden", "edge_hidden", "layers", "n_rbf", "cutoff", "cosine_nu", "prior_coupling")
@@ -453,17 +484,24 @@ NETWORK_FIELDS = ("hidden", "edge_hidden", "layers", "n_rbf", "cutoff", "cosine_
 def load_initial_weights(net: EquivariantFlowNet, cfg: MolPretrainConfig) -> None:
     """Copy the weights of ``cfg.init_from`` into ``net`` (a warm restart); a file whose network settings differ from
     ``cfg``'s is refused with the differing fields named."""
-    path = Path(cfg.init_from)
-    if not path.exists():
-        raise FileNotFoundError(f"init_from: no model at {path}")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if "model" not in saved or "config" not in saved:
-        raise ValueError(f"init_from: {path} is not a model.pt written by `cfo mol pretrain` (no 'model' and 'config')")
-    theirs = MolPretrainConfig.model_validate(saved["config"])
+    saved, theirs = read_model_file(cfg.init_from, "init_from: no model at {path}")
     differ = [k for k in NETWORK_FIELDS if getattr(theirs, k) != getattr(cfg, k)]
     if differ:
-        raise ValueError(f"init_from: {path} has other network settings ({', '.join(differ)}) than this config")
+        raise ValueError(f"init_from: {cfg.init_from} has other network settings ({', '.join(differ)}) than this config")
     net.load_state_dict(saved["model"])
+
+
+def read_model_file(path: str | Path, missing: str = "no molecule model at {path}; train one with `cfo mol pretrain`") -> tuple[dict, MolPretrainConfig]:
+    """The stored dict of a ``model.pt`` written by :func:`pretrain_molecules` (``model``: the weights, ``config``,
+    ``summary``) and its validated config. ``missing`` is the message of the FileNotFoundError for an absent file
+    (``{path}`` is filled in); a file without weights or config is refused by name."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(missing.format(path=path))
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
+        raise ValueError(f"{path} is not a model.pt written by `cfo mol pretrain` (no 'model' and 'config')")
+    return saved, MolPretrainConfig.model_validate(saved["config"])
 
 
 def _trajectory_changes(saved: dict, cfg: MolPretrainConfig) -> list[str]:
@@ -609,7 +647,8 @@ def pretrain_molecules(
             if prefetch is None:
                 n, batch = _sample_batch(train, cfg.batch_size, gen)
                 lay = MolLayout(n)
-                batch, xt, t = training_point(lay, batch, gen, device, net.scheduler_for(lay), cfg.aligns_prior)
+                batch, xt, t = training_point(lay, batch, gen, device, net.scheduler_for(lay), cfg.aligns_prior, cfg.time_focus,
+                                              cfg.time_focus_fraction)
             else:
                 n, batch, x0, t = prefetch.get(step)
                 lay = MolLayout(n)
@@ -687,10 +726,7 @@ def _plot_losses(state: dict, path: Path) -> None:
 def load_molecule_model(path: str | Path, device: str = "cpu") -> tuple[EquivariantFlowNet, dict]:
     """The network and the stored summary (size histogram, evaluation) of a ``model.pt`` written by
     :func:`pretrain_molecules`."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no molecule model at {path}; train one with `cfo mol pretrain`")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    net = MolPretrainConfig.model_validate(saved["config"]).network()
+    saved, cfg = read_model_file(path)
+    net = cfg.network()
     net.load_state_dict(saved["model"])
     return net.to(device).eval(), saved["summary"]

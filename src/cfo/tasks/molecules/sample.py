@@ -52,13 +52,16 @@ def sample_and_report(
     bonds: str = "argmax",
     xtb_on: str = "valid",
     noise_scale: float = 0.0,
+    noise_window: tuple[float, float] | None = None,
 ) -> dict:
     """Sample ``n`` molecules (sizes from the training histogram), score them, write the outputs; returns metrics.
     ``bonds``: how bond channels become bonds (``"argmax"``, FlowMol's convention, or ``"valence"``; see
     :mod:`cfo.tasks.molecules.bond_decoding`). ``xtb_on``: which samples GFN2-xTB scores, ``"valid"`` (the valid,
     connected ones) or ``"all"`` (every sample, as ``cfo mol run`` scores its sample sets; geometries xTB refuses are
     counted in ``xtb_failures``). ``noise_scale``: 0 samples by the ODE; ``gamma > 0`` by the SDE with the ODE's
-    marginals (:func:`cfo.tasks.molecules.pretrain.sample_states`)."""
+    marginals (:func:`cfo.tasks.molecules.pretrain.sample_states`), its noise on ``t`` in ``noise_window`` (None: that
+    function's default). ``metrics.json`` names the model by its path relative to the working directory when it lies
+    below it (so a committed sample folder does not carry one machine's absolute path)."""
     from cfo.tasks.molecules.bond_decoding import check_bond_decoding
 
     check_bond_decoding(bonds)  # before sampling, not after it
@@ -70,7 +73,7 @@ def sample_and_report(
     sizes = sizes_from_histogram(summary["size_histogram"], n, seed)
     with torch.no_grad():
         raw = sample_molecules(net, sizes, steps=steps, generator=torch.Generator(device=device).manual_seed(seed), device=device, bonds=bonds,
-                               noise_scale=noise_scale)
+                               noise_scale=noise_scale, noise_window=noise_window)
     mols = [GeneratedMolecule.from_decoded(m) for m in raw]
     metrics, rows = molecule_metrics(mols)
     scored = [k for k, r in enumerate(rows) if r["valid_connected"] or xtb_on == "all"]
@@ -84,7 +87,8 @@ def sample_and_report(
             failures[res.error] = failures.get(res.error, 0) + 1
     write_sdf(mols, out / "samples.sdf")
     report = {
-        "model": str(model_path), "n": n, "steps": steps, "seed": seed, "bonds": bonds, "noise_scale": noise_scale, **metrics,
+        "model": _portable_path(model_path), "n": n, "steps": steps, "seed": seed, "bonds": bonds, "noise_scale": noise_scale,
+        "noise_window": None if noise_window is None else list(noise_window), **metrics,
         "xtb_on": xtb_on, "xtb_scored": len(scored), "xtb_failures": failures,
         "energy_Ha": _stats([s.energy for s in singles]), "dipole_D": _stats([s.dipole for s in singles]),
         "relaxed_energy_Ha": _stats([r.energy for r in relaxed]), "relaxed_dipole_D": _stats([r.dipole for r in relaxed]),
@@ -95,6 +99,15 @@ def sample_and_report(
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     _plots(mols, rows, relaxed, dataset, out)
     return report
+
+
+def _portable_path(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else as given (absolute stays absolute)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _plots(mols, rows, relaxed, dataset, out: Path) -> None:

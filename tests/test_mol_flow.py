@@ -373,6 +373,36 @@ def test_batch_workers_give_one_trajectory_whatever_their_number_and_resume_exac
         pretrain_molecules(cfg.model_copy(update={"steps": 5, "batch_workers": 0}), small, tmp_path / "mixed", progress=False)
 
 
+def test_an_interrupt_ends_the_call_after_its_step_with_a_checkpoint_and_the_run_resumes(tmp_path):
+    """Ctrl-C (SIGINT) during ``cfo mol pretrain``: the call ends after the step it was in, with the checkpoint and a
+    snapshot at that step (no step lost or half-done), the previous handler is back afterwards, and a rerun resumes
+    from that step."""
+    import signal
+    import threading
+
+    from cfo.tasks.molecules import assets
+    from cfo.tasks.molecules.dataset import MoleculeDataset
+    from cfo.tasks.molecules.pretrain import pretrain_molecules
+
+    full = MoleculeDataset.load(assets.DATASET_PATH)
+    small = MoleculeDataset.from_records([full.molecule(i) | {"converged": True} for i in range(24)])
+    cfg = TINY.model_copy(update={"steps": 100_000, "batch_size": 2, "eval_samples": 0, "warmup": 1, "checkpoint_every": 100_000})
+    before = signal.getsignal(signal.SIGINT)
+    timer = threading.Timer(3.0, signal.raise_signal, (signal.SIGINT,))
+    timer.start()
+    try:
+        summary = pretrain_molecules(cfg, small, tmp_path / "run", progress=False)
+    finally:
+        timer.cancel()
+    assert not summary["finished"] and 0 < summary["steps"] < cfg.steps
+    assert signal.getsignal(signal.SIGINT) is before
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert saved["state"]["step"] == summary["steps"] == len(saved["state"]["losses"])
+    assert (tmp_path / "run" / "snapshot.pt").exists()
+    rest = pretrain_molecules(cfg, small, tmp_path / "run", progress=False, max_steps_now=2)
+    assert rest["steps"] == summary["steps"] + 2 and rest["this_call"]["steps"] == 2
+
+
 def test_init_from_starts_a_fresh_run_at_a_model_and_refuses_another_network(tmp_path):
     """``init_from``: a warm restart begins at the given model's weights (its first loss is well below a random
     network's and the base run's first loss) with its EMA started there; a model of another width, and a missing

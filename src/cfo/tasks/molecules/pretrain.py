@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -325,6 +327,7 @@ _WORKER_BUCKETS: SizeBuckets | None = None
 
 def _init_batch_worker(buckets: SizeBuckets) -> None:
     global _WORKER_BUCKETS
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the workers too; the trainer decides
     torch.set_num_threads(1)
     _WORKER_BUCKETS = buckets
 
@@ -626,9 +629,14 @@ def pretrain_molecules(
     call_t0 = time.perf_counter()
     timed_t0 = call_t0
     prefetch = BatchPrefetcher(train, cfg, start, stop) if cfg.batch_workers else None
+    interrupted = threading.Event()
+    previous_handler = _stop_at_next_step_on_interrupt(interrupted)
     try:
         for step in bar:
             if stop_after_s is not None and time.perf_counter() - call_t0 > stop_after_s:
+                break
+            if interrupted.is_set():
+                bar.write(f"interrupted: stopping at step {step} with a checkpoint and {SNAPSHOT} (rerun to resume)")
                 break
             if not budget_checked and step == start + 20:
                 timed_t0 = time.perf_counter()
@@ -674,6 +682,8 @@ def pretrain_molecules(
                 t0 = time.perf_counter()
                 save_checkpoint()
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
         if prefetch is not None:
             prefetch.close()
     state["wall_s"] += time.perf_counter() - t0
@@ -694,6 +704,25 @@ def pretrain_molecules(
     weights = {"config": cfg.model_dump(), "model": {k: v.cpu() for k, v in final.items()}, "summary": summary}
     torch.save(weights, out / ("model.pt" if done else SNAPSHOT))
     return summary
+
+
+def _stop_at_next_step_on_interrupt(flag: threading.Event) -> Any:
+    """Make the first Ctrl-C (SIGINT) set ``flag``, so the training loop ends after the step it is in, with a
+    checkpoint and a snapshot, instead of losing the steps since the last checkpoint; a second Ctrl-C interrupts at
+    once. Returns the handler to restore (None off the main thread, where signals cannot be handled: nothing is
+    installed there)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # installed outside Python: restore Python's default
+        previous = signal.default_int_handler
+
+    def handler(signum: int, frame: Any) -> None:
+        flag.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    return previous
 
 
 def _plot_losses(state: dict, path: Path) -> None:

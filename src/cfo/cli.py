@@ -352,8 +352,8 @@ def mol_pretrain(
     eval_samples: Optional[int] = typer.Option(None, help="molecules sampled at each evaluation (0: none; needs RDKit)"),
     stop_after_min: Optional[float] = typer.Option(None, help="end this call after so many minutes (checkpointed; the schedule is kept, rerun to go on)"),
 ) -> None:
-    """Train the FlowMol-style equivariant flow on the molecule dataset (checkpoints every few hundred steps; rerun
-    the same command to resume)."""
+    """Train the FlowMol-style equivariant flow on the molecule dataset (checkpoints every few hundred steps; Ctrl-C
+    ends the call after the current step with a checkpoint; rerun the same command to resume)."""
     import yaml
 
     from cfo.tasks.molecules.assets import DATASET_PATH

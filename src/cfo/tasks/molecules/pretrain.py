@@ -270,15 +270,16 @@ def _sample_batch(buckets: SizeBuckets, batch_size: int, gen: torch.Generator) -
 
 
 def training_point(
-    layout: MolLayout, batch: dict[str, torch.Tensor], gen: torch.Generator, device: torch.device | str, scheduler: Scheduler | None = None,
-    align: bool = True, time_focus: tuple[float, float] | None = None, time_focus_fraction: float = 0.5,
+    layout: MolLayout, batch: dict[str, torch.Tensor], gen: torch.Generator, device: torch.device | str, cfg: MolPretrainConfig,
+    scheduler: Scheduler | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """The batch on ``device``, and a point ``x_t = alpha_t x_1 + (1 - alpha_t) x_0`` of the training path per molecule
-    with its time ``t`` (:func:`training_times`) (``scheduler``: the network's, per channel; None: linear, ``alpha_t = t``): the prior
-    draw ``x_0`` is centred and, with ``align``, aligned to the data (:func:`align_prior`)."""
+    with its time ``t`` (:func:`training_times` with ``cfg``'s ``time_focus``) (``scheduler``: the network's, per
+    channel; None: linear, ``alpha_t = t``): the prior draw ``x_0`` is centred and, under ``cfg``'s aligned coupling,
+    aligned to the data (:func:`align_prior`)."""
     batch = {k: v.to(device) for k, v in batch.items()}
-    x0 = aligned_prior(layout, batch["pos"], gen, device, align)
-    t = training_times(x0.shape[0], gen, time_focus, time_focus_fraction).to(device)
+    x0 = aligned_prior(layout, batch["pos"], gen, device, cfg.aligns_prior)
+    t = training_times(x0.shape[0], gen, cfg.time_focus, cfg.time_focus_fraction).to(device)
     return batch, path_point(layout, batch, x0, t, scheduler), t
 
 
@@ -374,8 +375,7 @@ class BatchPrefetcher:
 
 def training_loss(net: EquivariantFlowNet, layout: MolLayout, batch: dict[str, torch.Tensor], cfg: MolPretrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """The endpoint loss of one same-size batch (see the module docstring); returns the loss and its parts."""
-    return endpoint_loss(net, layout, *training_point(layout, batch, gen, next(net.parameters()).device, net.scheduler_for(layout),
-                                                           cfg.aligns_prior, cfg.time_focus, cfg.time_focus_fraction), cfg)
+    return endpoint_loss(net, layout, *training_point(layout, batch, gen, next(net.parameters()).device, cfg, net.scheduler_for(layout)), cfg)
 
 
 def endpoint_loss(
@@ -655,8 +655,7 @@ def pretrain_molecules(
             if prefetch is None:
                 n, batch = _sample_batch(train, cfg.batch_size, gen)
                 lay = MolLayout(n)
-                batch, xt, t = training_point(lay, batch, gen, device, net.scheduler_for(lay), cfg.aligns_prior, cfg.time_focus,
-                                              cfg.time_focus_fraction)
+                batch, xt, t = training_point(lay, batch, gen, device, cfg, net.scheduler_for(lay))
             else:
                 n, batch, x0, t = prefetch.get(step)
                 lay = MolLayout(n)

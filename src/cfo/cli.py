@@ -218,7 +218,7 @@ def ablate_budget(
     typer.echo(f"wrote {out}/results.json, table.md, budget_rounds.png; `cfo report {out}` renders them")
 
 
-CONFIG_KINDS = ("toy", "mol-run", "mol-pretrain")
+CONFIG_KINDS = ("toy", "mol-run", "mol-pretrain", "mol-refine")
 
 
 @app.command()
@@ -227,7 +227,7 @@ def config(
     out: Optional[Path] = typer.Option(None, help="write the YAML here instead of printing it"),
 ) -> None:
     """Print every setting of a run configuration with its default and what it means, as commented YAML: a starting
-    point for --config (`cfo toy`, `cfo mol run`, `cfo mol pretrain`) that loads back to the defaults."""
+    point for --config (`cfo toy`, `cfo mol run`, `cfo mol pretrain`, `cfo mol refine`) that loads back to the defaults."""
     from cfo.config_docs import commented_yaml
 
     if kind == "toy":
@@ -236,6 +236,8 @@ def config(
         from cfo.tasks.molecules.design import MolRunConfig as model
     elif kind == "mol-pretrain":
         from cfo.tasks.molecules.pretrain import MolPretrainConfig as model
+    elif kind == "mol-refine":
+        from cfo.tasks.molecules.refine import MolRefineConfig as model
     else:
         typer.echo(f"error: unknown configuration {kind!r}; choose from {', '.join(CONFIG_KINDS)}", err=True)
         raise typer.Exit(2)
@@ -370,6 +372,30 @@ def mol_pretrain(
                                      stop_after_s=None if stop_after_min is None else 60 * stop_after_min)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "size_histogram"}, indent=2))
     typer.echo(f"wrote {out}/model.pt" if summary["finished"] else f"stopped at step {summary['steps']} (weights so far: {out}/snapshot.pt); rerun to resume")
+
+
+@mol_app.command("refine")
+def mol_refine(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML of MolRefineConfig (see configs/mol_refine.yaml; `cfo config mol-refine` lists every key)"),
+    out: Path = typer.Option(Path("runs/mol_refine"), help="folder: checkpoint.pt (resume), model.pt when finished, history.json, reward.png"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    blocks: Optional[int] = typer.Option(None, help="blocks of NFT iterations (overrides the config; a resumed run may raise it)"),
+    stop_after_min: Optional[float] = typer.Option(None, help="end this call after the block running at so many minutes (checkpointed; rerun to go on)"),
+) -> None:
+    """Fine-tune a pre-trained molecule flow for sample quality: DiffusionNFT against an RDKit reward (valid, connected,
+    stable atoms), KL-regularised towards the pre-trained model. Checkpoints after every block; Ctrl-C ends the call
+    after the current block; rerun the same command to resume. The result is a model.pt for `cfo mol sample --model`."""
+    import yaml
+
+    from cfo.tasks.molecules.refine import MolRefineConfig, refine_molecule_model
+
+    with _user_errors(ValueError, FileNotFoundError):
+        _check_device(device)
+        data = yaml.safe_load(config.read_text()) if config is not None else {}
+        cfg = MolRefineConfig.model_validate({**(data or {}), **({"blocks": blocks} if blocks is not None else {})})
+        summary = refine_molecule_model(cfg, out, device=device, stop_after_s=None if stop_after_min is None else 60 * stop_after_min)
+    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(f"wrote {out}/model.pt" if summary["finished"] else f"stopped after block {summary['blocks']} of {cfg.blocks}; rerun to resume")
 
 
 @mol_app.command("sample")

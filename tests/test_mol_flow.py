@@ -485,10 +485,10 @@ def test_training_without_rdkit_skips_the_evaluation_and_goes_on(monkeypatch, tm
 def test_sample_metrics_name_the_model_relative_to_the_working_directory(tmp_path, monkeypatch):
     """A model below the working directory is named by its relative path (committed sample folders carry no machine's
     absolute path); one elsewhere keeps the path it was given."""
-    from cfo.tasks.molecules.sample import _portable_path
+    from cfo.tasks.molecules.sample import portable_path
 
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert _portable_path(tmp_path / "runs" / "model.pt") == "runs/model.pt"
-    assert _portable_path("runs/model.pt") == "runs/model.pt"
-    assert _portable_path("/elsewhere/model.pt") == "/elsewhere/model.pt"
+    assert portable_path(tmp_path / "runs" / "model.pt") == "runs/model.pt"
+    assert portable_path("runs/model.pt") == "runs/model.pt"
+    assert portable_path("/elsewhere/model.pt") == "/elsewhere/model.pt"

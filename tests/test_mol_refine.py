@@ -9,8 +9,20 @@ import torch
 from cfo.tasks.molecules import assets
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import MolLayout
-from cfo.tasks.molecules.pretrain import buckets_from_dataset, data_state, load_molecule_model
-from cfo.tasks.molecules.refine import MolRefineConfig, QualityWeights, SampleQualityReward, block_size, refine_molecule_model, sample_quality
+from cfo.tasks.molecules.pretrain import (
+    buckets_from_dataset,
+    data_state,
+    load_molecule_model,
+)
+from cfo.tasks.molecules.refine import (
+    MolRefineConfig,
+    QualityWeights,
+    SampleQualityReward,
+    block_size,
+    refine_molecule_model,
+    sample_quality,
+)
+from cfo.tasks.molecules.sample import portable_path
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +86,7 @@ def test_a_refine_run_resumes_exactly_and_writes_a_model_that_loads(tmp_path):
                           eval_every=2, eval_samples=3, eval_steps=2)
     straight = refine_molecule_model(cfg, tmp_path / "a", progress=False)
     assert straight["finished"] and straight["blocks"] == 3 and straight["nft_steps"] == 6
+    assert straight["base_model"] == portable_path(assets.MODEL_PATH)  # the shipped model, relative to the cwd when below it
     assert [e["block"] for e in straight["evals"]] == [0, 2, 3]
     first = refine_molecule_model(cfg, tmp_path / "b", progress=False, max_blocks_now=1)
     assert not first["finished"] and not (tmp_path / "b" / "model.pt").exists()

@@ -37,7 +37,7 @@ from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from cfo.tasks.molecules.assets import MODEL_PATH
 from cfo.tasks.molecules.flow import MolLayout, MoleculeFlowModel, decode
 from cfo.tasks.molecules.pretrain import _stop_at_next_step_on_interrupt, read_model_file, sample_molecules
-from cfo.tasks.molecules.sample import sizes_from_histogram
+from cfo.tasks.molecules.sample import portable_path, sizes_from_histogram
 from cfo.tasks.molecules.toolkit import GeneratedMolecule, atom_stability, fragment_validity, molecule_metrics, to_rdkit
 
 __all__ = ["QualityWeights", "MolRefineConfig", "sample_quality", "SampleQualityReward", "block_size", "refine_molecule_model"]
@@ -243,7 +243,7 @@ def refine_molecule_model(
     summary = {
         "blocks": len(history["blocks"]), "finished": done, "wall_s": history["wall_s"], "device": str(device),
         "nft_steps": sum(len(b["losses"]) for b in history["blocks"]),
-        "evals": history["evals"], "base_model": str(base_path),
+        "evals": history["evals"], "base_model": portable_path(base_path),
         "this_call": {"blocks": len(history["blocks"]) - start, "wall_s": time.perf_counter() - call_t0},
     }
     (out / "history.json").write_text(json.dumps(history))

@@ -20,7 +20,7 @@ from cfo.tasks.molecules.pretrain import load_molecule_model, sample_molecules
 from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics, write_sdf
 from cfo.tasks.molecules.xtb import evaluate_batch
 
-__all__ = ["XTB_ON", "sample_and_report", "sizes_from_histogram"]
+__all__ = ["XTB_ON", "portable_path", "sample_and_report", "sizes_from_histogram"]
 
 XTB_ON = ("valid", "all")  # which samples `cfo mol sample` scores with GFN2-xTB
 
@@ -87,7 +87,7 @@ def sample_and_report(
             failures[res.error] = failures.get(res.error, 0) + 1
     write_sdf(mols, out / "samples.sdf")
     report = {
-        "model": _portable_path(model_path), "n": n, "steps": steps, "seed": seed, "bonds": bonds, "noise_scale": noise_scale,
+        "model": portable_path(model_path), "n": n, "steps": steps, "seed": seed, "bonds": bonds, "noise_scale": noise_scale,
         "noise_window": None if noise_window is None else list(noise_window), **metrics,
         "xtb_on": xtb_on, "xtb_scored": len(scored), "xtb_failures": failures,
         "energy_Ha": _stats([s.energy for s in singles]), "dipole_D": _stats([s.dipole for s in singles]),
@@ -101,7 +101,7 @@ def sample_and_report(
     return report
 
 
-def _portable_path(path: str | Path) -> str:
+def portable_path(path: str | Path) -> str:
     """``path`` relative to the working directory when it lies below it, else as given (absolute stays absolute)."""
     resolved = Path(path).resolve()
     try:

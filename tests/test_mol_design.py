@@ -550,10 +550,20 @@ def test_every_shipped_molecular_run_config_loads_and_names_a_model_that_exists(
     from cfo.tasks.molecules.design import load_mol_run_config
 
     root = Path(__file__).resolve().parents[1]
-    configs = sorted(p for p in (root / "configs").glob("mol_*.yaml") if "pretrain" not in p.name)
+    configs = sorted(p for p in (root / "configs").glob("mol_*.yaml") if "pretrain" not in p.name and "refine" not in p.name)
     assert len(configs) >= 10
     for path in configs:
         cfg = load_mol_run_config(path)
+        model = root / cfg.model if cfg.model else assets.MODEL_PATH
+        assert model.is_file(), f"{path.name}: model {model} missing"
+    import yaml
+
+    from cfo.tasks.molecules.refine import MolRefineConfig
+
+    refine = sorted((root / "configs").glob("mol_refine*.yaml"))
+    assert refine
+    for path in refine:  # `cfo mol refine` configs: their own schema, and a base model that exists
+        cfg = MolRefineConfig.model_validate(yaml.safe_load(path.read_text()))
         model = root / cfg.model if cfg.model else assets.MODEL_PATH
         assert model.is_file(), f"{path.name}: model {model} missing"
     assert assets.MODEL_PATH.is_file() and assets.FIRST_MODEL_PATH.is_file()

@@ -22,6 +22,7 @@ model's config and summary, plus ``summary["refine"]``), so ``cfo mol sample --m
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import threading
@@ -184,9 +185,8 @@ def refine_molecule_model(
     histogram = saved["summary"]["size_histogram"]
     net = base_cfg.network()
     net.load_state_dict(saved["model"])
-    reference = base_cfg.network()
-    reference.load_state_dict(saved["model"])
-    net, reference = net.to(device), reference.to(device).eval()
+    net = net.to(device)
+    reference = copy.deepcopy(net).eval()  # the frozen base model: the KL anchor
     for p in reference.parameters():
         p.requires_grad_(False)
     solver = DiffusionNFT(cfg.nft)

@@ -48,6 +48,23 @@ def test_a_data_molecule_earns_every_term_and_a_split_off_hydrogen_costs_the_rig
         QualityWeights(valid=-1)
 
 
+def test_main_fragment_stability_sees_through_a_split_into_sane_pieces(dataset):
+    a, b = dataset.molecule(0), dataset.molecule(1)
+    na, nb = len(a["numbers"]), len(b["numbers"])
+    far = b["positions"] + np.array([50.0, 0.0, 0.0])
+    both = {"numbers": np.concatenate([a["numbers"], b["numbers"]]), "charges": np.concatenate([a["charges"], b["charges"]]),
+            "positions": np.concatenate([a["positions"], far]), "bonds": np.concatenate([a["bonds"], b["bonds"] + na]),
+            "bond_orders": np.concatenate([a["bond_orders"], b["bond_orders"]])}
+    stability = QualityWeights(valid=0, connected=0, valid_connected=0, atom_stability=1)
+    main = QualityWeights(valid=0, connected=0, valid_connected=0, atom_stability=0, main_stability=1)
+    assert sample_quality(both, stability) == pytest.approx(1.0)  # two sane molecules: every atom stable
+    assert sample_quality(both, main) == pytest.approx(max(na, nb) / (na + nb))  # only the larger one counts
+    assert sample_quality(a, main) == pytest.approx(1.0)
+    k = next(i for i, (p, q) in enumerate(a["bonds"]) if a["numbers"][p] == 1 or a["numbers"][q] == 1)
+    broken = {**a, "bonds": np.delete(a["bonds"], k, axis=0), "bond_orders": np.delete(a["bond_orders"], k)}
+    assert sample_quality(broken, main) == pytest.approx((na - 2) / na)  # the hydrogen is outside, its partner unstable
+
+
 def test_the_reward_reads_flat_flow_states(dataset):
     small = MoleculeDataset.from_records([dataset.molecule(i) | {"converged": True} for i in range(60)])
     buckets = buckets_from_dataset(small)

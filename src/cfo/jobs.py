@@ -19,6 +19,8 @@ import yaml
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from cfo.atomic import write_text_atomically
+
 __all__ = ["JOB_PRIORITY", "Job", "execute_jobs", "load_record", "load_run_config", "machine_info", "prepare_run_folder", "slug", "store_record"]
 
 # Longest first when jobs are scheduled: CFO, then fixed-weight Lagrangian, unconstrained, pre-trained.
@@ -67,10 +69,7 @@ def store_record(out: Path, job: Job, record: dict) -> Path:
     folder = out / "jobs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{job.name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
-    return path
+    return write_text_atomically(path, json.dumps(record, indent=2))
 
 
 def load_record(out: Path, job: Job) -> dict | None:

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from cfo.atomic import torch_save_atomically, write_text_atomically
 from cfo.evaluation import Evaluation, Sampler, default_sampler, evaluate_model
 from cfo.flows.model import FlowModel, frozen_copy, trainable_copy
 from cfo.lagrangian import (
@@ -265,19 +266,15 @@ class CFO:
             "best": best,
             "solver_carried": getattr(self.solver, "carried_state", None),
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        torch_save_atomically(state, path)
         self._write_history(k, lam, rho, history)
 
     def _write_history(self, k: int, lam: torch.Tensor, rho: torch.Tensor, history: list[RoundRecord]) -> None:
         """``checkpoint_dir/cfo_history.json``: every round so far (``lambda_k``, ``rho_k``, ``G_k``, ``V_k``, the
         estimates) and the multipliers ``lambda_{k+1}``, ``rho_{k+1}`` the next round starts from, in plain JSON."""
         path = self.checkpoint_dir / HISTORY_NAME
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rounds_done": k, "rounds": self.config.rounds, "lambda_next": lam.tolist(),
-                                   "rho_next": rho.tolist(), "history": [asdict(h) for h in history]}, indent=1))
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps({"rounds_done": k, "rounds": self.config.rounds, "lambda_next": lam.tolist(),
+                                                "rho_next": rho.tolist(), "history": [asdict(h) for h in history]}, indent=1))
 
     def _load(self) -> dict | None:
         path = self._checkpoint_path()

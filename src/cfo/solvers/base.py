@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from cfo.atomic import torch_save_atomically
 from cfo.flows.model import FlowModel
 from cfo.flows.training import gradient_step
 from cfo.validation import NonFiniteValueError
@@ -115,9 +115,7 @@ class SolverCheckpoint:
             "seconds": self.prior_seconds + time.perf_counter() - self._started,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        torch_save_atomically(state, self.path)
 
     def restore(
         self,

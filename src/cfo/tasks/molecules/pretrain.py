@@ -28,11 +28,20 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
+from cfo.atomic import torch_save_atomically
 from cfo.flows.schedulers import Scheduler
 from cfo.flows.training import gradient_step
 from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS
 from cfo.tasks.molecules.dataset import MoleculeDataset
-from cfo.tasks.molecules.flow import CHARGES, N_BOND_CLASSES, EquivariantFlowNet, MoleculeFlowModel, MolLayout, channel_schedules, decode
+from cfo.tasks.molecules.flow import (
+    CHARGES,
+    N_BOND_CLASSES,
+    EquivariantFlowNet,
+    MoleculeFlowModel,
+    MolLayout,
+    channel_schedules,
+    decode,
+)
 
 __all__ = [
     "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "kekule_bond_orders", "compute_kekule_bond_orders", "write_kekule_labels", "read_kekule_labels", "align_prior", "data_state", "training_point", "aligned_prior", "path_point", "step_generator", "BatchPrefetcher", "training_times", "endpoint_loss", "time_scaled_weights", "training_loss",
@@ -619,10 +628,8 @@ def pretrain_molecules(
     prep_s = 0.0  # this call's time spent drawing batches and aligning priors (the device waits for it)
 
     def save_checkpoint() -> None:
-        tmp = out / (CHECKPOINT + ".tmp")
-        torch.save({"config": cfg.model_dump(), "model": net.state_dict(), "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(), "state": state, "ema": ema}, tmp)
-        tmp.replace(ckpt)
+        torch_save_atomically({"config": cfg.model_dump(), "model": net.state_dict(), "optimizer": opt.state_dict(),
+                               "generator": gen.get_state(), "state": state, "ema": ema}, ckpt)
 
     net.train()
     budget_checked = time_budget_s is None or start > 0

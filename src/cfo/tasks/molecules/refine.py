@@ -6,7 +6,8 @@ with the core's KL-regularised zero-order solver (:class:`~cfo.solvers.diffusion
 black-box reward
 
     q(x) = w_valid 1[largest fragment sanitises] + w_connected 1[one fragment] + w_valid_connected 1[both]
-           + w_atom_stability (share of atoms at an allowed valence),
+           + w_atom_stability (share of atoms at an allowed valence)
+           + w_main_stability (share of atoms at an allowed valence and in the largest fragment),
 
 computed by RDKit on FlowMol's argmax decoding of each sample (:func:`sample_quality`), i.e. it solves
 ``max_pi E_pi[q] - alpha KL(pi || pre)`` approximately (with the solver's ``advantage="batch_std"``, the official
@@ -34,14 +35,26 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from cfo.atomic import torch_save_atomically
 from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from cfo.tasks.molecules.assets import MODEL_PATH
-from cfo.tasks.molecules.flow import MolLayout, MoleculeFlowModel, decode
-from cfo.tasks.molecules.pretrain import _stop_at_next_step_on_interrupt, read_model_file, sample_molecules
+from cfo.tasks.molecules.chem import rdkit_chem
+from cfo.tasks.molecules.flow import MoleculeFlowModel, MolLayout, decode
+from cfo.tasks.molecules.pretrain import (
+    _stop_at_next_step_on_interrupt,
+    read_model_file,
+    sample_molecules,
+)
 from cfo.tasks.molecules.sample import portable_path, sizes_from_histogram
-from cfo.tasks.molecules.toolkit import GeneratedMolecule, atom_stability, fragment_validity, molecule_metrics, to_rdkit
+from cfo.tasks.molecules.toolkit import (
+    GeneratedMolecule,
+    atom_stability,
+    fragment_validity,
+    molecule_metrics,
+    to_rdkit,
+)
 
-__all__ = ["QualityWeights", "MolRefineConfig", "sample_quality", "SampleQualityReward", "block_size", "refine_molecule_model"]
+__all__ = ["QualityWeights", "MolRefineConfig", "sample_quality", "largest_fragment_atoms", "SampleQualityReward", "block_size", "refine_molecule_model"]
 
 CHECKPOINT = "checkpoint.pt"
 EVAL_KEYS = ("validity", "validity_connected", "connected", "atom_stability", "molecule_stability", "uniqueness")
@@ -56,6 +69,9 @@ class QualityWeights(BaseModel):
     connected: float = Field(1.0, ge=0, description="w_connected: the bond graph is one fragment")
     valid_connected: float = Field(1.0, ge=0, description="w_valid_connected: both (a whole, sane molecule)")
     atom_stability: float = Field(1.0, ge=0, description="w_atom_stability: times the share of atoms at an allowed valence")
+    main_stability: float = Field(
+        0.0, ge=0, description="w_main_stability: times the share of atoms at an allowed valence inside the largest fragment "
+                               "(atoms outside it count as unstable; 1 only for a whole molecule with every valence allowed)")
 
     @model_validator(mode="after")
     def _some_weight(self) -> QualityWeights:
@@ -94,13 +110,22 @@ class MolRefineConfig(BaseModel):
 
 def sample_quality(mol: dict, weights: QualityWeights) -> float:
     """``q`` of one decoded molecule (:func:`~cfo.tasks.molecules.flow.decode`'s dict): the weighted sum of its
-    validity (largest fragment sanitises), connectivity, both, and share of stable atoms."""
+    validity (largest fragment sanitises), connectivity, both, share of stable atoms, and share of stable atoms in the
+    largest fragment."""
     gen = GeneratedMolecule.from_decoded(mol)
     rd = to_rdkit(gen)
     v = fragment_validity(rd)
     stable = atom_stability(gen, rd)
+    n = len(stable)
     return (weights.valid * v["valid"] + weights.connected * v["connected"] + weights.valid_connected * v["valid_connected"]
-            + weights.atom_stability * (float(stable.mean()) if len(stable) else 0.0))
+            + weights.atom_stability * (float(stable.mean()) if n else 0.0)
+            + weights.main_stability * (float(stable[largest_fragment_atoms(rd)].sum()) / n if n else 0.0))
+
+
+def largest_fragment_atoms(rdmol) -> list[int]:
+    """Atom indices of the largest fragment of the bond graph of ``rdmol`` (the first of equal size)."""
+    Chem = rdkit_chem()
+    return list(max(Chem.GetMolFrags(rdmol, sanitizeFrags=False), key=len)) if rdmol.GetNumAtoms() else []
 
 
 class SampleQualityReward:
@@ -126,7 +151,8 @@ def block_size(cfg: MolRefineConfig, histogram: dict, block: int) -> int:
 def _changed_settings(saved: dict, cfg: MolRefineConfig) -> list[str]:
     """The settings other than ``blocks`` (which a resumed run may raise) in which a checkpoint's config differs."""
     new = cfg.model_dump(mode="json")
-    return sorted(k for k in new if k != "blocks" and saved.get(k) != new[k])
+    old = MolRefineConfig.model_validate(saved).model_dump(mode="json")  # fills fields added since with their defaults
+    return sorted(k for k in new if k != "blocks" and old.get(k) != new[k])
 
 
 def _evaluate(net: torch.nn.Module, cfg: MolRefineConfig, histogram: dict, device: str) -> dict:
@@ -205,10 +231,8 @@ def refine_molecule_model(
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
     def save_checkpoint() -> None:
-        tmp = out / (CHECKPOINT + ".tmp")
-        torch.save({"config": cfg.model_dump(mode="json"), "model": net.state_dict(), "optimizer": solver.carried_state,
-                    "generator": gen.get_state(), "history": history}, tmp)
-        tmp.replace(ckpt)
+        torch_save_atomically({"config": cfg.model_dump(mode="json"), "model": net.state_dict(), "optimizer": solver.carried_state,
+                               "generator": gen.get_state(), "history": history}, ckpt)
 
     if cfg.eval_samples and not history["evals"]:
         history["evals"].append({"block": 0, **_evaluate(net.eval(), cfg, histogram, device)})

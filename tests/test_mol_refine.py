@@ -18,6 +18,7 @@ from cfo.tasks.molecules.refine import (
     MolRefineConfig,
     QualityWeights,
     SampleQualityReward,
+    _changed_settings,
     block_size,
     refine_molecule_model,
     sample_quality,
@@ -89,6 +90,16 @@ def test_block_sizes_cycle_the_list_or_follow_the_histogram():
         MolRefineConfig(sizes=[])
     with pytest.raises(ValueError):
         MolRefineConfig(nft={"lr": 1e-4, "learning_rate": 2})  # unknown key of the solver's config
+
+
+def test_a_checkpoint_written_before_a_reward_field_existed_still_resumes():
+    cfg = MolRefineConfig(reward=QualityWeights(valid=0, connected=0, valid_connected=1, atom_stability=3))
+    saved = cfg.model_dump(mode="json")
+    del saved["reward"]["main_stability"]  # as written before the field was added (default 0)
+    assert _changed_settings(saved, cfg) == []
+    assert _changed_settings(saved, cfg.model_copy(update={"blocks": cfg.blocks + 10})) == []  # blocks may grow
+    other = cfg.model_copy(update={"reward": QualityWeights(valid=0, connected=0, valid_connected=1, atom_stability=3, main_stability=1)})
+    assert _changed_settings(saved, other) == ["reward"]
 
 
 def test_a_refine_run_resumes_exactly_and_writes_a_model_that_loads(tmp_path):

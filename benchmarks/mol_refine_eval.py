@@ -1,7 +1,7 @@
 """Benchmark: the sample quality of a ``cfo mol refine`` checkpoint (or its base model) at several ODE step counts.
 
 Loads the weights of ``--checkpoint`` (a refine run's ``checkpoint.pt`` or ``model.pt``; ``base``: the base model of
-``--config``) and evaluates them exactly as the run's own evaluation does (``_evaluate`` of
+``--config``) and evaluates them exactly as the run's own evaluation does (``evaluate_refined`` of
 :mod:`cfo.tasks.molecules.refine`: ``eval_samples`` sizes from the base model's histogram, the same seeded noise),
 once per step count in ``--steps``, so a checkpoint between two recorded evaluations can be measured, and the
 DiffusionNFT sampler's step count (``nft.sample_steps``) can be compared with the evaluation's.
@@ -19,7 +19,7 @@ import yaml
 
 from cfo.tasks.molecules.assets import MODEL_PATH
 from cfo.tasks.molecules.pretrain import read_model_file
-from cfo.tasks.molecules.refine import EVAL_KEYS, MolRefineConfig, _evaluate
+from cfo.tasks.molecules.refine import EVAL_KEYS, MolRefineConfig, evaluate_refined
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     print("|---" * (len(EVAL_KEYS) + 2) + "|")
     for steps in (int(s) for s in args.steps.split(",")):
         t0 = time.perf_counter()
-        m = _evaluate(net.eval(), cfg.model_copy(update={"eval_steps": steps}), saved["summary"]["size_histogram"], "cpu")
+        m = evaluate_refined(net.eval(), cfg.model_copy(update={"eval_steps": steps}), saved["summary"]["size_histogram"], "cpu")
         print(f"| {steps} | " + " | ".join(f"{m[k]:.3f}" for k in EVAL_KEYS) + f" | {time.perf_counter() - t0:.0f} |", flush=True)
 
 

@@ -54,7 +54,7 @@ from cfo.tasks.molecules.toolkit import (
     to_rdkit,
 )
 
-__all__ = ["QualityWeights", "MolRefineConfig", "sample_quality", "largest_fragment_atoms", "SampleQualityReward", "block_size", "refine_molecule_model"]
+__all__ = ["QualityWeights", "MolRefineConfig", "sample_quality", "largest_fragment_atoms", "SampleQualityReward", "block_size", "evaluate_refined", "refine_molecule_model"]
 
 CHECKPOINT = "checkpoint.pt"
 EVAL_KEYS = ("validity", "validity_connected", "connected", "atom_stability", "molecule_stability", "uniqueness")
@@ -155,7 +155,7 @@ def _changed_settings(saved: dict, cfg: MolRefineConfig) -> list[str]:
     return sorted(k for k in new if k != "blocks" and old.get(k) != new[k])
 
 
-def _evaluate(net: torch.nn.Module, cfg: MolRefineConfig, histogram: dict, device: str) -> dict:
+def evaluate_refined(net: torch.nn.Module, cfg: MolRefineConfig, histogram: dict, device: str) -> dict:
     """Validity, connectivity and stability of ``eval_samples`` fresh ODE samples (the same sizes and noise every time)."""
     sizes = sizes_from_histogram(histogram, cfg.eval_samples, cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 10_000)
@@ -235,7 +235,7 @@ def refine_molecule_model(
                                "generator": gen.get_state(), "history": history}, ckpt)
 
     if cfg.eval_samples and not history["evals"]:
-        history["evals"].append({"block": 0, **_evaluate(net.eval(), cfg, histogram, device)})
+        history["evals"].append({"block": 0, **evaluate_refined(net.eval(), cfg, histogram, device)})
     start = len(history["blocks"])
     stop = cfg.blocks if max_blocks_now is None else min(cfg.blocks, start + max_blocks_now)
     call_t0 = time.perf_counter()
@@ -256,7 +256,7 @@ def refine_molecule_model(
                      "skipped_steps": stats.skipped_steps, "seconds": time.perf_counter() - t0}
             history["blocks"].append(entry)
             if cfg.eval_samples and ((block + 1) % cfg.eval_every == 0 or block + 1 == cfg.blocks):
-                history["evals"].append({"block": block + 1, **_evaluate(net.eval(), cfg, histogram, device)})
+                history["evals"].append({"block": block + 1, **evaluate_refined(net.eval(), cfg, histogram, device)})
             history["wall_s"] += time.perf_counter() - t0
             save_checkpoint()
             bar.set_postfix(atoms=n, reward=f"{np.mean(stats.reward_means):.3g}" if stats.reward_means else "-")

@@ -41,6 +41,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
+from cfo.atomic import write_text_atomically
 from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS
 
 __all__ = [
@@ -348,9 +349,7 @@ def _manifest(out: Path, config: BuildConfig, cache_dir: str | Path | None, prog
         if same_but_n and config.n < len(manifest["candidates"]):
             # a smaller n with the same settings selects a prefix of the same candidates: finished shards stay valid
             manifest = {**manifest, "config": key, "candidates": manifest["candidates"][: config.n], "truncated_from": len(manifest["candidates"])}
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(manifest))
-            tmp.replace(path)
+            write_text_atomically(path, json.dumps(manifest))
             return manifest
         if manifest["config"] != key:
             raise ValueError(f"{out} holds a build with other settings ({manifest['config']}); use another --out or the same settings")
@@ -361,9 +360,7 @@ def _manifest(out: Path, config: BuildConfig, cache_dir: str | Path | None, prog
     candidates, scanned, skipped = select_candidates(smiles, config)
     manifest = {"config": key, "candidates": candidates, "scanned": scanned, "skipped_by_size": skipped, "source_size": len(smiles)}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest))
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(manifest))
     return manifest
 
 
@@ -407,9 +404,7 @@ def build_dataset(
             MoleculeDataset.from_records(records).save(shard_dir / f"shard_{i:05d}.npz")
             info = {"attempted": len(results), "built": len(records), "failures": failures,
                     "cpu_s": sum(r["seconds"] for r in results), "wall_s": time.perf_counter() - shard_t0}
-            tmp = shard_dir / f"shard_{i:05d}.json.tmp"
-            tmp.write_text(json.dumps(info))
-            tmp.replace(shard_dir / f"shard_{i:05d}.json")  # written last: marks the shard done
+            write_text_atomically(shard_dir / f"shard_{i:05d}.json", json.dumps(info))  # written last: marks the shard done
     finally:
         if pool is not None:
             pool.terminate()

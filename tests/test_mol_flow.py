@@ -76,6 +76,16 @@ def test_velocity_is_permutation_equivariant():
     assert torch.allclose(net(permute(x), t), permute(net(x, t)), atol=1e-10)
 
 
+def test_channel_values_fill_each_named_channel_block():
+    model = MoleculeFlowModel(_net(torch.float32), 4)
+    lay = model.layout
+    v = model.channel_values({"pos": 0.5, "graph": 0.25, "bonds": 2.0})
+    pos, types, charges, bonds = lay.unpack(v[None])
+    assert (pos == 0.5).all() and (types == 0.25).all() and (charges == 0.25).all() and (bonds == 2.0).all()  # a named channel beats graph
+    assert (model.channel_values({"types": 3.0}) == torch.cat([torch.ones(12), torch.full((32,), 3.0), torch.ones(lay.dim - 44)])).all()
+    assert torch.equal(model.channel_values(0.7), torch.full((lay.dim,), 0.7))
+
+
 def test_centre_of_mass_is_removed_everywhere():
     lay = MolLayout(6)
     model = MoleculeFlowModel(_net(torch.float32), 6)
@@ -216,6 +226,18 @@ def test_sampling_returns_molecules_of_the_requested_sizes():
     assert not torch.allclose(states(), states(noise_window=(0.5, 0.6)))
     with pytest.raises(ValueError, match="window"):
         states(noise_window=(0.0, 0.5))
+    # the per-channel temperature reaches the SDE's noise: 1 everywhere is the default bit for bit, a cooler graph
+    # changes the graph channels, and the ODE (no noise) or an unknown channel refuse a temperature
+    assert torch.equal(states(), states(temperature={"pos": 1.0, "graph": 1.0}))
+    cooler = states(temperature={"graph": 0.5})
+    lay5 = MolLayout(5)
+    assert not torch.allclose(lay5.unpack(states())[3], lay5.unpack(cooler)[3])
+    with pytest.raises(ValueError, match="needs the SDE"):
+        sample_states(net, [5], steps=4, temperature={"pos": 0.8})
+    with pytest.raises(ValueError, match="unknown channels"):
+        states(temperature={"atoms": 0.8})
+    with pytest.raises(ValueError, match="temperature"):
+        states(temperature={"pos": 0.0})
     # decode reads the argmax of every channel
     lay = MolLayout(3)
     x = torch.zeros(1, lay.dim)
@@ -288,10 +310,13 @@ def test_pretrain_checkpoint_resume_and_sample_cli(tmp_path):
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert metrics["n"] == 4 and 0.0 <= metrics["validity"] <= 1.0 and metrics["bonds"] == "valence" and metrics["noise_scale"] == 1.0
+    assert metrics["temperature"] == {"pos": 1.0, "graph": 1.0}
     assert metrics["noise_window"] == [0.2, 0.8] and metrics["model"] == str(tmp_path / "a" / "model.pt")  # outside the cwd: as given
     bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--noise-scale", "1",
                                    "--noise-window", "0.8", "0.2", "--out", str(tmp_path / "t")])
     assert bad.exit_code != 0 and "window must satisfy" in bad.output
+    bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--pos-temperature", "0.8", "--out", str(tmp_path / "t")])
+    assert bad.exit_code != 0 and "needs the SDE" in bad.output
     bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--noise-scale", "-1", "--out", str(tmp_path / "t")])
     assert bad.exit_code != 0 and "noise_scale must be >= 0" in bad.output
     bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--bonds", "greedy", "--out", str(tmp_path / "t")])

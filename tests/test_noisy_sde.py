@@ -68,3 +68,30 @@ def test_noisy_sde_step_is_stable_where_euler_maruyama_is_not():
     assert torch.allclose(x1.mean(0), MEAN, atol=0.05)
     ratio = torch.diagonal(torch.cov(x1.T)) / torch.diagonal(COV)
     assert ((ratio > 0.6) & (ratio < 1.05)).all()
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_temperature_scales_the_gaussian_covariance(scheduled):
+    """At temperature T the noise's variance is T times the marginal-preserving one; the Langevin part then targets
+    p_t^(1/T), which for the Gaussian model N(m, S) ends at N(m, T S): the mean is kept, the covariance scaled by T."""
+    ref = FlowModel(GaussianVelocity(MEAN, COV, SCHED), (2,), scheduler=SCHED) if scheduled else gaussian_reference()
+    for temperature in (1.0, 0.5):
+        x1 = sample_noisy_sde(ref, 40_000, steps=400, noise_scale=10.0, window=(0.05, 0.95), temperature=temperature,
+                              generator=torch.Generator().manual_seed(3))
+        assert torch.allclose(x1.mean(0), MEAN, atol=0.03)
+        assert torch.allclose(torch.cov(x1.T), temperature * COV, atol=0.05 * temperature)
+
+
+def test_unit_temperature_is_the_default_sde_and_a_bad_temperature_is_refused():
+    ref = gaussian_reference()
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    default = sample_noisy_sde(ref, 64, steps=30, noise_scale=2.0, x0=x0, generator=torch.Generator().manual_seed(1))
+    per_coordinate = sample_noisy_sde(ref, 64, steps=30, noise_scale=2.0, x0=x0, temperature=torch.ones(2),
+                                      generator=torch.Generator().manual_seed(1))
+    assert torch.equal(default, per_coordinate)
+    cooler = sample_noisy_sde(ref, 64, steps=30, noise_scale=2.0, x0=x0, temperature=torch.tensor([1.0, 0.5]),
+                              generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(default[:, 1], cooler[:, 1])
+    for bad in (0.0, -1.0, float("nan"), torch.tensor([1.0, float("inf")])):
+        with pytest.raises(ValueError, match="temperature"):
+            sample_noisy_sde(ref, 4, noise_scale=1.0, temperature=bad)

@@ -408,6 +408,8 @@ def mol_sample(
     device: str = typer.Option("cpu"),
     noise_scale: float = typer.Option(0.0, "--noise-scale", help="0: the ODE sampler; gamma > 0: the SDE with the ODE's marginals and noise gamma on t in [0.1, 0.9] (1: the memoryless SDE's noise; keep gamma/steps <= 0.04: on the shipped model 64 with --steps 1600 gave the best samples, docs/molecules.md)"),
     noise_window: Optional[Tuple[float, float]] = typer.Option(None, "--noise-window", help="LO HI: where on t the SDE's noise acts (default 0.1 0.9; on the shipped model 0.97 destroys the molecules, docs/molecules.md)"),
+    pos_temperature: float = typer.Option(1.0, "--pos-temperature", help="the SDE's noise temperature on the positions (below 1: low-temperature sampling, docs/molecules.md; needs --noise-scale > 0)"),
+    graph_temperature: float = typer.Option(1.0, "--graph-temperature", help="the SDE's noise temperature on the atom types, charges and bonds (as --pos-temperature)"),
     workers: int = typer.Option(2, help="processes for GFN2-xTB"),
     relax_steps: int = typer.Option(50, help="GFN2-xTB relaxation steps before the second scoring (0: none)"),
     bonds: str = typer.Option("argmax", help="bond decoding: argmax (FlowMol's) or valence (drop the least confident bonds of over-valent atoms)"),
@@ -425,7 +427,8 @@ def mol_sample(
     with _user_errors(ValueError, FileNotFoundError):
         _check_device(device)
         report = sample_and_report(model or MODEL_PATH, out, n=n, steps=steps, seed=seed, device=device, workers=workers, relax_steps=relax_steps, dataset=MoleculeDataset.load(DATASET_PATH), bonds=bonds,
-                                   xtb_on=xtb_on, noise_scale=noise_scale, noise_window=noise_window)
+                                   xtb_on=xtb_on, noise_scale=noise_scale, noise_window=noise_window,
+                                   temperature={"pos": pos_temperature, "graph": graph_temperature})
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"wrote {out}/samples.sdf, metrics.json, grid.png, histograms.png")
 

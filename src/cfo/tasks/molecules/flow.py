@@ -27,6 +27,7 @@ velocity is ``v = alpha'_t / (1 - alpha_t) * (x1_hat - x_t)`` (``(x1_hat - x_t)/
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,7 +38,7 @@ from cfo.flows.model import FlowModel
 from cfo.flows.schedulers import ChannelScheduler, CosineScheduler, LinearScheduler, Scheduler
 from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS
 
-__all__ = ["CHARGES", "CHANNELS", "N_BOND_CLASSES", "MolLayout", "channel_scheduler", "layout_for_dim", "EquivariantFlowNet", "MoleculeFlowModel", "decode"]
+__all__ = ["CHARGES", "CHANNELS", "N_BOND_CLASSES", "MolLayout", "channel_scheduler", "layout_for_dim", "EquivariantFlowNet", "MoleculeFlowModel", "GRAPH_CHANNELS", "expand_channel_values", "decode"]
 
 CHARGES = (-1, 0, 1)
 CHANNELS = ("pos", "types", "charges", "bonds")  # the blocks of the flat state, in order
@@ -264,9 +265,33 @@ class MoleculeFlowModel(FlowModel):
         blocks = [torch.full((size,), float(name in names)) for name, size in zip(CHANNELS, self.layout.split_sizes())]
         return torch.cat(blocks).to(self.device)
 
+    def channel_values(self, values: Mapping[str, float] | float, default: float = 1.0) -> torch.Tensor:
+        """A per-coordinate vector ``[D]`` that holds ``values[name]`` on the coordinates of each named channel
+        (``pos``, ``types``, ``charges``, ``bonds``; or the key ``graph`` for the last three) and ``default`` elsewhere;
+        a float is the same value everywhere. Used for per-channel sampling temperatures."""
+        if not isinstance(values, Mapping):
+            return torch.full((self.layout.dim,), float(values), device=self.device)
+        per_channel = expand_channel_values(values)
+        blocks = [torch.full((size,), float(per_channel.get(name, default))) for name, size in zip(CHANNELS, self.layout.split_sizes())]
+        return torch.cat(blocks).to(self.device)
+
     def with_size(self, n_atoms: int) -> "MoleculeFlowModel":
         """The same network (shared, not copied) for molecules of ``n_atoms`` atoms."""
         return MoleculeFlowModel(self.network, n_atoms)
+
+
+GRAPH_CHANNELS = ("types", "charges", "bonds")  # the categorical channels, which together make the molecular graph
+
+
+def expand_channel_values(values: Mapping[str, float]) -> dict[str, float]:
+    """``{channel: value}`` with the key ``graph`` expanded to ``types``, ``charges`` and ``bonds`` (a channel named
+    explicitly wins); refuses unknown names."""
+    unknown = set(values) - set(CHANNELS) - {"graph"}
+    if unknown:
+        raise ValueError(f"unknown channels {sorted(unknown)}; use {CHANNELS} or 'graph' ({', '.join(GRAPH_CHANNELS)})")
+    out = {name: float(values["graph"]) for name in GRAPH_CHANNELS} if "graph" in values else {}
+    out.update({k: float(v) for k, v in values.items() if k != "graph"})
+    return out
 
 
 def decode(x: torch.Tensor, layout: MolLayout, bonds: str = "argmax") -> list[dict]:

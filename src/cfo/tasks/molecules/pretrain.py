@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from copy import deepcopy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -444,25 +445,36 @@ def sample_states(
     device: str | torch.device = "cpu",
     noise_scale: float = 0.0,
     noise_window: tuple[float, float] | None = None,
+    temperature: Mapping[str, float] | float = 1.0,
 ) -> list[tuple[MolLayout, torch.Tensor, list[int]]]:
     """Generate one molecule per entry of ``sizes`` (atom counts), one batch per distinct size; returns ``(layout,
     states [b, D], positions in sizes)`` per size, in increasing size. ``noise_scale = 0`` is the ODE sampler (midpoint);
     any other value goes to :func:`cfo.flows.sampling.sample_noisy_sde` (``gamma > 0``: the SDE with the ODE's
     marginals and noise ``gamma`` on ``noise_window``, None for that function's default; a negative or NaN value is
-    refused there)."""
+    refused there). ``temperature``: the SDE's noise temperature, one value or one per channel (``{"pos": T_x,
+    "graph": T_g}``, see :meth:`MoleculeFlowModel.channel_values`); below 1 it samples a sharpened version of the
+    model's marginals (:func:`cfo.flows.sampling.sample_noisy_sde`); the ODE refuses anything but 1."""
     from cfo.flows.sampling import sample_noisy_sde, sample_ode
 
+    if noise_scale == 0 and not _is_unit_temperature(temperature):
+        raise ValueError("a sampling temperature other than 1 needs the SDE (noise_scale > 0); the ODE has no noise to scale")
     window = {} if noise_window is None else {"window": tuple(noise_window)}
     groups = []
     for n in sorted(set(sizes)):
         where = [k for k, s in enumerate(sizes) if s == n]
         model = MoleculeFlowModel(net, n).to(device)
         if noise_scale != 0:
-            x = sample_noisy_sde(model, len(where), steps=steps, noise_scale=noise_scale, generator=generator, **window)
+            x = sample_noisy_sde(model, len(where), steps=steps, noise_scale=noise_scale, generator=generator,
+                                 temperature=model.channel_values(temperature), **window)
         else:
             x = sample_ode(model, len(where), steps=steps, generator=generator)
         groups.append((model.layout, x, where))
     return groups
+
+
+def _is_unit_temperature(temperature: Mapping[str, float] | float) -> bool:
+    values = temperature.values() if isinstance(temperature, Mapping) else [temperature]
+    return all(float(v) == 1.0 for v in values)
 
 
 def decode_groups(groups: list[tuple[MolLayout, torch.Tensor, list[int]]], n: int, bonds: str = "argmax") -> list[dict]:
@@ -483,11 +495,13 @@ def sample_molecules(
     bonds: str = "argmax",
     noise_scale: float = 0.0,
     noise_window: tuple[float, float] | None = None,
+    temperature: Mapping[str, float] | float = 1.0,
 ) -> list[dict]:
     """Generate one molecule per entry of ``sizes`` (atom counts), by the ODE sampler or, with ``noise_scale > 0``, the
     SDE of :func:`sample_states` (noise on ``t`` in ``noise_window``; None: its default); returns decoded molecules (``numbers``, ``charges``, ``positions``, ``bonds``,
     ``bond_orders``; ``bonds`` as in :func:`~cfo.tasks.molecules.flow.decode`) in the order of ``sizes``."""
-    return decode_groups(sample_states(net, sizes, steps, generator, device, noise_scale=noise_scale, noise_window=noise_window), len(sizes), bonds=bonds)
+    states = sample_states(net, sizes, steps, generator, device, noise_scale=noise_scale, noise_window=noise_window, temperature=temperature)
+    return decode_groups(states, len(sizes), bonds=bonds)
 
 
 NETWORK_FIELDS = ("hidden", "edge_hidden", "layers", "n_rbf", "cutoff", "cosine_nu", "prior_coupling")

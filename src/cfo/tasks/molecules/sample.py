@@ -53,6 +53,7 @@ def sample_and_report(
     xtb_on: str = "valid",
     noise_scale: float = 0.0,
     noise_window: tuple[float, float] | None = None,
+    temperature: dict[str, float] | None = None,
 ) -> dict:
     """Sample ``n`` molecules (sizes from the training histogram), score them, write the outputs; returns metrics.
     ``bonds``: how bond channels become bonds (``"argmax"``, FlowMol's convention, or ``"valence"``; see
@@ -60,7 +61,8 @@ def sample_and_report(
     connected ones) or ``"all"`` (every sample, as ``cfo mol run`` scores its sample sets; geometries xTB refuses are
     counted in ``xtb_failures``). ``noise_scale``: 0 samples by the ODE; ``gamma > 0`` by the SDE with the ODE's
     marginals (:func:`cfo.tasks.molecules.pretrain.sample_states`), its noise on ``t`` in ``noise_window`` (None: that
-    function's default). ``metrics.json`` names the model by its path relative to the working directory when it lies
+    function's default); ``temperature``: the SDE's per-channel noise temperature (``{"pos": T_x, "graph": T_g}``;
+    None or 1: the marginal-preserving SDE; below 1: low-temperature sampling). ``metrics.json`` names the model by its path relative to the working directory when it lies
     below it (so a committed sample folder does not carry one machine's absolute path)."""
     from cfo.tasks.molecules.bond_decoding import check_bond_decoding
 
@@ -73,7 +75,7 @@ def sample_and_report(
     sizes = sizes_from_histogram(summary["size_histogram"], n, seed)
     with torch.no_grad():
         raw = sample_molecules(net, sizes, steps=steps, generator=torch.Generator(device=device).manual_seed(seed), device=device, bonds=bonds,
-                               noise_scale=noise_scale, noise_window=noise_window)
+                               noise_scale=noise_scale, noise_window=noise_window, temperature=temperature or 1.0)
     mols = [GeneratedMolecule.from_decoded(m) for m in raw]
     metrics, rows = molecule_metrics(mols)
     scored = [k for k, r in enumerate(rows) if r["valid_connected"] or xtb_on == "all"]
@@ -88,7 +90,7 @@ def sample_and_report(
     write_sdf(mols, out / "samples.sdf")
     report = {
         "model": portable_path(model_path), "n": n, "steps": steps, "seed": seed, "bonds": bonds, "noise_scale": noise_scale,
-        "noise_window": None if noise_window is None else list(noise_window), **metrics,
+        "noise_window": None if noise_window is None else list(noise_window), "temperature": temperature or {}, **metrics,
         "xtb_on": xtb_on, "xtb_scored": len(scored), "xtb_failures": failures,
         "energy_Ha": _stats([s.energy for s in singles]), "dipole_D": _stats([s.dipole for s in singles]),
         "relaxed_energy_Ha": _stats([r.energy for r in relaxed]), "relaxed_dipole_D": _stats([r.dipole for r in relaxed]),

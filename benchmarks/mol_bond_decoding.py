@@ -87,5 +87,6 @@ def print_decoding_table(groups: list, sizes: list[int]) -> None:
         per_mol = np.mean([len(m.bonds) for m in mols])
         print(f"| {bonds} | " + " | ".join(f"{metrics[c]:.2f}" for c in COLUMNS) + f" | {per_mol:.1f} |")
 
+
 if __name__ == "__main__":
     main()

@@ -262,8 +262,7 @@ class MoleculeFlowModel(FlowModel):
         unknown = set(names) - set(CHANNELS)
         if unknown or not names:
             raise ValueError(f"channels must be a non-empty subset of {CHANNELS}, got {list(names)}")
-        blocks = [torch.full((size,), float(name in names)) for name, size in zip(CHANNELS, self.layout.split_sizes())]
-        return torch.cat(blocks).to(self.device)
+        return self.channel_values({name: 1.0 for name in names}, default=0.0)
 
     def channel_values(self, values: Mapping[str, float] | float, default: float = 1.0) -> torch.Tensor:
         """A per-coordinate vector ``[D]`` that holds ``values[name]`` on the coordinates of each named channel

@@ -469,6 +469,10 @@ def test_mol_run_rejects_bad_input(tmp_path):
     assert res.exit_code == 2 and "unknown --method" in res.output
     res = runner.invoke(app, ["mol", "run", "--method", "am", "--reward-source", "bogus", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "reward_source" in res.output
+    res = runner.invoke(app, ["mol", "run", "--method", "am", "--energy-reference", "composition", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "needs energy_bound" in res.output
+    res = runner.invoke(app, ["mol", "run", "--method", "am", "--energy-reference", "bogus", "--energy-bound", "1", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "energy_reference" in res.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("n_atoms: 1\n")
     res = runner.invoke(app, ["mol", "run", "--config", str(bad), "--out", str(tmp_path / "x")])
@@ -567,3 +571,81 @@ def test_every_shipped_molecular_run_config_loads_and_names_a_model_that_exists(
         model = root / cfg.model if cfg.model else assets.MODEL_PATH
         assert model.is_file(), f"{path.name}: model {model} missing"
     assert assets.MODEL_PATH.is_file() and assets.FIRST_MODEL_PATH.is_file()
+
+
+def test_composition_reference_subtracts_the_fitted_element_energies_and_keeps_the_energy_gradient(data):
+    from cfo.tasks.molecules.energy import composition_energy, dataset_element_energies, referenced_energy
+    from cfo.tasks.molecules.oracles import composition_baseline, with_composition_reference
+
+    eps = dict(dataset_element_energies())
+    assert set(eps) == {"H", "C", "N", "O", "F", "S", "Cl", "Br"}
+    # the fit leaves the dataset's referenced energies centred on zero and small (composition explains the total)
+    ds = data
+    ref = np.array([referenced_energy(ds.molecule(i)["numbers"], ds.energy[i], eps) for i in range(300)])
+    assert abs(ref.mean()) < 0.02 and ref.std() < 0.1
+    predictor, _ = load_predictor(assets.PREDICTOR_PATH)
+    oracle = PredictorOracle(predictor)
+    x, ids = _neutral_states(ds, 20, 4)
+    x = x.clone().requires_grad_(True)
+    referenced = with_composition_reference(oracle.energy, eps)
+    value = referenced(x)
+    expected = oracle.energy(x).detach() - torch.tensor([composition_energy(ds.molecule(i)["numbers"], eps) for i in ids], dtype=x.dtype)
+    assert torch.allclose(value.detach(), expected, atol=1e-4)
+    assert torch.allclose(composition_baseline(x, eps), torch.tensor([composition_energy(ds.molecule(i)["numbers"], eps) for i in ids], dtype=x.dtype), atol=1e-4)
+    (g_ref,) = torch.autograd.grad(value.sum(), x)
+    (g_energy,) = torch.autograd.grad(oracle.energy(x).sum(), x)
+    assert torch.equal(g_ref, g_energy)  # the baseline is constant between argmax flips: no gradient of its own
+    with pytest.raises(KeyError, match="no fitted energy for element"):
+        composition_baseline(x, {k: v for k, v in eps.items() if k != "H"})
+
+
+def test_referenced_energy_needs_an_explicit_bound():
+    from cfo.tasks.molecules.design import MolRunConfig
+
+    with pytest.raises(ValueError, match="needs energy_bound"):
+        MolRunConfig(energy_reference="composition")
+    assert MolRunConfig(energy_reference="composition", energy_bound=1.2).energy_reference == "composition"
+
+
+def test_a_run_under_a_referenced_energy_bound_scores_and_judges_by_the_referenced_xtb_energy(tmp_path):
+    """``energy_reference: composition`` with CFO_AM on real xTB (the shipped flow, 12 atoms): the rounds' E[c] and the
+    table's xTB bound are the referenced energy (Ha above the composition baseline), and the SDF carries both energies."""
+    from rdkit import Chem
+
+    from cfo.tasks.molecules.energy import composition_energy, dataset_element_energies
+
+    cfg = {
+        "n_atoms": 12, "methods": ["PRE", "CFO_AM"], "reward_source": "xtb", "energy_reference": "composition", "energy_bound": 1.0,
+        "cfo": {"rounds": 2, "steps_per_round": 1, "rho_init": 1.0, "eval_samples": 6},
+        "am": {"lr": 1e-4, "batch_size": 3, "rollout_steps": 6, "loss_times": 2, "adjoint_scheme": "euler", "adjoint_clip": 50.0},
+        "eval_samples": 6, "eval_ode_steps": 6, "xtb_workers": 1, "xtb_timeout_s": 60, "workers": 1,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["mol", "run", "--config", str(path), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    eps = dict(dataset_element_energies())
+    rows = json.loads((out / "results.json").read_text())
+    for r in rows:
+        assert r["constraints"][0]["name"] == "referenced energy" and r["bound"] == 1.0
+        m = r["metrics"]
+        mols = [mol for mol in Chem.ForwardSDMolSupplier(str(out / r["method"] / "samples.sdf"), sanitize=False, removeHs=False)]
+        ref = []
+        for mol in mols:
+            if int(mol.GetProp("xtb_ok")):
+                z = [a.GetAtomicNum() for a in mol.GetAtoms()]
+                e, e_ref = float(mol.GetProp("xtb_energy_Ha")), float(mol.GetProp("xtb_referenced_energy_Ha"))
+                assert e_ref == pytest.approx(e - composition_energy(np.array(z), eps), abs=1e-4)  # SD fields keep 5 decimals
+                ref.append(e_ref)
+        assert m["xtb_referenced_energy"]["n"] == len(ref) == m["xtb_scored"]
+        if ref:
+            assert m["xtb_referenced_energy"]["mean"] == pytest.approx(np.mean(ref), abs=1e-4)
+            assert m["xtb_satisfied"] == (np.mean(ref) <= 1.0)
+            assert m["xtb_feasible_fraction"] == pytest.approx(np.mean(np.array(ref) <= 1.0))
+    history = json.loads((out / "history.json").read_text())["CFO_AM"]["seed 0"]
+    assert [h["k"] for h in history] == [1, 2]
+    for h in history:  # a referenced energy: Ha of strain, not the tens of negative Ha of a 12-atom total energy
+        assert -2.0 < h["constraint_mean"][0] < 60.0
+    table = (out / "table.md").read_text()
+    assert "referenced energy (Ha), xTB" in table and "total energy (Ha), xTB" in table

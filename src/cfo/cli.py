@@ -515,6 +515,9 @@ def mol_run(
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (overrides the config)"),
     n_atoms: Optional[int] = typer.Option(None, help="atoms per molecule (overrides the config)"),
     reward_source: Optional[str] = typer.Option(None, help="training reward and constraint: predictor or xtb (real GFN2-xTB; NFT as a black box, AM with its gradients in the positions)"),
+    energy_bound: Optional[float] = typer.Option(None, help="the bound B in Ha (overrides the config; default: the paper's relative placement)"),
+    energy_reference: Optional[str] = typer.Option(None, help="none (the total energy, the paper's) or composition (the energy above the "
+                                                   "composition baseline, i.e. strain; needs --energy-bound)"),
     valence_constraint: bool = typer.Option(False, "--valence-constraint", help="add the validity surrogate as a second constraint"),
     clash_constraint: bool = typer.Option(False, "--clash-constraint", help="add the atom-clash penalty (pairs closer than 0.9 A) as a constraint"),
     workers: Optional[int] = typer.Option(None, help="jobs in parallel (one thread each)"),
@@ -547,7 +550,8 @@ def mol_run(
             update["mus"] = list(mu)
         if seeds is not None:
             update["seeds"] = [int(v) for v in seeds.split(",") if v.strip()]
-        for key, value in (("n_atoms", n_atoms), ("reward_source", reward_source), ("workers", workers), ("device", device)):
+        for key, value in (("n_atoms", n_atoms), ("reward_source", reward_source), ("energy_bound", energy_bound),
+                           ("energy_reference", energy_reference), ("workers", workers), ("device", device)):
             if value is not None:
                 update[key] = value
         if valence_constraint:

@@ -83,6 +83,11 @@ class MolRunConfig(BaseModel):
     energy_bound: float | None = Field(
         None, description="B in Ha; None: the paper's relative placement, mean predicted energy of PRE samples x 80/77.86"
     )
+    energy_reference: Literal["none", "composition"] = Field(
+        "none", description="none: the constraint is the total energy (the paper's); composition: the composition-referenced energy "
+        "E - sum_i eps_{Z_i} (eps fitted on the shipped dataset), the energy above an average molecule of the same atoms, i.e. strain; "
+        "needs energy_bound"
+    )
     valence_constraint: bool = Field(False, description="add E[c_val] <= B_val, the differentiable validity surrogate")
     valence_bound: float | None = Field(None, description="B_val; None: the PRE samples' mean c_val (do not get worse)")
     clash_constraint: bool = Field(False, description="add E[c_clash] <= B_clash, the atom-clash penalty (A^2)")
@@ -137,6 +142,9 @@ class MolRunConfig(BaseModel):
             raise ValueError(f"{sorted(both)} cannot be in both xtb_composition_gradient and xtb_predictor_gradient")
         if not self.methods or not self.seeds:
             raise ValueError("methods and seeds must not be empty")
+        if self.energy_reference == "composition" and self.energy_bound is None:
+            raise ValueError("energy_reference 'composition' needs energy_bound (Ha above the composition baseline; the dataset's "
+                             "referenced energies are 0 +- 0.03 Ha): the paper's relative placement has no meaning for it")
         if any(m.startswith("LAG_") for m in self.methods) and (not self.mus or any(not (mu >= 0 and math.isfinite(mu)) for mu in self.mus)):
             raise ValueError(f"mus must be a non-empty list of finite weights >= 0, got {self.mus}")
         return self
@@ -187,9 +195,14 @@ def _load_models(cfg: MolRunConfig):
     return MoleculeFlowModel(net, cfg.n_atoms).to(cfg.device), predictor
 
 
+def constraint_energy_name(cfg: MolRunConfig) -> str:
+    """The first constraint's name: ``"energy"`` (total) or ``"referenced energy"`` (``energy_reference: composition``)."""
+    return "referenced energy" if cfg.energy_reference == "composition" else "energy"
+
+
 def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], xtb: Literal["no", "black_box", "gradients"] = "no"):
-    """The constrained problem on flat states: reward = dipole (D), constraint = energy (Ha) ``<= bounds['energy']``,
-    plus ``c_val <= bounds['valence']`` and ``c_clash <= bounds['clash']`` when configured. Dipole and energy come
+    """The constrained problem on flat states: reward = dipole (D), constraint = energy (Ha) ``<= bounds['energy']``
+    (total, or composition-referenced with ``energy_reference: composition``), plus ``c_val <= bounds['valence']`` and ``c_clash <= bounds['clash']`` when configured. Dipole and energy come
     from the predictor (``xtb="no"``) or from real GFN2-xTB, as a black box (``"black_box"``, for DiffusionNFT) or
     differentiable in the positions (``"gradients"``, for Adjoint Matching). Returns ``(problem, counters, oracle)``:
     the :class:`CountedValues` wrappers that count failed values, and the oracle (an :class:`XTBOracle` keeps its
@@ -210,9 +223,15 @@ def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], xtb: Li
             fns[name] = with_composition_gradient(fns[name], getattr(surrogate, name))
         for name in cfg.xtb_predictor_gradient:  # disjoint from the list above (MolRunConfig checks)
             fns[name] = with_surrogate_gradient(fns[name], getattr(surrogate, name))
+    if cfg.energy_reference == "composition":
+        from cfo.tasks.molecules.energy import dataset_element_energies
+        from cfo.tasks.molecules.oracles import with_composition_reference
+
+        fns["energy"] = with_composition_reference(fns["energy"], dict(dataset_element_energies()))
+    energy_name = constraint_energy_name(cfg)
     r = CountedValues(fns["dipole"], f"{src} dipole", "min", diff, explain)
-    c = CountedValues(fns["energy"], f"{src} energy", "max", diff, explain)
-    constraints = [Constraint(c, bounds["energy"], differentiable=diff, name="energy", unit="Ha")]
+    c = CountedValues(fns["energy"], f"{src} {energy_name}", "max", diff, explain)
+    constraints = [Constraint(c, bounds["energy"], differentiable=diff, name=energy_name, unit="Ha")]
     counters = {"reward": r, "energy": c}
     if cfg.valence_constraint:
         v = CountedValues(valence_violation, "valence violation", "max", True)
@@ -286,7 +305,8 @@ def _stats(values: list[float]) -> dict:
 
 def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, pred_d: np.ndarray, pred_e: np.ndarray, bounds: dict, out: Path) -> dict:
     """Chemistry metrics and GFN2-xTB values of the final samples ``x`` beside their predicted dipole ``pred_d`` and
-    energy ``pred_e``; writes the SDF."""
+    constrained energy ``pred_e`` (total, or referenced with ``energy_reference: composition``: then the xTB bound
+    and feasibility are judged on xTB's referenced energy too); writes the SDF."""
     from cfo.tasks.molecules.oracles import xtb_of_decoded
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics, write_sdf
 
@@ -300,10 +320,21 @@ def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, pred_d: np.ndar
             failures[res.error] = failures.get(res.error, 0) + 1
     xe = [r.energy if r.ok else math.nan for r in xtb]
     xd = [r.dipole if r.ok else math.nan for r in xtb]
+    referenced = cfg.energy_reference == "composition"
+    if referenced:  # the constraint is E - sum_i eps_Z; pred_e is the predictor's referenced energy, xc xTB's
+        from cfo.tasks.molecules.energy import composition_energy, dataset_element_energies
+
+        eps = dict(dataset_element_energies())
+        base = [composition_energy(m["numbers"], eps) for m in mols]
+        xc = [e - b0 for e, b0 in zip(xe, base)]
+        pred_total = [float(p) + b0 for p, b0 in zip(pred_e, base)]
+    else:
+        xc, pred_total = xe, [float(p) for p in pred_e]
     for k, m in enumerate(gm):
         m.properties.update(
-            seed=job.seed, predicted_dipole_D=float(pred_d[k]), predicted_energy_Ha=float(pred_e[k]),
+            seed=job.seed, predicted_dipole_D=float(pred_d[k]), predicted_energy_Ha=pred_total[k],
             xtb_dipole_D=xd[k], xtb_energy_Ha=xe[k], xtb_ok=int(xtb[k].ok), valid=int(rows[k]["valid"]),
+            **({"xtb_referenced_energy_Ha": xc[k]} if referenced else {}),
         )
     write_sdf(gm, job_folder(out, job) / f"seed{job.seed}.sdf")
     ok = [k for k in range(len(xtb)) if xtb[k].ok]
@@ -312,13 +343,14 @@ def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, pred_d: np.ndar
         **{f"chem_{k}": v for k, v in chem.items()},
         "xtb_dipole": _stats(xd),
         "xtb_energy": _stats(xe),
-        "xtb_satisfied": bool(ok) and float(np.mean([xe[k] for k in ok])) <= b,
-        "xtb_feasible_fraction": float(np.mean([xe[k] <= b for k in ok])) if ok else None,
+        **({"xtb_referenced_energy": _stats(xc)} if referenced else {}),
+        "xtb_satisfied": bool(ok) and float(np.mean([xc[k] for k in ok])) <= b,
+        "xtb_feasible_fraction": float(np.mean([xc[k] <= b for k in ok])) if ok else None,
         "xtb_failures": failures,
         "xtb_scored": len(ok),
-        "predictor_error_energy_mae": float(np.mean([abs(pred_e[k] - xe[k]) for k in ok])) if ok else None,
+        "predictor_error_energy_mae": float(np.mean([abs(pred_total[k] - xe[k]) for k in ok])) if ok else None,
         "predictor_error_dipole_mae": float(np.mean([abs(pred_d[k] - xd[k]) for k in ok])) if ok else None,
-        "predictor_bias_energy": float(np.mean([pred_e[k] - xe[k] for k in ok])) if ok else None,
+        "predictor_bias_energy": float(np.mean([pred_total[k] - xe[k] for k in ok])) if ok else None,
         "predictor_bias_dipole": float(np.mean([pred_d[k] - xd[k] for k in ok])) if ok else None,
         "smiles_valid": [r["smiles"] for r in rows if r["valid"] and r.get("smiles")][:24],
     }

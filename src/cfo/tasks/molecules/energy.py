@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
+import functools
+
 from cfo.tasks.molecules.chem import ATOMIC_NUMBERS
 
-__all__ = ["PAPER_PRETRAINED_ENERGY", "PAPER_BOUND", "choose_bound", "fit_element_energies", "referenced_energy"]
+__all__ = ["PAPER_PRETRAINED_ENERGY", "PAPER_BOUND", "choose_bound", "composition_energy", "dataset_element_energies",
+           "fit_element_energies", "referenced_energy"]
 
 PAPER_PRETRAINED_ENERGY = -77.86  # Ha, the paper's pre-trained FlowMol on GEOM-Drugs
 PAPER_BOUND = -80.0  # Ha
@@ -54,5 +57,25 @@ def fit_element_energies(numbers_per_molecule: list[np.ndarray], energies: np.nd
 
 def referenced_energy(numbers: np.ndarray, energy: float, element_energies: dict[str, float]) -> float:
     """``E - sum_el n_el eps_el`` for one molecule (Ha); an element without a fitted energy raises ``KeyError``."""
+    return float(energy - composition_energy(numbers, element_energies))
+
+
+def composition_energy(numbers: np.ndarray, element_energies: dict[str, float]) -> float:
+    """``sum_el n_el eps_el`` (Ha): the energy an average molecule of these atoms has, so that
+    ``referenced_energy = E - composition_energy``; an element without a fitted energy raises ``KeyError``."""
     symbols = {z: s for s, z in ATOMIC_NUMBERS.items()}
-    return float(energy - sum(element_energies[symbols[int(z)]] for z in numbers))
+    return float(sum(element_energies[symbols[int(z)]] for z in numbers))
+
+
+@functools.lru_cache(maxsize=1)
+def dataset_element_energies() -> tuple[tuple[str, float], ...]:
+    """``eps_el`` fitted (:func:`fit_element_energies`) on the shipped dataset's GFN2-xTB labels, as sorted
+    ``(symbol, Ha)`` pairs (a tuple, so the cached value cannot be changed by a caller). The fit takes a few seconds
+    and is the same on every machine: the dataset is a file of the package."""
+    from cfo.tasks.molecules.assets import DATASET_PATH
+    from cfo.tasks.molecules.dataset import MoleculeDataset
+
+    ds = MoleculeDataset.load(str(DATASET_PATH))
+    ptr = ds.atom_ptr
+    eps = fit_element_energies([ds.numbers[ptr[i] : ptr[i + 1]] for i in range(len(ds))], ds.energy)
+    return tuple(sorted(eps.items()))

@@ -5,6 +5,8 @@
 * :class:`XTBOracle`: real GFN2-xTB (tblite) single points on the decoded molecules, a black box for DiffusionNFT;
   with ``gradients=True`` also differentiable in the positions (analytic energy gradient, field-derivative dipole
   gradient; see :mod:`cfo.tasks.molecules.xtb`), for Adjoint Matching.
+* :func:`with_composition_reference`: the composition-referenced energy ``E - sum_i eps_{Z_i}`` of either oracle, a
+  constraint on strain rather than on composition.
 * :func:`valence_violation`: a differentiable validity surrogate, the mean squared distance of each atom's expected
   bond-order sum to the nearest allowed valence of its expected element; zero for every valid neutral molecule with
   one-hot channels. Used as a second constraint (the paper's validity dropped because it was not constrained).
@@ -247,6 +249,34 @@ def with_surrogate_gradient(value_fn: Callable[[torch.Tensor], torch.Tensor],
         return value + (s - s.detach())
 
     return hybrid
+
+
+def composition_baseline(x: torch.Tensor, element_energies: dict[str, float]) -> torch.Tensor:
+    """``sum_i eps_{Z_i}`` per state (``[B]``, Ha, no gradient): the per-element energies (``energy.fit_element_energies``)
+    summed over the atoms of the decoded molecule, ``Z_i`` the argmax of atom ``i``'s type channels (what xTB sees)."""
+    try:
+        eps = torch.tensor([element_energies[e] for e in ELEMENTS], dtype=x.dtype, device=x.device)
+    except KeyError as err:
+        raise KeyError(f"no fitted energy for element {err.args[0]}; element_energies has {sorted(element_energies)}") from None
+    types = layout_for_dim(x.shape[-1]).unpack(x.detach())[1]
+    return eps[types.argmax(-1)].sum(-1)
+
+
+def with_composition_reference(value_fn: Callable[[torch.Tensor], torch.Tensor],
+                               element_energies: dict[str, float]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> E(x) - sum_i eps_{Z_i}``: the composition-referenced energy (``energy.referenced_energy``) of an energy
+    function ``E`` (GFN2-xTB's or the predictor's), the energy above an average molecule of the same atoms.
+
+    Its gradient is ``E``'s: the baseline is constant between argmax flips, so in the positions it is exactly xTB's
+    energy gradient. What changes is the constraint's value, and with it ``G_k``, the multiplier and which samples the
+    penalty acts on: a bound on it asks for less strain, not for other atoms, and so is one that a solver whose only
+    faithful gradient lives in the positions (Adjoint Matching on xTB) can reach. NaN stays NaN (counted downstream)."""
+
+    def referenced(x: torch.Tensor) -> torch.Tensor:
+        value = value_fn(x)
+        return value - composition_baseline(x, element_energies).to(value.dtype)
+
+    return referenced
 
 
 def _valence_table() -> tuple[torch.Tensor, torch.Tensor]:

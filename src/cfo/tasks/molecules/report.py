@@ -71,12 +71,22 @@ def _fill_hydrogen_fraction(rows: list[dict], per_seed: list[dict], out: Path) -
             r["metrics"]["chem_h_fraction"] = sum(by_seed.values()) / len(by_seed)
 
 
+def _constrained_xtb(metrics: dict) -> tuple[float | None, float | None]:
+    """(mean, standard error) by xTB of the constrained energy: the referenced energy where the run constrained it,
+    else the total energy."""
+    stats = metrics.get("xtb_referenced_energy") or metrics["xtb_energy"]
+    return stats["mean"], stats["se"]
+
+
 def format_mol_table(rows: list[dict]) -> str:
     """The molecular table: predictor and GFN2-xTB values side by side, feasibility, chemistry and wall time."""
     b = rows[0]["bound"]
     extra = rows[0]["constraints"][1:]
-    head = ["method", "dipole (D), predicted", f"energy (Ha), predicted, B = {b:g}", "satisfied (pred.)",
-            "dipole (D), xTB", "energy (Ha), xTB", "satisfied (xTB)", "per-sample feasible (xTB)"]
+    name = rows[0]["constraints"][0]["name"]  # "energy", or "referenced energy" (energy_reference: composition)
+    referenced = name != "energy"
+    head = ["method", "dipole (D), predicted", f"{name} (Ha), predicted, B = {b:g}", "satisfied (pred.)",
+            "dipole (D), xTB", f"{name} (Ha), xTB", "satisfied (xTB)", "per-sample feasible (xTB)"]
+    head += ["total energy (Ha), xTB"] if referenced else []
     head += [f"E[{c['name']}] (B = {c['bound']:g})" for c in extra]
     head += ["validity", "connected", "H fraction", "QED", "Lipinski", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -84,8 +94,9 @@ def format_mol_table(rows: list[dict]) -> str:
         m = r["metrics"]
         cells = [r["method"], _pm(r["reward_mean"], r["reward_std"]), _pm(r["constraint_mean"], r["constraint_std"]),
                  "yes" if r["constraints"][0]["mean"] <= r["constraints"][0]["bound"] else "no",
-                 _pm(m["xtb_dipole"]["mean"], m["xtb_dipole"]["se"]), _pm(m["xtb_energy"]["mean"], m["xtb_energy"]["se"]),
+                 _pm(m["xtb_dipole"]["mean"], m["xtb_dipole"]["se"]), _pm(*_constrained_xtb(m)),
                  _satisfied_cell(m), _pct(m["xtb_feasible_fraction"])]
+        cells += [_pm(m["xtb_energy"]["mean"], m["xtb_energy"]["se"])] if referenced else []
         cells += [f"{c['mean']:.3f} ({'yes' if c['mean'] <= c['bound'] else 'no'})" for c in r["constraints"][1:]]
         cells += [_pct(m["chem_validity"]), _pct(m["chem_connected"]), _fraction(m.get("chem_h_fraction")), _pm(m["chem_qed"], None),
                   _pct(m["chem_lipinski"]), f"{r['wall_s']:.0f}"]
@@ -117,22 +128,27 @@ def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cfo.tasks.molecules.design import constraint_energy_name
+
+    energy_name = constraint_energy_name(cfg)
+    energy_key = "xtb_referenced_energy_Ha" if energy_name != "energy" else "xtb_energy_Ha"
     written = []
     for label, per_seed in histories.items():
-        names = ["energy"] + (["valence"] if cfg.valence_constraint else []) + (["clash"] if cfg.clash_constraint else [])
-        written.append(plot_history(per_seed, [bounds[n] for n in names], out / f"cfo_rounds_{slug(label)}.png",
+        keys = ["energy"] + (["valence"] if cfg.valence_constraint else []) + (["clash"] if cfg.clash_constraint else [])
+        names = [energy_name] + keys[1:]
+        written.append(plot_history(per_seed, [bounds[n] for n in keys], out / f"cfo_rounds_{slug(label)}.png",
                                     title=f"{label}: rounds ({' and '.join(names)} constraint{'s' if len(names) > 1 else ''})",
                                     margin=cfg.cfo.target_margin, names=names))
     labels = list(dict.fromkeys(j.label for j in jobs))
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
     for label in labels:
         folder = out / slug(label)
-        e, d = _sdf_values(folder, "xtb_energy_Ha"), _sdf_values(folder, "xtb_dipole_D")
+        e, d = _sdf_values(folder, energy_key), _sdf_values(folder, "xtb_dipole_D")
         if e:
             ax[0].hist(e, bins=25, histtype="step", lw=1.5, label=label)
             ax[1].hist(d, bins=25, histtype="step", lw=1.5, label=label)
     ax[0].axvline(bounds["energy"], color="red", ls="--", lw=1, label="bound B")
-    ax[0].set_xlabel("GFN2-xTB energy (Ha) of the generated geometry")
+    ax[0].set_xlabel(f"GFN2-xTB {energy_name} (Ha) of the generated geometry")
     ax[1].set_xlabel("GFN2-xTB dipole (D)")
     for a in ax:
         if a.get_legend_handles_labels()[0]:
@@ -188,7 +204,8 @@ def _paper_table() -> list[str]:
 def format_per_seed_table(per_seed: list[dict]) -> str:
     """One line per method and seed: xTB dipole and energy (mean ± standard error over that seed's samples), whether
     the bound holds by xTB, the per-sample feasible fraction, validity and training wall time."""
-    lines = ["| method | seed | xTB scored | dipole (D), xTB | energy (Ha), xTB | satisfied (xTB) | per-sample feasible (xTB) | validity | H fraction | wall s |",
+    name = per_seed[0]["constraints"][0]["name"] if per_seed and per_seed[0].get("constraints") else "energy"
+    lines = [f"| method | seed | xTB scored | dipole (D), xTB | {name} (Ha), xTB | satisfied (xTB) | per-sample feasible (xTB) | validity | H fraction | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for r in per_seed:
@@ -196,7 +213,7 @@ def format_per_seed_table(per_seed: list[dict]) -> str:
         failures = m.get("xtb_failures") or {}
         scored, total = int(m.get("xtb_scored", 0)), int(m.get("xtb_scored", 0)) + sum(failures.values())
         lines.append(f"| {r['method']} | {r['seed']} | {scored} of {total} | {_pm(m['xtb_dipole']['mean'], m['xtb_dipole']['se'])} | "
-                     f"{_pm(m['xtb_energy']['mean'], m['xtb_energy']['se'])} | {'yes' if m['xtb_satisfied'] else 'no'} | "
+                     f"{_pm(*_constrained_xtb(m))} | {'yes' if m['xtb_satisfied'] else 'no'} | "
                      f"{_pct(m['xtb_feasible_fraction'])} | {_pct(m['chem_validity'])} | {_fraction(m.get('chem_h_fraction'))} | {r['wall_s']:.0f} |")
         if total and scored < 0.5 * total:
             notes.append(f"- {r['method']} seed {r['seed']}: xTB failed on {total - scored} of its {total} final samples "
@@ -308,14 +325,18 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
     measured = bounds.get("measured", {})
     relax = cfg["xtb_relax_steps"]
     scoring = "single point on the generated geometry" if not relax else f"after {relax} GFN2-xTB relaxation steps"
+    referenced = cfg.get("energy_reference", "none") == "composition"
+    kind = "composition-referenced energy" if referenced else "energy"
     lines = [
-        f"{head} Molecules: dipole under a GFN2-xTB energy bound ({cfg['n_atoms']} atoms"
+        f"{head} Molecules: dipole under a GFN2-xTB {kind} bound ({cfg['n_atoms']} atoms"
         + (f"; {_xtb_trained(cfg)} trained on real GFN2-xTB)" if cfg.get("reward_source") == "xtb" else ")"), "",
         f"Run folder `{out.name}`: methods {', '.join(cfg['methods'])}; seeds {cfg['seeds']}; K = {c['rounds']}, N = {c['steps_per_round']} "
         f"(budget M = {c['rounds'] * c['steps_per_round']} inner iterations for every fine-tuning method); alpha = {cfg['alpha']}; "
         f"{cfg['eval_samples']} final samples per method and seed ({cfg['eval_ode_steps']} midpoint ODE steps); machine: "
         f"{machine.get('host', '?')}, {machine.get('cpu_count', '?')} CPUs, device {machine.get('device', '?')}, torch {machine.get('torch', '?')}. "
-        f"Bound B = {rows[0]['bound']:g} Ha" + (f" (the paper's relative placement: the PRE samples' mean predicted energy {measured['pre_energy_mean']:.2f} Ha x 80/77.86)" if measured and cfg.get("energy_bound") is None else "")
+        + ("The constraint is the composition-referenced energy E - sum_i eps_Z (per-element energies fitted on the shipped "
+           "dataset, whose referenced energies are 0 +- 0.03 Ha): the energy above an average molecule of the same atoms, i.e. strain. " if referenced else "")
+        + f"Bound B = {rows[0]['bound']:g} Ha" + (f" (the paper's relative placement: the PRE samples' mean predicted energy {measured['pre_energy_mean']:.2f} Ha x 80/77.86)" if measured and cfg.get("energy_bound") is None else "")
         + (f". Training reward and constraint: real GFN2-xTB ({_xtb_use(cfg)}); " if cfg.get("reward_source") == "xtb" else ". Training reward and constraint: the predictor; ")
         + f"the xTB columns re-score the final samples with tblite GFN2-xTB ({scoring}). "
         "Wall times: training per seed (for CFO including its per-round estimates of G_k).", "",

@@ -649,3 +649,7 @@ def test_a_run_under_a_referenced_energy_bound_scores_and_judges_by_the_referenc
         assert -2.0 < h["constraint_mean"][0] < 60.0
     table = (out / "table.md").read_text()
     assert "referenced energy (Ha), xTB" in table and "total energy (Ha), xTB" in table
+    from cfo.tasks.molecules.report import render_mol_report
+
+    report = render_mol_report(out)
+    assert "composition-referenced energy bound" in report and "the referenced energy bound" in report

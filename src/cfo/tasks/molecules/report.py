@@ -228,7 +228,8 @@ def _notes(rows: list[dict]) -> list[str]:
     unsat = [m for m, r in by.items() if not r["metrics"]["xtb_satisfied"]]
     holds = f"holds for {', '.join(sat)}" if sat else ""
     fails = f"fails for {', '.join(unsat)}" if unsat else ""
-    notes.append(f"- By GFN2-xTB on the generated geometries, the energy bound {' and '.join(p for p in (holds, fails) if p)}.")
+    name = rows[0]["constraints"][0]["name"] if rows and rows[0].get("constraints") else "energy"
+    notes.append(f"- By GFN2-xTB on the generated geometries, the {name} bound {' and '.join(p for p in (holds, fails) if p)}.")
     for solver in ("AM", "NFT"):
         if solver in by and f"CFO_{solver}" in by and "PRE" in by:
             d = {k: by[k]["metrics"]["xtb_dipole"] for k in ("PRE", solver, f"CFO_{solver}")}

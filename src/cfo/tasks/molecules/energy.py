@@ -15,9 +15,9 @@ of the same atoms (strain, conjugation, bonding pattern).
 
 from __future__ import annotations
 
-import numpy as np
-
 import functools
+
+import numpy as np
 
 from cfo.tasks.molecules.chem import ATOMIC_NUMBERS
 

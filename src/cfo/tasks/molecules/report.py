@@ -71,6 +71,12 @@ def _fill_hydrogen_fraction(rows: list[dict], per_seed: list[dict], out: Path) -
             r["metrics"]["chem_h_fraction"] = sum(by_seed.values()) / len(by_seed)
 
 
+def _energy_constraint_name(rows: list[dict]) -> str:
+    """The first constraint's name in result rows: ``"energy"``, or ``"referenced energy"`` (``energy_reference:
+    composition``); ``"energy"`` for rows written before constraints were named."""
+    return rows[0]["constraints"][0]["name"] if rows and rows[0].get("constraints") else "energy"
+
+
 def _constrained_xtb(metrics: dict) -> tuple[float | None, float | None]:
     """(mean, standard error) by xTB of the constrained energy: the referenced energy where the run constrained it,
     else the total energy."""
@@ -82,7 +88,7 @@ def format_mol_table(rows: list[dict]) -> str:
     """The molecular table: predictor and GFN2-xTB values side by side, feasibility, chemistry and wall time."""
     b = rows[0]["bound"]
     extra = rows[0]["constraints"][1:]
-    name = rows[0]["constraints"][0]["name"]  # "energy", or "referenced energy" (energy_reference: composition)
+    name = _energy_constraint_name(rows)
     referenced = name != "energy"
     head = ["method", "dipole (D), predicted", f"{name} (Ha), predicted, B = {b:g}", "satisfied (pred.)",
             "dipole (D), xTB", f"{name} (Ha), xTB", "satisfied (xTB)", "per-sample feasible (xTB)"]
@@ -204,7 +210,7 @@ def _paper_table() -> list[str]:
 def format_per_seed_table(per_seed: list[dict]) -> str:
     """One line per method and seed: xTB dipole and energy (mean ± standard error over that seed's samples), whether
     the bound holds by xTB, the per-sample feasible fraction, validity and training wall time."""
-    name = per_seed[0]["constraints"][0]["name"] if per_seed and per_seed[0].get("constraints") else "energy"
+    name = _energy_constraint_name(per_seed)
     lines = [f"| method | seed | xTB scored | dipole (D), xTB | {name} (Ha), xTB | satisfied (xTB) | per-sample feasible (xTB) | validity | H fraction | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
@@ -228,7 +234,7 @@ def _notes(rows: list[dict]) -> list[str]:
     unsat = [m for m, r in by.items() if not r["metrics"]["xtb_satisfied"]]
     holds = f"holds for {', '.join(sat)}" if sat else ""
     fails = f"fails for {', '.join(unsat)}" if unsat else ""
-    name = rows[0]["constraints"][0]["name"] if rows and rows[0].get("constraints") else "energy"
+    name = _energy_constraint_name(rows)
     notes.append(f"- By GFN2-xTB on the generated geometries, the {name} bound {' and '.join(p for p in (holds, fails) if p)}.")
     for solver in ("AM", "NFT"):
         if solver in by and f"CFO_{solver}" in by and "PRE" in by:

@@ -327,6 +327,10 @@ def test_pretrain_checkpoint_resume_and_sample_cli(tmp_path):
     scored = json.loads((tmp_path / "u" / "metrics.json").read_text())
     assert scored["xtb_on"] == "all" and scored["xtb_scored"] == 3  # every sample went to xTB, scored or counted as refused
     assert scored["energy_Ha"]["n"] + sum(scored["xtb_failures"].values()) == 3
+    # --relax-steps 0 scores single points only: nothing called relaxed is written (metrics or SD fields)
+    assert scored["relax_steps"] == 0 and "relaxed_energy_Ha" not in scored and "relaxed_dipole_D" not in scored
+    sdf = (tmp_path / "u" / "samples.sdf").read_text()
+    assert "xtb_energy_Ha" in sdf and "xtb_relaxed" not in sdf
     bad = CliRunner().invoke(app, ["mol", "sample", "--model", str(tmp_path / "a" / "model.pt"), "--xtb-on", "some", "--out", str(tmp_path / "t")])
     assert bad.exit_code != 0 and "xtb_on must be one of" in bad.output
     from rdkit import Chem

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cfo.cli import app
-from cfo.results import aggregate_rows
+from cfo.results import aggregate_rows, json_text, write_results
 from cfo.tasks import toy2d
 from cfo.tasks.toy_experiment import ToyJob, ToyRunConfig, default_mus, expand_jobs
 from cfo.tasks.toy_report import sweep_summary
@@ -140,6 +140,22 @@ def test_aggregate_carries_variants_and_kl():
     assert agg["mu"] == 1.0 and agg["base_method"] == "LAG_AM" and agg["n_seeds"] == 2
     assert agg["kl"] == pytest.approx(1.5) and agg["kl_std"] == pytest.approx(math.sqrt(0.5))
     assert agg["wall_s_total"] == pytest.approx(4.0)
+
+
+def test_result_files_are_strict_json_with_undefined_values_as_null(tmp_path):
+    """An undefined metric (NaN, e.g. the QED of a set without a valid molecule) or an infinite one is written as
+    ``null``, never as the ``NaN`` token that only Python's reader accepts; finite values are kept exactly."""
+    assert json.loads(json_text({"a": [1.5, math.nan, (math.inf, 2)], "b": {"c": -math.inf, "d": "x", "e": None, "f": 3}})) == {
+        "a": [1.5, None, [None, 2]], "b": {"c": None, "d": "x", "e": None, "f": 3}}
+    row = {"method": "PRE", "solver": "none", "reward_mean": 0.25, "reward_std": 0.1, "constraint_mean": 1.0, "constraint_std": 0.0,
+           "bound": 2.0, "satisfied": True, "feasible_fraction": 1.0, "wall_s": 1.0, "seed": 0,
+           "constraints": [{"name": "c", "mean": 1.0, "std": 0.0, "bound": 2.0}], "metrics": {"chem_qed": math.nan}}
+    write_results(tmp_path, [row])
+    for name in ("results.json", "results_per_seed.json"):
+        text = (tmp_path / name).read_text()
+        data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{name} holds the non-JSON token {c}"))
+        assert data[0]["reward_mean"] == 0.25
+    assert json.loads((tmp_path / "results_per_seed.json").read_text())[0]["metrics"]["chem_qed"] is None
 
 
 def test_every_run_folder_and_image_of_the_results_page_is_in_the_repository():

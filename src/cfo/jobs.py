@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from cfo.atomic import write_text_atomically
+from cfo.results import json_text
 
 __all__ = ["JOB_PRIORITY", "Job", "execute_jobs", "load_record", "load_run_config", "machine_info", "prepare_run_folder", "slug", "store_record"]
 
@@ -69,7 +70,7 @@ def store_record(out: Path, job: Job, record: dict) -> Path:
     folder = out / "jobs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{job.name}.json"
-    return write_text_atomically(path, json.dumps(record, indent=2))
+    return write_text_atomically(path, json_text(record))
 
 
 def load_record(out: Path, job: Job) -> dict | None:

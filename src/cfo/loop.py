@@ -19,7 +19,6 @@ beside it, ``cfo_history.json``) and resumes from it; randomness comes from one 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -45,6 +44,7 @@ from cfo.lagrangian import (
     update_penalty,
 )
 from cfo.problem import ConstrainedProblem
+from cfo.results import json_text
 from cfo.solvers.base import InnerSolver
 
 __all__ = ["CFOConfig", "AugmentedReward", "RoundRecord", "CFOResult", "CFO", "CheckpointMismatchError", "round_generator"]
@@ -273,8 +273,8 @@ class CFO:
         """``checkpoint_dir/cfo_history.json``: every round so far (``lambda_k``, ``rho_k``, ``G_k``, ``V_k``, the
         estimates) and the multipliers ``lambda_{k+1}``, ``rho_{k+1}`` the next round starts from, in plain JSON."""
         path = self.checkpoint_dir / HISTORY_NAME
-        write_text_atomically(path, json.dumps({"rounds_done": k, "rounds": self.config.rounds, "lambda_next": lam.tolist(),
-                                                "rho_next": rho.tolist(), "history": [asdict(h) for h in history]}, indent=1))
+        write_text_atomically(path, json_text({"rounds_done": k, "rounds": self.config.rounds, "lambda_next": lam.tolist(),
+                                               "rho_next": rho.tolist(), "history": [asdict(h) for h in history]}, indent=1))
 
     def _load(self) -> dict | None:
         path = self._checkpoint_path()

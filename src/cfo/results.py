@@ -30,14 +30,32 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ROW_FIELDS", "aggregate_rows", "write_results", "format_table", "returned_round_lines"]
+__all__ = ["ROW_FIELDS", "aggregate_rows", "json_text", "write_results", "format_table", "returned_round_lines"]
 
 ROW_FIELDS = [
     "method", "solver", "n_seeds", "reward_mean", "reward_std", "constraint_mean", "constraint_std", "bound",
     "satisfied", "feasible_fraction", "wall_s", "kl", "kl_std", "mu", "rounds", "steps_per_round", "inner_steps",
 ]
 COPIED_FIELDS = ("base_method", "mu", "rounds", "steps_per_round", "inner_steps")
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by ``None``, through dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """``obj`` as strict JSON: an undefined value (a NaN or infinite float, e.g. the mean QED of a set with no valid
+    molecule) is written ``null``, so that every JSON reader, not only Python's, can read the file."""
+    return json.dumps(_finite_or_none(obj), indent=indent, allow_nan=False)
 
 
 def _mean(v: Sequence[float]) -> float:
@@ -96,8 +114,8 @@ def write_results(out_dir: Path, per_seed: list[dict]) -> list[dict]:
     """Write ``results.json``, ``results.csv`` and ``results_per_seed.json``; return the aggregated rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = aggregate_rows(per_seed)
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
-    (out_dir / "results_per_seed.json").write_text(json.dumps(per_seed, indent=2))
+    (out_dir / "results.json").write_text(json_text(rows))
+    (out_dir / "results_per_seed.json").write_text(json_text(per_seed))
     with open(out_dir / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=ROW_FIELDS, extrasaction="ignore")
         writer.writeheader()

@@ -12,7 +12,6 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,7 +26,7 @@ from cfo.evaluation import Evaluation, default_sampler, evaluate_model
 from cfo.flows.likelihood import kl_divergence
 from cfo.jobs import Job, execute_jobs, load_run_config, prepare_run_folder, store_record
 from cfo.loop import CFO, CFOConfig, round_generator
-from cfo.results import format_table, write_results
+from cfo.results import format_table, json_text, write_results
 from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from cfo.solvers.base import SolverCheckpoint
 from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
@@ -335,6 +334,6 @@ def run_toy(cfg: ToyRunConfig, out_dir: str | Path, progress: bool = True) -> li
     for j in jobs:
         if records[j]["history"] is not None:
             histories.setdefault(j.label, {})[f"seed {j.seed}"] = records[j]["history"]
-    (out / "history.json").write_text(json.dumps(histories, indent=2))
+    (out / "history.json").write_text(json_text(histories))
     write_study_plots(cfg, out, jobs, histories)
     return rows

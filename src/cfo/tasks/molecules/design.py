@@ -38,7 +38,7 @@ from cfo.evaluation import Evaluation, default_sampler, evaluation_from_values
 from cfo.jobs import Job, execute_jobs, load_run_config, prepare_run_folder, slug, store_record
 from cfo.loop import CFO, CFOConfig, round_generator
 from cfo.problem import ConstrainedProblem, Constraint, Reward
-from cfo.results import write_results
+from cfo.results import json_text, write_results
 from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from cfo.solvers.base import SolverCheckpoint
 from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
@@ -531,13 +531,13 @@ def run_molecules(cfg: MolRunConfig, out_dir: str | Path, progress: bool = True)
     per_seed = [records[j]["row"] for j in jobs]
     rows = write_results(out, per_seed)
     _aggregate_metrics(rows, per_seed)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "results.json").write_text(json_text(rows))
     (out / "table.md").write_text(format_mol_table(rows) + "\n")
     histories: dict[str, dict[str, list]] = {}
     for j in jobs:
         if records[j]["history"] is not None:
             histories.setdefault(j.label, {})[f"seed {j.seed}"] = records[j]["history"]
-    (out / "history.json").write_text(json.dumps(histories, indent=2))
+    (out / "history.json").write_text(json_text(histories))
     _join_sdfs(out, jobs)
     write_mol_plots(cfg, out, jobs, histories, bounds)
     return rows

@@ -8,13 +8,13 @@ depictions) and ``histograms.png`` (generated against training data).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cfo.results import json_text
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.pretrain import load_molecule_model, sample_molecules
 from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics, write_sdf
@@ -80,11 +80,13 @@ def sample_and_report(
     metrics, rows = molecule_metrics(mols)
     scored = [k for k, r in enumerate(rows) if r["valid_connected"] or xtb_on == "all"]
     singles = evaluate_batch([(mols[k].numbers, mols[k].positions) for k in scored], workers=workers, timeout_s=120)
-    relaxed = evaluate_batch([(mols[k].numbers, mols[k].positions) for k in scored], workers=workers, timeout_s=300, relax_steps=relax_steps) if relax_steps else singles
-    for k, s, r in zip(scored, singles, relaxed):
-        mols[k].properties.update(xtb_energy_Ha=s.energy, xtb_dipole_D=s.dipole, xtb_relaxed_energy_Ha=r.energy, xtb_relaxed_dipole_D=r.dipole)
+    relaxed = evaluate_batch([(mols[k].numbers, mols[k].positions) for k in scored], workers=workers, timeout_s=300, relax_steps=relax_steps) if relax_steps else []
+    for k, s in zip(scored, singles):
+        mols[k].properties.update(xtb_energy_Ha=s.energy, xtb_dipole_D=s.dipole)
+    for k, r in zip(scored, relaxed):  # only with relax_steps > 0: a single point is not called relaxed
+        mols[k].properties.update(xtb_relaxed_energy_Ha=r.energy, xtb_relaxed_dipole_D=r.dipole)
     failures: dict[str, int] = {}
-    for res in list(singles) + (list(relaxed) if relax_steps else []):
+    for res in list(singles) + list(relaxed):
         if not res.ok:
             failures[res.error] = failures.get(res.error, 0) + 1
     write_sdf(mols, out / "samples.sdf")
@@ -93,13 +95,16 @@ def sample_and_report(
         "noise_window": None if noise_window is None else list(noise_window), "temperature": temperature or {}, **metrics,
         "xtb_on": xtb_on, "xtb_scored": len(scored), "xtb_failures": failures,
         "energy_Ha": _stats([s.energy for s in singles]), "dipole_D": _stats([s.dipole for s in singles]),
-        "relaxed_energy_Ha": _stats([r.energy for r in relaxed]), "relaxed_dipole_D": _stats([r.dipole for r in relaxed]),
+        "relax_steps": relax_steps,
     }
+    if relax_steps:
+        report["relaxed_energy_Ha"] = _stats([r.energy for r in relaxed])
+        report["relaxed_dipole_D"] = _stats([r.dipole for r in relaxed])
     if dataset is not None:
         report["data_energy_Ha"] = _stats(dataset.energy.tolist())
         report["data_dipole_D"] = _stats(dataset.dipole.tolist())
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    _plots(mols, rows, relaxed, dataset, out)
+    (out / "metrics.json").write_text(json_text(report))
+    _plots(mols, rows, relaxed or singles, "xTB-relaxed" if relax_steps else "xTB single point", dataset, out)
     return report
 
 
@@ -112,7 +117,9 @@ def portable_path(path: str | Path) -> str:
         return str(path)
 
 
-def _plots(mols, rows, relaxed, dataset, out: Path) -> None:
+def _plots(mols, rows, scored, scored_label: str, dataset, out: Path) -> None:
+    """``grid.png`` (2D depictions of up to 12 valid samples) and ``histograms.png`` (sizes, and the energies and dipoles
+    of the xTB results ``scored``, labelled ``scored_label``, against the training data)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,15 +133,15 @@ def _plots(mols, rows, relaxed, dataset, out: Path) -> None:
         img.save(out / "grid.png")
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
     ax[0].hist([len(m.numbers) for m in mols], bins=20, alpha=0.6, density=True, label="generated")
-    e = [r.energy for r in relaxed if r.ok]
-    d = [r.dipole for r in relaxed if r.ok]
+    e = [r.energy for r in scored if r.ok]
+    d = [r.dipole for r in scored if r.ok]
     if dataset is not None:
         ax[0].hist(dataset.n_atoms(), bins=20, alpha=0.6, density=True, label="training data")
         ax[1].hist(dataset.energy, bins=40, alpha=0.6, density=True, label="training data")
         ax[2].hist(dataset.dipole, bins=40, alpha=0.6, density=True, label="training data")
     if e:
-        ax[1].hist(e, bins=20, alpha=0.6, density=True, label="generated (xTB-relaxed)")
-        ax[2].hist(d, bins=20, alpha=0.6, density=True, label="generated (xTB-relaxed)")
+        ax[1].hist(e, bins=20, alpha=0.6, density=True, label=f"generated ({scored_label})")
+        ax[2].hist(d, bins=20, alpha=0.6, density=True, label=f"generated ({scored_label})")
     for a, name in zip(ax, ["atoms", "GFN2-xTB energy (Ha)", "dipole (D)"]):
         a.set_xlabel(name)
         a.legend(fontsize=7)

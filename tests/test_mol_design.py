@@ -592,6 +592,9 @@ def test_composition_reference_subtracts_the_fitted_element_energies_and_keeps_t
     expected = oracle.energy(x).detach() - torch.tensor([composition_energy(ds.molecule(i)["numbers"], eps) for i in ids], dtype=x.dtype)
     assert torch.allclose(value.detach(), expected, atol=1e-4)
     assert torch.allclose(composition_baseline(x, eps), torch.tensor([composition_energy(ds.molecule(i)["numbers"], eps) for i in ids], dtype=x.dtype), atol=1e-4)
+    exact = composition_baseline(x.detach().double(), eps)  # in float64 (as the final scoring calls it): the decoded atoms' sum
+    assert exact.dtype == torch.float64
+    assert np.allclose(exact.numpy(), [composition_energy(ds.molecule(i)["numbers"], eps) for i in ids], rtol=0, atol=1e-9)
     (g_ref,) = torch.autograd.grad(value.sum(), x)
     (g_energy,) = torch.autograd.grad(oracle.energy(x).sum(), x)
     assert torch.equal(g_ref, g_energy)  # the baseline is constant between argmax flips: no gradient of its own

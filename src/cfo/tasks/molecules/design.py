@@ -322,10 +322,11 @@ def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, pred_d: np.ndar
     xd = [r.dipole if r.ok else math.nan for r in xtb]
     referenced = cfg.energy_reference == "composition"
     if referenced:  # the constraint is E - sum_i eps_Z; pred_e is the predictor's referenced energy, xc xTB's
-        from cfo.tasks.molecules.energy import composition_energy, dataset_element_energies
+        from cfo.tasks.molecules.energy import dataset_element_energies
+        from cfo.tasks.molecules.oracles import composition_baseline
 
-        eps = dict(dataset_element_energies())
-        base = [composition_energy(m["numbers"], eps) for m in mols]
+        # the baseline training subtracts (same argmax as the decoded atoms), here in float64
+        base = composition_baseline(x.detach().double().cpu(), dict(dataset_element_energies())).tolist()
         xc = [e - b0 for e, b0 in zip(xe, base)]
         pred_total = [float(p) + b0 for p, b0 in zip(pred_e, base)]
     else:

@@ -656,3 +656,9 @@ def test_a_run_under_a_referenced_energy_bound_scores_and_judges_by_the_referenc
 
     report = render_mol_report(out)
     assert "composition-referenced energy bound" in report and "the referenced energy bound" in report
+    from cfo.tasks.molecules.report import _sdf_values
+
+    hist = _sdf_values(out / "CFO_AM", "xtb_referenced_energy_Ha", "xtb_dipole_D")  # what xtb_histograms.png shows
+    scored = next(r for r in rows if r["method"] == "CFO_AM")["metrics"]
+    assert len(hist["xtb_referenced_energy_Ha"]) == scored["xtb_referenced_energy"]["n"] and len(hist["xtb_dipole_D"]) == scored["xtb_dipole"]["n"]
+    assert (out / "xtb_histograms.png").stat().st_size > 0

@@ -110,19 +110,21 @@ def format_mol_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _sdf_values(folder: Path, key: str) -> list[float]:
-    """The finite values of the SD field ``key`` in ``folder``'s samples SDF (plain or gzipped); [] without one."""
+def _sdf_values(folder: Path, *keys: str) -> dict[str, list[float]]:
+    """The finite values of each SD field in ``keys`` in ``folder``'s samples SDF (plain or gzipped), read once;
+    empty lists without one."""
     from cfo.tasks.molecules.toolkit import read_sdf, sdf_path
 
-    out = []
+    out: dict[str, list[float]] = {key: [] for key in keys}
     path = sdf_path(folder)
     if path is None:
         return out
     for mol in read_sdf(path):
-        if mol.HasProp(key):
-            v = float(mol.GetProp(key))
-            if math.isfinite(v):
-                out.append(v)
+        for key in keys:
+            if mol.HasProp(key):
+                v = float(mol.GetProp(key))
+                if math.isfinite(v):
+                    out[key].append(v)
     return out
 
 
@@ -149,7 +151,8 @@ def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[s
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
     for label in labels:
         folder = out / slug(label)
-        e, d = _sdf_values(folder, energy_key), _sdf_values(folder, "xtb_dipole_D")
+        values = _sdf_values(folder, energy_key, "xtb_dipole_D")
+        e, d = values[energy_key], values["xtb_dipole_D"]
         if e:
             ax[0].hist(e, bins=25, histtype="step", lw=1.5, label=label)
             ax[1].hist(d, bins=25, histtype="step", lw=1.5, label=label)

@@ -59,6 +59,7 @@ def test_study_configs_reject_bad_values():
     assert ToyRunConfig(study="budget_ablation", splits=[(3, 400), (100, 12)]).budget == 1200
 
 
+@pytest.mark.slow  # the three quick studies take about 75 s on 2 cores
 def test_mu_sweep_brackets_the_constraint_and_counts_cost(runs):
     root, output = runs
     rows = _rows(root / "sweep")
@@ -77,6 +78,7 @@ def test_mu_sweep_brackets_the_constraint_and_counts_cost(runs):
     assert (root / "sweep" / "pareto.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # the three quick studies take about 75 s on 2 cores
 def test_budget_ablation_runs_every_split_with_its_rounds(runs):
     root, _ = runs
     rows = _rows(root / "ablation")
@@ -92,6 +94,7 @@ def test_budget_ablation_runs_every_split_with_its_rounds(runs):
     assert (root / "ablation" / "budget_rounds.png").exists()
 
 
+@pytest.mark.slow  # the three quick studies take about 75 s on 2 cores
 def test_constrained_generation_dials_feasibility_against_kl(runs):
     root, _ = runs
     rows = _rows(root / "generation")
@@ -106,6 +109,7 @@ def test_constrained_generation_dials_feasibility_against_kl(runs):
     assert math.isinf(exact_b0["nu"]) and exact_b0["constraint"] == 0.0
 
 
+@pytest.mark.slow  # the three quick studies take about 75 s on 2 cores
 def test_report_renders_every_study_with_paper_columns(runs, tmp_path):
     root, _ = runs
     out = tmp_path / "docs" / "results.md"
@@ -156,6 +160,15 @@ def test_result_files_are_strict_json_with_undefined_values_as_null(tmp_path):
         data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{name} holds the non-JSON token {c}"))
         assert data[0]["reward_mean"] == 0.25
     assert json.loads((tmp_path / "results_per_seed.json").read_text())[0]["metrics"]["chem_qed"] is None
+
+
+def test_every_json_the_package_writes_goes_through_the_strict_writer():
+    """Summaries, histories, manifests and printed reports are written by ``cfo.results.json_text`` (strict JSON, NaN
+    as ``null``); a plain ``json.dumps`` elsewhere in the package would bring the ``NaN`` token back."""
+    src = Path(__file__).resolve().parents[1] / "src" / "cfo"
+    offenders = [f"{p.relative_to(src)}:{n}" for p in sorted(src.rglob("*.py")) if p.name != "results.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if "json.dump" in line]
+    assert not offenders, f"json.dump(s) outside cfo.results: {offenders}"
 
 
 def test_every_run_folder_and_image_of_the_results_page_is_in_the_repository():

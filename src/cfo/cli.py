@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import typer
+
+from cfo.results import json_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Constrained Flow Optimization (CFO).")
 
@@ -50,7 +51,7 @@ def pretrain(
     from cfo.tasks.toy2d import pretrain_toy
 
     summary = pretrain_toy(out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, hidden=hidden, depth=depth, device=device)
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(json_text(summary, indent=2))
     typer.echo(f"saved {out}")
 
 
@@ -339,7 +340,7 @@ def mol_info(path: Path = typer.Argument(..., help="a dataset .npz")) -> None:
 
     with _user_errors(DatasetError, FileNotFoundError):
         ds = MoleculeDataset.load(path)
-    typer.echo(json.dumps({"meta": ds.meta, "summary": ds.summary()}, indent=2))
+    typer.echo(json_text({"meta": ds.meta, "summary": ds.summary()}, indent=2))
 
 
 @mol_app.command("pretrain")
@@ -370,7 +371,7 @@ def mol_pretrain(
         ds = MoleculeDataset.load(dataset or DATASET_PATH)
         summary = pretrain_molecules(cfg, ds, out, device=device, time_budget_s=None if time_budget_min is None else 60 * time_budget_min,
                                      stop_after_s=None if stop_after_min is None else 60 * stop_after_min)
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "size_histogram"}, indent=2))
+    typer.echo(json_text({k: v for k, v in summary.items() if k != "size_histogram"}, indent=2))
     typer.echo(f"wrote {out}/model.pt" if summary["finished"] else f"stopped at step {summary['steps']} (weights so far: {out}/snapshot.pt); rerun to resume")
 
 
@@ -394,7 +395,7 @@ def mol_refine(
         data = yaml.safe_load(config.read_text()) if config is not None else {}
         cfg = MolRefineConfig.model_validate({**(data or {}), **({"blocks": blocks} if blocks is not None else {})})
         summary = refine_molecule_model(cfg, out, device=device, stop_after_s=None if stop_after_min is None else 60 * stop_after_min)
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(json_text(summary, indent=2))
     typer.echo(f"wrote {out}/model.pt" if summary["finished"] else f"stopped after block {summary['blocks']} of {cfg.blocks}; rerun to resume")
 
 
@@ -429,7 +430,7 @@ def mol_sample(
         report = sample_and_report(model or MODEL_PATH, out, n=n, steps=steps, seed=seed, device=device, workers=workers, relax_steps=relax_steps, dataset=MoleculeDataset.load(DATASET_PATH), bonds=bonds,
                                    xtb_on=xtb_on, noise_scale=noise_scale, noise_window=noise_window,
                                    temperature={"pos": pos_temperature, "graph": graph_temperature})
-    typer.echo(json.dumps(report, indent=2))
+    typer.echo(json_text(report, indent=2))
     typer.echo(f"wrote {out}/samples.sdf, metrics.json, grid.png, histograms.png")
 
 
@@ -470,7 +471,7 @@ def mol_train_predictor(
 
             labelled = load_labelled_states(states)
         summary = train_predictor(cfg, MoleculeDataset.load(dataset or DATASET_PATH), out, generated=gen, init=init, states=labelled)
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(json_text(summary, indent=2))
     typer.echo(f"wrote {out}/predictor.pt, metrics.json, parity.png")
 
 
@@ -501,7 +502,7 @@ def mol_label_samples(
             raise ValueError("--n must be at least 1")
         _, summary = label_generated(model or MODEL_PATH, out, n, n_atoms=atoms or None, steps=steps, seed=seed,
                                      workers=workers, device=device)
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(json_text(summary, indent=2))
     typer.echo(f"wrote {out}/generated.npz ({summary['labelled']} molecules)")
 
 

@@ -114,7 +114,7 @@ def prepare_run_folder(cfg: BaseModel, out: Path, device: str) -> None:
         if saved.model_dump() != cfg.model_dump():
             raise ValueError(f"{out} holds a run with another configuration; use another --out or the same --config {cfg_file}")
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (out / "machine.json").write_text(json.dumps(machine_info(device), indent=2))
+    (out / "machine.json").write_text(json_text(machine_info(device), indent=2))
 
 
 def _run_in_worker(run_job: Callable[[tuple], str], name: str, args: tuple) -> str:

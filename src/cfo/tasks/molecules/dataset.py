@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from cfo.atomic import write_text_atomically
+from cfo.results import json_text
 from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS
 
 __all__ = [
@@ -151,7 +152,7 @@ class MoleculeDataset:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {**self.meta, "format_version": DATASET_VERSION, "sha256": _checksum(self.arrays), "n": len(self)}
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, meta=np.asarray(json.dumps(meta)), **self.arrays)
+        np.savez_compressed(tmp, meta=np.asarray(json_text(meta, indent=None)), **self.arrays)
         tmp.replace(path)
         self.meta = meta
         return meta["sha256"]
@@ -349,7 +350,7 @@ def _manifest(out: Path, config: BuildConfig, cache_dir: str | Path | None, prog
         if same_but_n and config.n < len(manifest["candidates"]):
             # a smaller n with the same settings selects a prefix of the same candidates: finished shards stay valid
             manifest = {**manifest, "config": key, "candidates": manifest["candidates"][: config.n], "truncated_from": len(manifest["candidates"])}
-            write_text_atomically(path, json.dumps(manifest))
+            write_text_atomically(path, json_text(manifest, indent=None))
             return manifest
         if manifest["config"] != key:
             raise ValueError(f"{out} holds a build with other settings ({manifest['config']}); use another --out or the same settings")
@@ -360,7 +361,7 @@ def _manifest(out: Path, config: BuildConfig, cache_dir: str | Path | None, prog
     candidates, scanned, skipped = select_candidates(smiles, config)
     manifest = {"config": key, "candidates": candidates, "scanned": scanned, "skipped_by_size": skipped, "source_size": len(smiles)}
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(path, json.dumps(manifest))
+    write_text_atomically(path, json_text(manifest, indent=None))
     return manifest
 
 
@@ -404,7 +405,7 @@ def build_dataset(
             MoleculeDataset.from_records(records).save(shard_dir / f"shard_{i:05d}.npz")
             info = {"attempted": len(results), "built": len(records), "failures": failures,
                     "cpu_s": sum(r["seconds"] for r in results), "wall_s": time.perf_counter() - shard_t0}
-            write_text_atomically(shard_dir / f"shard_{i:05d}.json", json.dumps(info))  # written last: marks the shard done
+            write_text_atomically(shard_dir / f"shard_{i:05d}.json", json_text(info, indent=None))  # written last: marks the shard done
     finally:
         if pool is not None:
             pool.terminate()
@@ -435,6 +436,6 @@ def build_dataset(
         dataset=str(out / "dataset.npz"),
         sha256=sha,
     )
-    (out / "failures.json").write_text(json.dumps(failures, indent=1))
-    (out / "summary.json").write_text(json.dumps({**summary.model_dump(), "labels": dataset.summary()}, indent=2))
+    (out / "failures.json").write_text(json_text(failures, indent=1))
+    (out / "summary.json").write_text(json_text({**summary.model_dump(), "labels": dataset.summary()}, indent=2))
     return summary

@@ -277,7 +277,7 @@ def auto_bounds(cfg: MolRunConfig, pre: MoleculeFlowModel, predictor, out: Path)
         bounds["valence"] = float(cfg.valence_bound)
     if cfg.clash_bound is not None:
         bounds["clash"] = float(cfg.clash_bound)
-    path.write_text(json.dumps({"bounds": bounds, "measured": info}, indent=2))
+    path.write_text(json_text({"bounds": bounds, "measured": info}, indent=2))
     return bounds
 
 

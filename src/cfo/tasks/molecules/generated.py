@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cfo.results import json_text
 from cfo.tasks.molecules.dataset import MoleculeDataset
 
 __all__ = ["label_generated", "generated_records"]
@@ -78,7 +79,7 @@ def label_generated(
     settings_file = out / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
         raise ValueError(f"{out} holds molecules made with other settings; use another folder")
-    settings_file.write_text(json.dumps(settings, indent=2))
+    settings_file.write_text(json_text(settings, indent=2))
     n_chunks = math.ceil(n / chunk)
     for k in tqdm(range(n_chunks), desc="label samples", disable=not progress):
         data_file, fail_file = shards / f"chunk_{k:04d}.npz", shards / f"chunk_{k:04d}.failures.json"
@@ -91,7 +92,7 @@ def label_generated(
             mols = sample_molecules(net, sizes, steps=steps, generator=gen, device=device)
         records, failures = generated_records(mols, xtb_of_decoded(mols, workers, timeout_s))
         MoleculeDataset.from_records(records, meta={"source": "generated", **settings, "chunk_index": k}).save(data_file)
-        fail_file.write_text(json.dumps(failures))  # written last: a chunk counts as done once both files exist
+        fail_file.write_text(json_text(failures, indent=None))  # written last: a chunk counts as done once both files exist
     records, failures = [], {}
     for k in range(n_chunks):
         part = MoleculeDataset.load(shards / f"chunk_{k:04d}.npz")
@@ -105,5 +106,5 @@ def label_generated(
     summary = {**settings, "labelled": len(ds), "failures": failures,
                "energy_mean_Ha": float(ds.energy.mean()), "energy_std_Ha": float(ds.energy.std()),
                "dipole_mean_D": float(ds.dipole.mean()), "dipole_std_D": float(ds.dipole.std())}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json_text(summary, indent=2))
     return ds, summary

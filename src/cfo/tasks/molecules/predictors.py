@@ -16,7 +16,6 @@ follow the physics:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from cfo.results import json_text
 from cfo.tasks.molecules.chem import ELEMENTS
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import CHARGES, MolLayout, _mlp, layout_for_dim
@@ -259,7 +259,7 @@ def train_predictor(
             "generated_val_molecules": held_gen["n"], "generated_train_molecules": int(n_generated_train),
         })
     torch.save({"config": cfg.model_dump(), "net_config": net.config, "model": net.state_dict(), "summary": summary}, out / "predictor.pt")
-    (out / "metrics.json").write_text(json.dumps({**summary, "losses": losses}, indent=1))
+    (out / "metrics.json").write_text(json_text({**summary, "losses": losses}, indent=1))
     _parity(held, out / "parity.png", held_gen)
     return summary
 

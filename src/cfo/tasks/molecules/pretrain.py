@@ -13,7 +13,6 @@ dense tensor and the atom count of generated molecules follows the data. Per bat
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from cfo.atomic import torch_save_atomically
 from cfo.flows.schedulers import Scheduler
 from cfo.flows.training import gradient_step
+from cfo.results import json_text
 from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import (
@@ -634,7 +634,7 @@ def pretrain_molecules(
     elif ema is None:  # a fresh run, or one resumed with the EMA newly switched on
         ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
         state["ema_from_step"] = state["step"]
-    (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    (out / "config.json").write_text(json_text(cfg.model_dump(), indent=2))
     start = state["step"]
     stop = cfg.steps if max_steps_now is None else min(cfg.steps, start + max_steps_now)
     bar = tqdm(range(start, stop), initial=start, total=cfg.steps, desc="mol pretrain", disable=not progress)
@@ -717,8 +717,8 @@ def pretrain_molecules(
         "ema_decay": cfg.ema_decay, "ema_from_step": state.get("ema_from_step") if ema is not None else None,
         "this_call": {"steps": state["step"] - start, "wall_s": time.perf_counter() - call_t0, "batch_prep_s": prep_s},
     }
-    (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
-    (out / "history.json").write_text(json.dumps({"losses": state["losses"], "parts": state["parts"], "evals": state["evals"]}))
+    (out / "config.json").write_text(json_text(cfg.model_dump(), indent=2))
+    (out / "history.json").write_text(json_text({"losses": state["losses"], "parts": state["parts"], "evals": state["evals"]}, indent=None))
     _plot_losses(state, out / "loss.png")
     final = ema if ema is not None else net.state_dict()
     weights = {"config": cfg.model_dump(), "model": {k: v.cpu() for k, v in final.items()}, "summary": summary}

@@ -24,7 +24,6 @@ model's config and summary, plus ``summary["refine"]``), so ``cfo mol sample --m
 from __future__ import annotations
 
 import copy
-import json
 import signal
 import threading
 import time
@@ -36,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from cfo.atomic import torch_save_atomically
+from cfo.results import json_text
 from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from cfo.tasks.molecules.assets import MODEL_PATH
 from cfo.tasks.molecules.chem import rdkit_chem
@@ -228,7 +228,7 @@ def refine_molecule_model(
         solver.carried_state = state["optimizer"]
         gen.set_state(state["generator"].cpu())  # map_location moved it; RNG states are CPU byte tensors
         history = state["history"]
-    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    (out / "config.json").write_text(json_text(cfg.model_dump(mode="json"), indent=2))
 
     def save_checkpoint() -> None:
         torch_save_atomically({"config": cfg.model_dump(mode="json"), "model": net.state_dict(), "optimizer": solver.carried_state,
@@ -270,7 +270,7 @@ def refine_molecule_model(
         "evals": history["evals"], "base_model": portable_path(base_path),
         "this_call": {"blocks": len(history["blocks"]) - start, "wall_s": time.perf_counter() - call_t0},
     }
-    (out / "history.json").write_text(json.dumps(history))
+    (out / "history.json").write_text(json_text(history, indent=None))
     if history["blocks"] or history["evals"]:
         _plot(history, out / "reward.png")
     if done:

@@ -400,8 +400,9 @@ def test_per_seed_table_lists_every_seed():
         return {"method": method, "seed": seed, "metrics": metrics, "wall_s": 120.4}
 
     lines = format_per_seed_table([row("NFT", 0, 13.2, -56.9, False, 98, {"scf": 2}), row("NFT", 1, 36.1, -31.2, False, 4, {"too_close": 96})]).splitlines()
-    assert lines[2] == "| NFT | 0 | 98 of 100 | 13.20 ± 0.50 | -56.90 ± 0.60 | no | 25% | 3% | – | 120 |"  # H fraction not stored
-    assert lines[3].startswith("| NFT | 1 | 4 of 100 | 36.10 ± 0.50 | -31.20 ± 0.60 | no |")
+    # feasible: 25% of the 98 scored, i.e. 24 samples, and 24% of all 100 with the 2 refused counted as infeasible
+    assert lines[2] == "| NFT | 0 | 98 of 100 | 13.20 ± 0.50 | -56.90 ± 0.60 | no | 25% (24% of all) | 3% | – | 120 |"  # H fraction not stored
+    assert lines[3].startswith("| NFT | 1 | 4 of 100 | 36.10 ± 0.50 | -31.20 ± 0.60 | no | 25% (1% of all) |")
     assert len(lines) == 6 and lines[5].startswith("- NFT seed 1: xTB failed on 96 of its 100 final samples")  # flagged
 
 

@@ -176,6 +176,7 @@ class _TwoChannelFlow:
         return Named(net, (2,)), Named(GaussianVelocity(mean, cov), (2,))
 
 
+@pytest.mark.slow  # about 50 s on 2 cores; test_am_tilts_gaussian_to_closed_form stays in the default suite
 def test_controlled_channels_tilt_only_those_channels():
     """Independent Gaussian coordinates N(m, diag(1, 0.5)), reward a.x with a = (1, 0.5), control in x0 only: the
     restricted optimum tilts x0 by S_00 a_0 / alpha = 1 and leaves x1 at the reference, N((1.5, -0.5), S)."""

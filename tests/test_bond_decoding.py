@@ -131,6 +131,7 @@ def test_kekulised_labels_keep_the_molecule_and_drop_the_aromatic_class():
         kekulized_orders(broken)  # an aromatic bond outside a ring has no Kekule form
 
 
+@pytest.mark.slow  # about 30 s on 2 cores: RDKit kekulises every bond of the shipped dataset
 def test_shipped_kekule_labels_are_rdkits_and_let_training_data_load_without_it(monkeypatch, tmp_path):
     """The shipped Kekule labels equal RDKit's Kekule form of every bond of the shipped dataset; with them,
     ``buckets_from_dataset(kekulize=True)`` needs no RDKit (a GPU machine may lack it) and gives the same tensors;

@@ -22,7 +22,7 @@ class BlackBoxLinear:
         return torch.from_numpy(x.detach().cpu().numpy() @ A)
 
 
-@pytest.mark.parametrize("alpha", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [1.0, pytest.param(2.0, marks=pytest.mark.slow)])  # each about 30 s on 2 cores
 def test_nft_tilts_gaussian_to_closed_form(alpha):
     """With the advantage temperature alpha, NFT's fixed point is p_ref exp(a.x/alpha) = N(m + S a/alpha, S)."""
     model = gaussian_finetunable()

@@ -42,6 +42,7 @@ def test_labelled_chunks_store_raw_states_with_xtb_labels_and_resume_without_rep
         append_labelled_chunks(model, path, n_total=6, chunk=2, steps=9, seed=3, progress=False)
 
 
+@pytest.mark.slow  # about 50 s on 2 cores
 def test_predictor_trains_on_labelled_states_and_reports_their_held_out_error_apart(model, tmp_path):
     import json
 

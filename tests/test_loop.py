@@ -46,6 +46,7 @@ def test_expectation_form_reaches_kkt_point():
     assert torch.allclose(torch.cov(x.T), COV, atol=0.06)
 
 
+@pytest.mark.slow  # about 100 s on 2 cores; the expectation form's KKT test stays in the default suite
 def test_per_sample_form_meets_bound_and_not_above_kkt_reward():
     """Algorithm 1's per-sample penalty: with a moderate rho the multiplier stays active (lambda < 0) and E[b.x] ends at
     B; its fixed point is not the KKT point (lambda differs from -nu), and its reward cannot beat the KKT optimum's."""
@@ -62,6 +63,7 @@ def test_per_sample_form_meets_bound_and_not_above_kkt_reward():
         assert -50.0 <= h.lambda_next[0] <= 0.0 and h.rho_next[0] >= h.rho_k[0] > 0
 
 
+@pytest.mark.slow  # about 35 s on 2 cores
 def test_per_sample_form_with_stiff_penalty_over_satisfies():
     """Jensen: E[max(0, c - B)^2] >= max(0, E[c] - B)^2, so a stiff per-sample penalty already pushes E[c] below B at
     lambda = 0; the projection keeps lambda at 0 and the constraint ends strictly satisfied, unlike the expectation

@@ -378,6 +378,7 @@ def test_pretraining_ema_weights_and_switching_it_on_at_resume(tmp_path):
         pretrain_molecules(cfg.model_copy(update={"lr": cfg.lr * 2, "steps": 3}), small, tmp_path / "late", progress=False)
 
 
+@pytest.mark.slow  # about 20 s on 2 cores
 def test_batch_workers_give_one_trajectory_whatever_their_number_and_resume_exactly(tmp_path):
     """With ``batch_workers > 0`` each step draws its batch, prior and times from its own ``(seed, step)`` stream in a
     worker process: one or two workers, and a run stopped after two steps and resumed, end with the same losses and

@@ -29,7 +29,7 @@ from cfo.tasks.molecules.assets import DATASET_PATH, MODEL_PATH
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import MoleculeFlowModel, decode
 from cfo.tasks.molecules.pretrain import (
-    MolPretrainConfig, aligned_prior, buckets_from_dataset, data_state, load_molecule_model, validation_split,
+    MolPretrainConfig, aligned_prior, buckets_from_dataset, data_state, read_model_file, validation_split,
 )
 
 
@@ -76,8 +76,10 @@ def main() -> None:
                     help="how x_0 is paired with the held-out x_1 (default: as the model was trained)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    net, _ = load_molecule_model(args.model, device=args.device)
-    saved = torch.load(args.model, map_location="cpu", weights_only=False)
+    saved, cfg = read_model_file(args.model)  # one read for the weights and the training config
+    net = cfg.network()
+    net.load_state_dict(saved["model"])
+    net = net.to(args.device).eval()
     batch = held_out_batch(MoleculeDataset.load(DATASET_PATH), saved["config"], args.atoms, args.n)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     model = MoleculeFlowModel(net, args.atoms)

@@ -289,6 +289,25 @@ def test_best_feasible_without_a_feasible_round_returns_the_last_and_last_is_the
     assert result.selected_round == 2 and torch.equal(_shift_of(result.model), torch.tensor([1.0, 0.0]))
 
 
+def test_feasible_z_passes_over_a_round_that_met_the_bound_within_its_monte_carlo_error():
+    """With ``feasible_z`` a round counts as feasible only when G_k + z * std_k / sqrt(n_k) <= 0: round 2, whose
+    estimate sits just below B (E[b.x] about 0.95), is the best feasible round at z = 0 but not at z = 3, where the
+    clearly feasible round 1 (about 0.63) is returned instead."""
+    shifts = [[0.1, 0.0], [0.33, 0.0], [1.0, 0.0]]
+    chosen = {}
+    for z in (0.0, 3.0):
+        cfg = CFOConfig(rounds=3, steps_per_round=1, eval_samples=400, return_model="best_feasible", feasible_z=z)
+        result = CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), cfg).run(progress=False)
+        h = result.history
+        se = [r.constraint_std[0] / (400 - r.nonfinite_eval) ** 0.5 for r in h]
+        assert h[0].gap[0] + 3 * se[0] < 0 and h[1].gap[0] <= 0 < h[1].gap[0] + 3 * se[1] and h[2].gap[0] > 0  # the set-up
+        chosen[z] = result.selected_round
+        assert torch.equal(_shift_of(result.model), torch.tensor(shifts[chosen[z] - 1]))
+    assert chosen == {0.0: 2, 3.0: 1}
+    with pytest.raises(ValidationError):
+        CFOConfig(feasible_z=-1.0)
+
+
 def test_reports_name_the_returned_round_only_under_best_feasible(tmp_path):
     import json
 

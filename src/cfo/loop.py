@@ -20,6 +20,7 @@ beside it, ``cfo_history.json``) and resumes from it; randomness comes from one 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -87,6 +88,14 @@ class CFOConfig(BaseModel):
         "estimated E[r] among the rounds whose estimate met every bound (G_k <= 0, i.e. E[c_i] <= B_i - target_margin), "
         "the last model when none did. "
         "Training is the same either way (the loop always continues from the last model); only the returned model differs",
+    )
+    feasible_z: float = Field(
+        0.0,
+        ge=0.0,
+        description="under return_model 'best_feasible', a round counts as feasible only when its upper confidence bound "
+        "meets every bound: G_k + z * std_k / sqrt(n_k) <= 0 (std_k: the sample standard deviation of c_i over the n_k "
+        "evaluation samples). 0 takes the estimate as it is; 1.645 is a one-sided 95 % bound, so that a round whose "
+        "estimate fell below B by Monte-Carlo chance is not picked",
     )
     max_nonfinite_fraction: float = Field(
         0.05, ge=0.0, lt=1.0,
@@ -358,7 +367,8 @@ class CFO:
                 )
             )
             lam, rho, v_prev = lam_next, rho_next, v
-            if _improves_best(gap, evaluation.reward_mean, None if best is None else history[best["k"] - 1].reward_mean):
+            upper = gap + cfg.feasible_z * _standard_error(evaluation)
+            if _improves_best(upper, evaluation.reward_mean, None if best is None else history[best["k"] - 1].reward_mean):
                 best = {"k": k, "model": _cpu_state_dict(model)}
             self._save(model, k, lam, rho, v_prev, history, best)
             bar.set_postfix(lam=_fmt(lam), rho=_fmt(rho), G=_fmt(gap), r=f"{evaluation.reward_mean:.3g}")
@@ -387,9 +397,15 @@ class CFO:
         return result
 
 
+def _standard_error(evaluation: Evaluation) -> torch.Tensor:
+    """The standard error ``std_k / sqrt(n_k)`` of each constraint's Monte-Carlo mean ``E[c_i]`` in a round's evaluation."""
+    return torch.tensor(evaluation.constraint_std, dtype=torch.float32) / math.sqrt(max(evaluation.n, 1))
+
+
 def _improves_best(gap: torch.Tensor, reward_mean: float, best_reward: float | None) -> bool:
-    """Whether a round with gaps ``G_k`` and estimated ``E[r]`` is feasible (every ``G_k <= 0``) and beats the best
-    feasible round so far (estimated reward ``best_reward``; ``None``: no feasible round yet)."""
+    """Whether a round with gaps ``G_k`` (or their upper confidence bounds, with ``feasible_z``) and estimated
+    ``E[r]`` is feasible (every ``G_k <= 0``) and beats the best feasible round so far (estimated reward
+    ``best_reward``; ``None``: no feasible round yet)."""
     return bool((gap <= 0).all()) and (best_reward is None or reward_mean > best_reward)
 
 

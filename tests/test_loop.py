@@ -263,7 +263,7 @@ def test_best_feasible_returns_the_feasible_round_with_the_highest_reward(tmp_pa
         return CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), config, checkpoint_dir=tmp_path)
 
     if resume:  # killed after round 2 with the default choice, resumed asking for the best feasible round
-        first = loop(cfg.model_copy(update={"return_model": "last"}))
+        first = loop(cfg.model_copy(update={"return_model": "last", "feasible_z": 0.5}))  # neither is part of the identity
         first.run(max_rounds=2, progress=False)
         runner = loop(cfg)
         runner.solver.calls = 2

@@ -245,9 +245,10 @@ class CFO:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _identity(self) -> dict:
-        # return_model does not change the rounds, so a run may be resumed with the other choice; nor does the
-        # tolerance for non-finite evaluation values (a run stopped by it may be resumed with a larger one)
-        config = self.config.model_dump(exclude={"return_model", "max_nonfinite_fraction"})
+        # return_model and feasible_z do not change the rounds, so a run may be resumed with another choice (rounds
+        # before the resume were judged by the feasible_z of their time); nor does the tolerance for non-finite
+        # evaluation values (a run stopped by it may be resumed with a larger one)
+        config = self.config.model_dump(exclude={"return_model", "feasible_z", "max_nonfinite_fraction"})
         solver_config = getattr(self.solver, "config", None)
         if isinstance(solver_config, BaseModel):  # the inner solver's settings (which steps a resumed round repeats)
             solver_config = solver_config.model_dump(mode="json", exclude={"max_skip_fraction"})

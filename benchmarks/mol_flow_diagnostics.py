@@ -29,7 +29,7 @@ from cfo.tasks.molecules.assets import DATASET_PATH, MODEL_PATH
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import MoleculeFlowModel, decode
 from cfo.tasks.molecules.pretrain import (
-    MolPretrainConfig, aligned_prior, buckets_from_dataset, data_state, read_model_file, validation_split,
+    MolPretrainConfig, aligned_prior, buckets_from_dataset, data_state, read_model_file, saved_network, validation_split,
 )
 
 
@@ -77,9 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     saved, cfg = read_model_file(args.model)  # one read for the weights and the training config
-    net = cfg.network()
-    net.load_state_dict(saved["model"])
-    net = net.to(args.device).eval()
+    net = saved_network(saved, cfg).to(args.device).eval()
     batch = held_out_batch(MoleculeDataset.load(DATASET_PATH), saved["config"], args.atoms, args.n)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     model = MoleculeFlowModel(net, args.atoms)

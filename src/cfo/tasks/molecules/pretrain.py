@@ -46,7 +46,8 @@ from cfo.tasks.molecules.flow import (
 
 __all__ = [
     "MolPretrainConfig", "SizeBuckets", "validation_split", "buckets_from_dataset", "kekule_bond_orders", "compute_kekule_bond_orders", "write_kekule_labels", "read_kekule_labels", "align_prior", "data_state", "training_point", "aligned_prior", "path_point", "step_generator", "BatchPrefetcher", "training_times", "endpoint_loss", "time_scaled_weights", "training_loss",
-    "pretrain_molecules", "read_model_file", "load_molecule_model", "sample_states", "decode_groups", "sample_molecules",
+    "pretrain_molecules", "read_model_file", "load_molecule_model",
+    "saved_network", "sample_states", "decode_groups", "sample_molecules",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -772,10 +773,16 @@ def _plot_losses(state: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def saved_network(saved: dict, cfg: MolPretrainConfig) -> EquivariantFlowNet:
+    """The network of a model file read by :func:`read_model_file` (its stored dict ``saved`` and config ``cfg``),
+    with the stored weights, on the CPU."""
+    net = cfg.network()
+    net.load_state_dict(saved["model"])
+    return net
+
+
 def load_molecule_model(path: str | Path, device: str = "cpu") -> tuple[EquivariantFlowNet, dict]:
     """The network and the stored summary (size histogram, evaluation) of a ``model.pt`` written by
     :func:`pretrain_molecules`."""
     saved, cfg = read_model_file(path)
-    net = cfg.network()
-    net.load_state_dict(saved["model"])
-    return net.to(device).eval(), saved["summary"]
+    return saved_network(saved, cfg).to(device).eval(), saved["summary"]

@@ -43,6 +43,7 @@ from cfo.tasks.molecules.flow import MoleculeFlowModel, MolLayout, decode
 from cfo.tasks.molecules.pretrain import (
     _stop_at_next_step_on_interrupt,
     read_model_file,
+    saved_network,
     sample_molecules,
 )
 from cfo.tasks.molecules.sample import portable_path, sizes_from_histogram
@@ -209,9 +210,7 @@ def refine_molecule_model(
     base_path = Path(cfg.model) if cfg.model is not None else MODEL_PATH
     saved, base_cfg = read_model_file(base_path)
     histogram = saved["summary"]["size_histogram"]
-    net = base_cfg.network()
-    net.load_state_dict(saved["model"])
-    net = net.to(device)
+    net = saved_network(saved, base_cfg).to(device)
     reference = copy.deepcopy(net).eval()  # the frozen base model: the KL anchor
     for p in reference.parameters():
         p.requires_grad_(False)

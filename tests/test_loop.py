@@ -303,7 +303,27 @@ def test_feasible_z_passes_over_a_round_that_met_the_bound_within_its_monte_carl
         assert h[0].gap[0] + 3 * se[0] < 0 and h[1].gap[0] <= 0 < h[1].gap[0] + 3 * se[1] and h[2].gap[0] > 0  # the set-up
         chosen[z] = result.selected_round
         assert torch.equal(_shift_of(result.model), torch.tensor(shifts[chosen[z] - 1]))
+        assert [h.get("returned_feasible") for h in result.history_dicts()] == [None if k != chosen[z] else True for k in (1, 2, 3)]
     assert chosen == {0.0: 2, 3.0: 1}
+
+
+def test_feasible_z_report_says_no_round_met_the_bound_when_the_last_round_only_met_it_by_its_estimate(tmp_path):
+    """Round 2 (the last) sits just below B by its estimate but not by its upper confidence bound at z = 3, and round 1
+    is infeasible: the loop returns round 2's model as the fallback, marks it not feasible, and the report line says
+    so instead of calling it the best round that met every bound."""
+    import json
+
+    from cfo.results import returned_round_lines
+
+    shifts = [[1.0, 0.0], [0.33, 0.0]]
+    cfg = CFOConfig(rounds=2, steps_per_round=1, eval_samples=400, return_model="best_feasible", feasible_z=3.0)
+    result = CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), cfg).run(progress=False)
+    h = result.history
+    assert h[0].gap[0] > 0 and h[1].gap[0] <= 0 < h[1].gap[0] + 3 * h[1].constraint_std[0] / 400**0.5  # the set-up
+    assert result.selected_round == 2 and result.selected_feasible is False
+    (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": result.history_dicts()}}))
+    line = returned_round_lines(tmp_path, "best_feasible")[0]
+    assert "round 2's model of 2" in line and "no round met every bound" in line
     with pytest.raises(ValidationError):
         CFOConfig(feasible_z=-1.0)
 
@@ -321,11 +341,11 @@ def test_reports_name_the_returned_round_only_under_best_feasible(tmp_path):
     rounds = [{"k": 1, "gap": [0.5], "returned": False}, {"k": 2, "gap": [0.2], "returned": True}]  # no round met B
     (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": rounds}}))
     lines = returned_round_lines(tmp_path, "best_feasible")
-    assert "round 2's model of 2" in lines[0] and "no round's estimate met every bound" in lines[0]
+    assert "round 2's model of 2" in lines[0] and "no round met every bound" in lines[0]
     rounds[0].update(gap=[-0.1], returned=True)
     rounds[1]["returned"] = False
     (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": rounds}}))
-    assert "whose estimate met every bound" in returned_round_lines(tmp_path, "best_feasible")[0]
+    assert "highest estimated reward that met every bound" in returned_round_lines(tmp_path, "best_feasible")[0]
 
 
 def _nan_above(threshold: float):

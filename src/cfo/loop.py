@@ -85,7 +85,8 @@ class CFOConfig(BaseModel):
     return_model: Literal["last", "best_feasible"] = Field(
         "last",
         description="'last': the model of round K (Algorithm 1); 'best_feasible': the model of the round with the highest "
-        "estimated E[r] among the rounds whose estimate met every bound (G_k <= 0, i.e. E[c_i] <= B_i - target_margin), "
+        "estimated E[r] among the rounds that met every bound (G_k <= 0, i.e. E[c_i] <= B_i - target_margin; by the upper "
+        "confidence bound under feasible_z), "
         "the last model when none did. "
         "Training is the same either way (the loop always continues from the last model); only the returned model differs",
     )
@@ -188,14 +189,23 @@ class CFOResult:
     lam: list[float] = field(default_factory=list)
     rho: list[float] = field(default_factory=list)
     selected_round: int | None = None  # the round whose model ``model`` is (K unless ``return_model`` chose another)
+    # under return_model 'best_feasible': whether the selected round passed the feasibility test (G_k + z std_k /
+    # sqrt(n_k) <= 0 for every constraint); False when none did and round K's model was returned. None under 'last'.
+    selected_feasible: bool | None = None
 
     @property
     def completed(self) -> bool:
         return self.final is not None
 
     def history_dicts(self) -> list[dict]:
-        """The history as plain dicts (for JSON), each with ``returned``: whether ``model`` is that round's model."""
-        return [{**asdict(h), "returned": h.k == self.selected_round} for h in self.history]
+        """The history as plain dicts (for JSON), each with ``returned``: whether ``model`` is that round's model; under
+        ``return_model: best_feasible`` the returned round's dict also has ``returned_feasible`` (``selected_feasible``)."""
+        rows = [{**asdict(h), "returned": h.k == self.selected_round} for h in self.history]
+        if self.selected_feasible is not None:
+            for row in rows:
+                if row["returned"]:
+                    row["returned_feasible"] = self.selected_feasible
+        return rows
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -318,7 +328,7 @@ class CFO:
         rho = cfg.initial_rho(m)
         v_prev: torch.Tensor | None = None
         history: list[RoundRecord] = []
-        best: dict | None = None  # {"k", "model"}: the best round whose estimate met every bound
+        best: dict | None = None  # {"k", "model"}: the best round that met every bound (by the feasible_z test)
         start = 1
         state = self._load()
         if state is not None:
@@ -379,8 +389,10 @@ class CFO:
         if history and history[-1].k == cfg.rounds:
             chosen = history[-1]
             if cfg.return_model == "best_feasible":
+                result.selected_feasible = best is not None
                 if best is None:
-                    log.warning("return_model=best_feasible: no round's estimate met every bound; returning round %d's model", cfg.rounds)
+                    log.warning("return_model=best_feasible: no round met every bound (feasible_z %g); returning round %d's model",
+                                cfg.feasible_z, cfg.rounds)
                 elif best["k"] != cfg.rounds:
                     model.load_state_dict(best["model"], strict=True)
                     chosen = history[best["k"] - 1]

@@ -156,9 +156,12 @@ def returned_round_lines(out: Path, return_model: str) -> list[str]:
             chosen = [h for h in rounds if h.get("returned")]
             if not chosen:
                 continue
-            met = "gap" not in chosen[0] or all(g <= 0 for g in chosen[0]["gap"])  # G_k <= 0 for every constraint
-            why = ("the round with the highest estimated reward whose estimate met every bound" if met else
-                   "no round's estimate met every bound, so the last round's model, as under `return_model: last`")
+            met = chosen[0].get("returned_feasible")  # the loop's own verdict (with feasible_z where one was set)
+            if met is None:  # histories written before returned_feasible: the point estimate, G_k <= 0 for every constraint
+                met = "gap" not in chosen[0] or all(g <= 0 for g in chosen[0]["gap"])
+            why = ("the round with the highest estimated reward that met every bound (by its upper confidence bound "
+                   "where `feasible_z` is set)" if met else
+                   "no round met every bound, so the last round's model, as under `return_model: last`")
             lines.append(f"- {label}, {seed}: the final samples are round {chosen[0]['k']}'s model of {len(rounds)} "
                          f"(`return_model: best_feasible`: {why}).")
     return lines + [""] if lines else []

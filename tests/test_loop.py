@@ -322,8 +322,8 @@ def test_feasible_z_report_says_no_round_met_the_bound_when_the_last_round_only_
     assert h[0].gap[0] > 0 and h[1].gap[0] <= 0 < h[1].gap[0] + 3 * h[1].constraint_std[0] / 400**0.5  # the set-up
     assert result.selected_round == 2 and result.selected_feasible is False
     (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": result.history_dicts()}}))
-    line = returned_round_lines(tmp_path, "best_feasible")[0]
-    assert "round 2's model of 2" in line and "no round met every bound" in line
+    line = returned_round_lines(tmp_path, "best_feasible", 3.0)[0]
+    assert "round 2's model of 2" in line and "no round met every bound by its upper confidence bound (`feasible_z: 3`)" in line
     with pytest.raises(ValidationError):
         CFOConfig(feasible_z=-1.0)
 
@@ -345,7 +345,7 @@ def test_reports_name_the_returned_round_only_under_best_feasible(tmp_path):
     rounds[0].update(gap=[-0.1], returned=True)
     rounds[1]["returned"] = False
     (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": rounds}}))
-    assert "highest estimated reward that met every bound" in returned_round_lines(tmp_path, "best_feasible")[0]
+    assert "highest estimated reward that met every bound by its estimate" in returned_round_lines(tmp_path, "best_feasible")[0]
 
 
 def _nan_above(threshold: float):

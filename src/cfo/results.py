@@ -145,9 +145,10 @@ def format_table(rows: list[dict], reward_name: str = "E[r]", constraint_name: s
     return "\n".join(lines)
 
 
-def returned_round_lines(out: Path, return_model: str) -> list[str]:
+def returned_round_lines(out: Path, return_model: str, feasible_z: float = 0.0) -> list[str]:
     """Report lines, one per CFO job of run folder ``out`` whose history marks a ``returned`` round, when the run used
-    ``return_model: best_feasible`` (under ``last`` the final samples are always round K's model: no lines)."""
+    ``return_model: best_feasible`` (under ``last`` the final samples are always round K's model: no lines);
+    ``feasible_z``: the run's confidence multiplier of the feasibility test, named in the lines when positive."""
     if return_model == "last" or not (out / "history.json").exists():
         return []
     lines = []
@@ -159,9 +160,9 @@ def returned_round_lines(out: Path, return_model: str) -> list[str]:
             met = chosen[0].get("returned_feasible")  # the loop's own verdict (with feasible_z where one was set)
             if met is None:  # histories written before returned_feasible: the point estimate, G_k <= 0 for every constraint
                 met = "gap" not in chosen[0] or all(g <= 0 for g in chosen[0]["gap"])
-            why = ("the round with the highest estimated reward that met every bound (by its upper confidence bound "
-                   "where `feasible_z` is set)" if met else
-                   "no round met every bound, so the last round's model, as under `return_model: last`")
+            test = f" by its upper confidence bound (`feasible_z: {feasible_z:g}`)" if feasible_z > 0 else " by its estimate"
+            why = (f"the round with the highest estimated reward that met every bound{test}" if met else
+                   f"no round met every bound{test}, so the last round's model, as under `return_model: last`")
             lines.append(f"- {label}, {seed}: the final samples are round {chosen[0]['k']}'s model of {len(rounds)} "
                          f"(`return_model: best_feasible`: {why}).")
     return lines + [""] if lines else []

@@ -305,6 +305,8 @@ def test_feasible_z_passes_over_a_round_that_met_the_bound_within_its_monte_carl
         assert torch.equal(_shift_of(result.model), torch.tensor(shifts[chosen[z] - 1]))
         assert [h.get("returned_feasible") for h in result.history_dicts()] == [None if k != chosen[z] else True for k in (1, 2, 3)]
     assert chosen == {0.0: 2, 3.0: 1}
+    with pytest.raises(ValidationError):
+        CFOConfig(feasible_z=-1.0)
 
 
 def test_feasible_z_report_says_no_round_met_the_bound_when_the_last_round_only_met_it_by_its_estimate(tmp_path):
@@ -324,8 +326,6 @@ def test_feasible_z_report_says_no_round_met_the_bound_when_the_last_round_only_
     (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": result.history_dicts()}}))
     line = returned_round_lines(tmp_path, "best_feasible", 3.0)[0]
     assert "round 2's model of 2" in line and "no round met every bound by its upper confidence bound (`feasible_z: 3`)" in line
-    with pytest.raises(ValidationError):
-        CFOConfig(feasible_z=-1.0)
 
 
 def test_reports_name_the_returned_round_only_under_best_feasible(tmp_path):

@@ -6,6 +6,9 @@ bonds by FlowMol's argmax decoding, splits each molecule into connected fragment
 (3) for every split-off piece, ``min_ij d_ij / (r_cov,i + r_cov,j)`` over its atoms ``i`` and the largest fragment's
 atoms ``j`` (RDKit's covalent radii). A ratio near 1 means the geometry bonds the piece and only the bond channel
 missed it (a decoding could join it); well above 1 means the atoms were generated apart.
+Then (4) the connectivity penalty ``c_gap`` of ``cfo.tasks.molecules.oracles.fragment_gap`` (the constraint
+``gap_constraint`` of ``cfo mol run``) on the same samples: its mean, and how often ``c_gap == 0`` (the atoms within
+1.3 x their covalent sum of each other form one piece) agrees with the bond graph being one fragment.
 Usage: python benchmarks/mol_fragments.py --model PATH [--n 100] [--steps 50] [--seed 0] [--threads 2]
 """
 
@@ -18,7 +21,9 @@ import numpy as np
 import torch
 
 from cfo.tasks.molecules.assets import MODEL_PATH
-from cfo.tasks.molecules.chem import rdkit_chem
+from cfo.tasks.molecules.chem import ELEMENTS, rdkit_chem
+from cfo.tasks.molecules.flow import MolLayout
+from cfo.tasks.molecules.oracles import fragment_gap
 from cfo.tasks.molecules.pretrain import load_molecule_model, sample_molecules
 from cfo.tasks.molecules.sample import sizes_from_histogram
 from cfo.tasks.molecules.toolkit import GeneratedMolecule, to_rdkit
@@ -38,6 +43,19 @@ def separation_ratio(mol: GeneratedMolecule, piece: list[int], main: list[int], 
     return float((d / r).min())
 
 
+def gap_of(mol: GeneratedMolecule) -> float:
+    """``c_gap`` (A^2) of one molecule: its positions and one-hot element channels as a flow state (charges and bonds
+    zero; ``fragment_gap`` reads neither)."""
+    lay = MolLayout(len(mol.numbers))
+    types = torch.zeros(1, lay.n_atoms, lay.n_types, dtype=torch.float64)
+    symbols = [rdkit_chem().GetPeriodicTable().GetElementSymbol(int(z)) for z in mol.numbers]
+    types[0, torch.arange(lay.n_atoms), torch.tensor([ELEMENTS.index(e) for e in symbols])] = 1.0
+    pos = torch.as_tensor(mol.positions, dtype=torch.float64)[None]
+    x = lay.pack(pos, types, torch.zeros(1, lay.n_atoms, lay.n_charges, dtype=torch.float64),
+                 torch.zeros(1, lay.n_pairs, lay.n_bonds, dtype=torch.float64))
+    return float(fragment_gap(x)[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(MODEL_PATH))
@@ -55,10 +73,13 @@ def main() -> None:
     table = rdkit_chem().GetPeriodicTable()
     radii = {z: table.GetRcovalent(z) for z in range(1, 87)}
     symbol = {z: table.GetElementSymbol(z) for z in range(1, 87)}
-    counts, pieces, ratios = Counter(), Counter(), []
+    counts, pieces, ratios, agree = Counter(), Counter(), [], Counter()
+    gaps = []
     for m in mols:
         frags = fragments(m)
         counts[len(frags)] += 1
+        gaps.append(gap_of(m))
+        agree[(gaps[-1] == 0.0, len(frags) == 1)] += 1
         for piece in frags[1:]:
             els = Counter(symbol[int(m.numbers[i])] for i in piece)
             pieces["".join(f"{e}{k if k > 1 else ''}" for e, k in sorted(els.items()))] += 1
@@ -70,6 +91,10 @@ def main() -> None:
         q = np.percentile(ratios, [10, 25, 50, 75, 90])
         print("separation ratio min d/(r_i + r_j), percentiles 10/25/50/75/90: " + " / ".join(f"{v:.2f}" for v in q)
               + f"; below 1.25: {np.mean(np.array(ratios) < 1.25):.0%}")
+
+    print(f"c_gap (A^2, link factor 1.3): mean {np.mean(gaps):.3f}, zero in {np.mean(np.array(gaps) == 0):.0%}; "
+          f"c_gap = 0 and one fragment {agree[(True, True)]}, c_gap = 0 but fragmented {agree[(True, False)]}, "
+          f"c_gap > 0 but one fragment {agree[(False, True)]}, c_gap > 0 and fragmented {agree[(False, False)]}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from cfo.cli import app
 from cfo.tasks.molecules import assets
 from cfo.tasks.molecules.dataset import MoleculeDataset
 from cfo.tasks.molecules.flow import MolLayout
-from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, atom_clash, valence_violation, clip_per_atom, with_composition_gradient, with_surrogate_gradient
+from cfo.tasks.molecules.chem import ELEMENTS
+from cfo.tasks.molecules.oracles import (CountedValues, PredictorOracle, XTBOracle, atom_clash, clip_per_atom, covalent_radii, fragment_gap,
+                                        minimum_spanning_edges, valence_violation, with_composition_gradient, with_surrogate_gradient)
 from cfo.tasks.molecules.predictors import load_predictor
 from cfo.tasks.molecules.pretrain import MolPretrainConfig, buckets_from_dataset, data_state
 from cfo.validation import NonFiniteValueError
@@ -76,6 +78,72 @@ def test_atom_clash_is_zero_on_data_exact_on_a_moved_atom_invariant_and_its_grad
     assert g[0, 3].item() == pytest.approx(-2 * (0.9 - 0.5), rel=1e-6)  # d c / d x_1 = -2 (d0 - d) along the pair axis
     with pytest.raises(ValueError, match="clash distance"):
         atom_clash(y.detach(), 0.0)
+
+
+def test_minimum_spanning_edges_give_scipys_tree_weight_and_span_every_atom():
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    g = torch.Generator().manual_seed(3)
+    pts = torch.rand(5, 9, 3, generator=g, dtype=torch.float64) * 4
+    w = torch.cdist(pts, pts)
+    i, j = minimum_spanning_edges(w)
+    assert i.shape == j.shape == (5, 8)
+    for b in range(5):
+        ours = float(w[b, i[b], j[b]].sum())
+        assert ours == pytest.approx(float(minimum_spanning_tree(w[b].numpy()).sum()), rel=1e-12)
+        joined = {0}
+        for a, c in zip(i[b].tolist(), j[b].tolist()):  # Prim's order: each edge joins one new atom to the tree
+            assert a in joined and c not in joined
+            joined.add(c)
+        assert joined == set(range(9))
+    with pytest.raises(ValueError, match=r"\[B, N, N\]"):
+        minimum_spanning_edges(w[0])
+
+
+def test_fragment_gap_is_zero_on_data_exact_on_a_split_off_hydrogen_and_zero_exactly_when_the_linked_atoms_are_connected(data):
+    from scipy.sparse.csgraph import connected_components
+
+    x, _ = _neutral_states(data, 20, 3)
+    assert torch.equal(fragment_gap(x), torch.zeros(x.shape[0]))  # real molecules are one piece
+    lay = MolLayout(20)
+    pos, types, charges, bonds = lay.unpack(x.clone())
+    h = int((types[0].argmax(-1) == ELEMENTS.index("H")).nonzero()[0])  # a hydrogen is terminal: the rest stays whole
+    pos[0, h] = pos[0, h] + torch.tensor([0.0, 0.0, 30.0])
+    y = lay.pack(pos, types, charges, bonds).double()
+    c = fragment_gap(y)
+    radius = covalent_radii(dtype=torch.float64)[types[0].argmax(-1)]
+    p = pos[0].double()
+    others = [k for k in range(20) if k != h]
+    ratio = [float((p[h] - p[k]).norm() / (radius[h] + radius[k])) for k in others]
+    k = others[int(np.argmin(ratio))]  # the tree joins the hydrogen by its lowest ratio
+    expected = (float((p[h] - p[k]).norm()) - 1.3 * float(radius[h] + radius[k])) ** 2
+    assert c[0].item() == pytest.approx(expected, rel=1e-9) and torch.equal(c[1:], torch.zeros(x.shape[0] - 1, dtype=c.dtype))
+    q = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0]
+    moved = lay.pack(pos.double() @ q.T + 3.0, types.double(), charges.double(), bonds.double())
+    assert torch.allclose(fragment_gap(moved), c, atol=1e-9)  # rotation and translation do not change it
+    y.requires_grad_(True)
+    (grad,) = torch.autograd.grad(fragment_gap(y).sum(), y)
+    eps = 1e-6
+    for m in [3 * h + a for a in range(3)] + [3 * k + a for a in range(3)]:  # the coordinates of the stretched edge
+        e = torch.zeros_like(y)
+        e[0, m] = eps
+        fd = (fragment_gap(y.detach() + e) - fragment_gap(y.detach() - e)).sum() / (2 * eps)
+        assert grad[0, m].item() == pytest.approx(fd.item(), abs=1e-6)
+    assert grad[0, 3 * h + 2].item() > 0  # moving the hydrogen further out raises it
+    # random states: zero exactly when the graph of pairs within 1.3 x the covalent sum is connected
+    g = torch.Generator().manual_seed(1)
+    lay8 = MolLayout(8)
+    z = torch.randn(200, lay8.dim, generator=g, dtype=torch.float64)
+    pz, tz, cz, bz = lay8.unpack(z)
+    z = lay8.pack(pz * 1.2, tz, cz, bz)
+    gap = fragment_gap(z)
+    rz = covalent_radii(dtype=torch.float64)[tz.argmax(-1)]
+    linked = torch.cdist(pz * 1.2, pz * 1.2) <= 1.3 * (rz[:, :, None] + rz[:, None, :])
+    connected = torch.tensor([connected_components(a.numpy(), directed=False)[0] == 1 for a in linked])
+    assert 0 < int(connected.sum()) < 200  # both kinds occur
+    assert torch.equal(gap == 0, connected)
+    with pytest.raises(ValueError, match="link factor"):
+        fragment_gap(y.detach(), 0.0)
 
 
 def test_predictor_sees_one_hot_states_as_in_training(data):
@@ -286,7 +354,7 @@ def tiny_model(tmp_path_factory):
 def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model, capfd):
     cfg = {
         "model": str(tiny_model), "n_atoms": 10, "methods": ["PRE", "CFO_AM", "CFO_NFT", "LAG_AM"], "mus": [0.5],
-        "valence_constraint": True, "clash_constraint": True,
+        "valence_constraint": True, "clash_constraint": True, "gap_constraint": True,
         "cfo": {"rounds": 3, "steps_per_round": 1, "rho_init": 1.0, "eval_samples": 8, "return_model": "best_feasible"},
         "am": {"lr": 1e-3, "batch_size": 2, "rollout_steps": 6, "loss_times": 2, "adjoint_scheme": "euler"},
         "nft": {"lr": 1e-3, "batch_size": 4, "sample_steps": 4, "t_max": 0.95},
@@ -305,9 +373,12 @@ def test_quick_molecular_cfo_run_end_to_end(tmp_path, tiny_model, capfd):
         assert f"[CFO_NFT_seed0] INFO cfo.loop: round {k} of 3: G_k=" in worker_log
     rows = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in rows] == ["PRE", "CFO_AM", "CFO_NFT", "LAG_AM (mu=0.5)"]
-    bounds = json.loads((out / "bounds.json").read_text())["bounds"]
+    saved = json.loads((out / "bounds.json").read_text())
+    bounds = saved["bounds"]
+    for name in ("valence", "clash", "gap"):  # no bound given: each is the PRE samples' mean, measured once
+        assert bounds[name] == pytest.approx(round(saved["measured"][f"pre_{name}_mean"], 3), abs=1e-12)
     for r in rows:
-        assert [c["name"] for c in r["constraints"]] == ["energy", "valence", "clash"]
+        assert [c["name"] for c in r["constraints"]] == ["energy", "valence", "clash", "gap"]
         assert r["bound"] == bounds["energy"]
         m = r["metrics"]
         assert m["xtb_scored"] + sum(m["xtb_failures"].values()) == 6  # every sample scored or counted

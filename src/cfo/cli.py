@@ -521,6 +521,7 @@ def mol_run(
                                                    "composition baseline, i.e. strain; needs --energy-bound)"),
     valence_constraint: bool = typer.Option(False, "--valence-constraint", help="add the validity surrogate as a second constraint"),
     clash_constraint: bool = typer.Option(False, "--clash-constraint", help="add the atom-clash penalty (pairs closer than 0.9 A) as a constraint"),
+    gap_constraint: bool = typer.Option(False, "--gap-constraint", help="add the connectivity penalty (atoms split off beyond 1.3 x the covalent sum) as a constraint"),
     workers: Optional[int] = typer.Option(None, help="jobs in parallel (one thread each)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -559,6 +560,8 @@ def mol_run(
             update["valence_constraint"] = True
         if clash_constraint:
             update["clash_constraint"] = True
+        if gap_constraint:
+            update["gap_constraint"] = True
         cfg = quick_mol_config(**{**(data or {}), **update}) if quick else MolRunConfig.model_validate({**(data or {}), **update})
         _check_device(cfg.device)
         rows = run_molecules(cfg, out)

@@ -93,6 +93,10 @@ class MolRunConfig(BaseModel):
     clash_constraint: bool = Field(False, description="add E[c_clash] <= B_clash, the atom-clash penalty (A^2)")
     clash_distance: float = Field(0.9, gt=0, description="d0 of c_clash (A): pairs closer than this are penalised")
     clash_bound: float | None = Field(None, ge=0, description="B_clash; None: the PRE samples' mean c_clash (do not get worse)")
+    gap_constraint: bool = Field(False, description="add E[c_gap] <= B_gap, the connectivity penalty (A^2): the squared excess of the "
+                                 "geometry's minimum-spanning-tree edges over gap_link_factor x the covalent sum, zero when the atoms form one piece")
+    gap_link_factor: float = Field(1.3, gt=0, description="s of c_gap: atoms closer than s x (r_cov,i + r_cov,j) count as linked")
+    gap_bound: float | None = Field(None, ge=0, description="B_gap; None: the PRE samples' mean c_gap (do not get worse)")
     alpha: float = Field(0.1, gt=0, description="KL weight (the paper's reward_lambda 50 is alpha = 0.02)")
     reward_source: Literal["predictor", "xtb"] = Field(
         "predictor", description="training reward and constraint: the predictor, or real GFN2-xTB (NFT: black box; AM: xTB gradients in the positions)"
@@ -202,12 +206,13 @@ def constraint_energy_name(cfg: MolRunConfig) -> str:
 
 def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], xtb: Literal["no", "black_box", "gradients"] = "no"):
     """The constrained problem on flat states: reward = dipole (D), constraint = energy (Ha) ``<= bounds['energy']``
-    (total, or composition-referenced with ``energy_reference: composition``), plus ``c_val <= bounds['valence']`` and ``c_clash <= bounds['clash']`` when configured. Dipole and energy come
+    (total, or composition-referenced with ``energy_reference: composition``), plus ``c_val <= bounds['valence']``, ``c_clash <= bounds['clash']`` and ``c_gap <= bounds['gap']`` when configured. Dipole and energy come
     from the predictor (``xtb="no"``) or from real GFN2-xTB, as a black box (``"black_box"``, for DiffusionNFT) or
     differentiable in the positions (``"gradients"``, for Adjoint Matching). Returns ``(problem, counters, oracle)``:
     the :class:`CountedValues` wrappers that count failed values, and the oracle (an :class:`XTBOracle` keeps its
     failure causes)."""
-    from cfo.tasks.molecules.oracles import CountedValues, PredictorOracle, XTBOracle, atom_clash, valence_violation, with_composition_gradient, with_surrogate_gradient
+    from cfo.tasks.molecules.oracles import (CountedValues, PredictorOracle, XTBOracle, atom_clash, fragment_gap, valence_violation, with_composition_gradient,
+                                            with_surrogate_gradient)
 
     if xtb not in ("no", "black_box", "gradients"):
         raise ValueError(f"xtb must be 'no', 'black_box' or 'gradients', got {xtb!r}")
@@ -241,6 +246,10 @@ def make_problem(cfg: MolRunConfig, predictor, bounds: dict[str, float], xtb: Li
         k = CountedValues(partial(atom_clash, distance=cfg.clash_distance), "atom clash", "max", True)
         constraints.append(Constraint(k, bounds["clash"], differentiable=True, name="clash", unit="A^2"))
         counters["clash"] = k
+    if cfg.gap_constraint:
+        gap = CountedValues(partial(fragment_gap, link_factor=cfg.gap_link_factor), "fragment gap", "max", True)
+        constraints.append(Constraint(gap, bounds["gap"], differentiable=True, name="gap", unit="A^2"))
+        counters["gap"] = gap
     problem = ConstrainedProblem(Reward(r, differentiable=diff, name="dipole", unit="D"), constraints, alpha=cfg.alpha)
     return problem, counters, oracle
 
@@ -249,7 +258,7 @@ def auto_bounds(cfg: MolRunConfig, pre: MoleculeFlowModel, predictor, out: Path)
     """The bounds of the run: given in the config, or measured once on ``eval_samples`` PRE samples (seeded) and
     stored in ``OUT/bounds.json`` so every job and every resume uses the same numbers."""
     from cfo.tasks.molecules.energy import choose_bound
-    from cfo.tasks.molecules.oracles import PredictorOracle, atom_clash, valence_violation
+    from cfo.tasks.molecules.oracles import PredictorOracle, atom_clash, fragment_gap, valence_violation
 
     path = out / "bounds.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
@@ -257,26 +266,33 @@ def auto_bounds(cfg: MolRunConfig, pre: MoleculeFlowModel, predictor, out: Path)
     need_e = cfg.energy_bound is None and "energy" not in bounds
     need_v = cfg.valence_constraint and cfg.valence_bound is None and "valence" not in bounds
     need_c = cfg.clash_constraint and cfg.clash_bound is None and "clash" not in bounds
+    need_g = cfg.gap_constraint and cfg.gap_bound is None and "gap" not in bounds
     info = dict(saved.get("measured", {}))
-    if need_e or need_v or need_c:
+    if need_e or need_v or need_c or need_g:
         with torch.no_grad():
             x = default_sampler(cfg.eval_ode_steps)(pre, cfg.eval_samples, torch.Generator(device=cfg.device).manual_seed(2**31 - 1))
             e = PredictorOracle(predictor).energy(x).double().cpu().numpy()
             v = valence_violation(x).double().cpu().numpy()
             k = atom_clash(x, cfg.clash_distance).double().cpu().numpy()
-        info = {"pre_energy_mean": float(e.mean()), "pre_valence_mean": float(v.mean()), "pre_clash_mean": float(k.mean()), "n": int(len(e))}
+            g = fragment_gap(x, cfg.gap_link_factor).double().cpu().numpy()
+        info = {"pre_energy_mean": float(e.mean()), "pre_valence_mean": float(v.mean()), "pre_clash_mean": float(k.mean()),
+                "pre_gap_mean": float(g.mean()), "n": int(len(e))}
         if need_e:
             bounds["energy"] = choose_bound(e, decimals=2)
         if need_v:
             bounds["valence"] = float(np.round(v.mean(), 3))
         if need_c:
             bounds["clash"] = float(np.round(k.mean(), 3))
+        if need_g:
+            bounds["gap"] = float(np.round(g.mean(), 3))
     if cfg.energy_bound is not None:
         bounds["energy"] = float(cfg.energy_bound)
     if cfg.valence_bound is not None:
         bounds["valence"] = float(cfg.valence_bound)
     if cfg.clash_bound is not None:
         bounds["clash"] = float(cfg.clash_bound)
+    if cfg.gap_bound is not None:
+        bounds["gap"] = float(cfg.gap_bound)
     path.write_text(json_text({"bounds": bounds, "measured": info}, indent=2))
     return bounds
 

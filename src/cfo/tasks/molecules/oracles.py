@@ -14,6 +14,11 @@
   below a clash distance (0.9 A: shorter than every bond of our elements); GFN2-xTB refuses geometries with two atoms
   closer than 0.5 A, which is where most failed xTB scores of generated molecules come from.
 
+* :func:`fragment_gap`: a differentiable connectivity constraint, the summed squared excess of the edges of the
+  geometry's minimum spanning tree over a bond-perception cutoff (1.3 x the sum of covalent radii); zero exactly when
+  the atoms within that cutoff of each other form one connected piece. Splitting a molecule apart relieves strain,
+  which ``E - sum_i eps_{Z_i}`` does not charge for; this does.
+
 Failures are never silent: :class:`CountedValues` replaces a non-finite value (a failed xTB calculation, a predictor
 that met a broken state) by the worst finite value of its batch, counts it by cause and logs it; a batch with no finite
 value raises.
@@ -27,17 +32,19 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cfo.tasks.molecules.chem import ALLOWED_VALENCES, ATOMIC_NUMBERS, ELEMENTS
+from cfo.tasks.molecules.chem import ALLOWED_VALENCES, ATOMIC_NUMBERS, ELEMENTS, rdkit_chem
 from cfo.tasks.molecules.flow import decode, layout_for_dim
 from cfo.tasks.molecules.predictors import PropertyNet, to_simplex
 from cfo.validation import NonFiniteValueError
 
-__all__ = ["BOND_VALENCE", "CLASH_DISTANCE_ANGSTROM", "CountedValues", "clip_per_atom", "PredictorOracle", "XTBOracle", "atom_clash", "valence_violation",
+__all__ = ["BOND_VALENCE", "CLASH_DISTANCE_ANGSTROM", "GAP_LINK_FACTOR", "CountedValues", "clip_per_atom", "PredictorOracle", "XTBOracle", "atom_clash",
+           "covalent_radii", "fragment_gap", "minimum_spanning_edges", "valence_violation",
            "with_composition_gradient", "with_surrogate_gradient", "xtb_of_decoded"]
 
 log = logging.getLogger(__name__)
 
 CLASH_DISTANCE_ANGSTROM = 0.9  # below O-H (0.96 A), the shortest bond of our elements
+GAP_LINK_FACTOR = 1.3  # atoms closer than 1.3 x (r_cov,i + r_cov,j) count as linked (RDKit's DetermineConnectivity default)
 
 BOND_VALENCE = (0.0, 1.0, 2.0, 3.0, 1.5)  # none, single, double, triple, aromatic
 
@@ -324,3 +331,61 @@ def atom_clash(x: torch.Tensor, distance: float = CLASH_DISTANCE_ANGSTROM) -> to
     i, j = lay.pairs(x.device)
     d = ((pos[:, i] - pos[:, j]).pow(2).sum(-1) + 1e-12).sqrt()  # [B, P]
     return torch.relu(distance - d).pow(2).sum(-1)
+
+
+def covalent_radii(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """RDKit's covalent radii (A) of the type channels' elements, in ``ELEMENTS`` order; shape ``[n_types]``."""
+    table = rdkit_chem().GetPeriodicTable()
+    return torch.tensor([table.GetRcovalent(ATOMIC_NUMBERS[e]) for e in ELEMENTS], dtype=dtype, device=device)
+
+
+def minimum_spanning_edges(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``N - 1`` edges ``(i, j)`` of a minimum spanning tree of each complete graph in ``weights [B, N, N]``
+    (symmetric; the diagonal is ignored), by Prim's algorithm batched over ``B``; each ``[B, N - 1]``, no gradient.
+
+    A minimum spanning tree also minimises its largest edge (the bottleneck property), so the graph of the edges with
+    weight ``<= s`` is connected exactly when every tree edge is ``<= s``."""
+    if weights.ndim != 3 or weights.shape[1] != weights.shape[2]:
+        raise ValueError(f"weights must be [B, N, N], got {tuple(weights.shape)}")
+    b, n = weights.shape[0], weights.shape[1]
+    w = weights.detach()
+    rows = torch.arange(b, device=w.device)
+    in_tree = torch.zeros(b, n, dtype=torch.bool, device=w.device)
+    in_tree[:, 0] = True
+    best = w[:, 0].clone()  # cheapest link of every atom to the tree so far
+    parent = torch.zeros(b, n, dtype=torch.long, device=w.device)
+    heads, tails = [], []
+    for _ in range(n - 1):
+        j = best.masked_fill(in_tree, float("inf")).argmin(-1)  # [B] the next atom to join
+        heads.append(parent[rows, j])
+        tails.append(j)
+        in_tree[rows, j] = True
+        closer = w[rows, j] < best
+        best = torch.where(closer, w[rows, j], best)
+        parent = torch.where(closer, j[:, None], parent)
+    empty = torch.zeros(b, 0, dtype=torch.long, device=w.device)
+    return (torch.stack(heads, 1), torch.stack(tails, 1)) if heads else (empty, empty)
+
+
+def fragment_gap(x: torch.Tensor, link_factor: float = GAP_LINK_FACTOR) -> torch.Tensor:
+    """``c_gap(x) = sum_{(i,j) in T(x)} max(0, |r_i - r_j| - s (R_i + R_j))^2`` in A^2, with ``R_i`` the covalent radius
+    of atom ``i``'s argmax element, ``s`` the ``link_factor`` and ``T(x)`` a minimum spanning tree of the ratios
+    ``|r_i - r_j| / (R_i + R_j)``. By the bottleneck property it is zero exactly when the atoms linked by
+    ``|r_i - r_j| <= s (R_i + R_j)`` form one connected piece; a piece split off at distance ``d`` from its nearest
+    atom adds ``(d - s (R_i + R_j))^2``.
+
+    Geometric connectivity is what xTB sees (its energy knows no bond channels), and the pieces our model splits off
+    sit at 1.6-2.4 x the covalent sum (``benchmarks/mol_fragments.py``), beyond ``s = 1.3``. Differentiable in the
+    positions (the tree and the radii are piecewise constant, as the composition baseline is); shape ``[B]``."""
+    if not link_factor > 0:
+        raise ValueError(f"link factor must be positive, got {link_factor}")
+    lay = layout_for_dim(x.shape[-1])
+    pos, types, _, _ = lay.unpack(x)
+    radius = covalent_radii(x.device, x.dtype)[types.detach().argmax(-1)]  # [B, N]
+    reach = radius[:, :, None] + radius[:, None, :]  # [B, N, N]
+    with torch.no_grad():
+        ratio = torch.cdist(pos.detach(), pos.detach()) / reach
+    i, j = minimum_spanning_edges(ratio)
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    d = ((pos[rows, i] - pos[rows, j]).pow(2).sum(-1) + 1e-12).sqrt()  # [B, N - 1]
+    return torch.relu(d - link_factor * reach[rows, i, j]).pow(2).sum(-1)

@@ -151,7 +151,8 @@ def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[s
     energy_key = "xtb_referenced_energy_Ha" if energy_name != "energy" else "xtb_energy_Ha"
     written = []
     for label, per_seed in histories.items():
-        keys = ["energy"] + (["valence"] if cfg.valence_constraint else []) + (["clash"] if cfg.clash_constraint else [])
+        keys = (["energy"] + (["valence"] if cfg.valence_constraint else []) + (["clash"] if cfg.clash_constraint else [])
+                + (["gap"] if cfg.gap_constraint else []))
         names = [energy_name] + keys[1:]
         written.append(plot_history(per_seed, [bounds[n] for n in keys], out / f"cfo_rounds_{slug(label)}.png",
                                     title=f"{label}: rounds ({' and '.join(names)} constraint{'s' if len(names) > 1 else ''})",

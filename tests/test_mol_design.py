@@ -532,7 +532,9 @@ def test_cfo_am_trains_on_real_xtb_gradients(tmp_path):
         assert -60.0 < h["constraint_mean"][0] < -5.0
     from cfo.tasks.molecules.report import render_mol_report
 
-    assert "real GFN2-xTB (Adjoint Matching with xTB's gradients in the positions)" in render_mol_report(out)
+    report = render_mol_report(out)
+    assert "real GFN2-xTB (Adjoint Matching with xTB's gradients in the positions)" in report
+    assert "expectation form" not in report  # the default per-sample penalty is not called out
 
 
 def test_mol_run_rejects_bad_input(tmp_path):
@@ -691,7 +693,7 @@ def test_a_run_under_a_referenced_energy_bound_scores_and_judges_by_the_referenc
 
     cfg = {
         "n_atoms": 12, "methods": ["PRE", "CFO_AM"], "reward_source": "xtb", "energy_reference": "composition", "energy_bound": 1.0,
-        "cfo": {"rounds": 2, "steps_per_round": 1, "rho_init": 1.0, "eval_samples": 6},
+        "cfo": {"rounds": 2, "steps_per_round": 1, "rho_init": 1.0, "eval_samples": 6, "penalty": "expectation"},
         "am": {"lr": 1e-4, "batch_size": 3, "rollout_steps": 6, "loss_times": 2, "adjoint_scheme": "euler", "adjoint_clip": 50.0},
         "eval_samples": 6, "eval_ode_steps": 6, "xtb_workers": 1, "xtb_timeout_s": 60, "workers": 1,
     }
@@ -728,6 +730,7 @@ def test_a_run_under_a_referenced_energy_bound_scores_and_judges_by_the_referenc
 
     report = render_mol_report(out)
     assert "composition-referenced energy bound" in report and "the referenced energy bound" in report
+    assert "CFO's penalty: the expectation form" in report  # the run's non-default penalty form is named
     from cfo.tasks.molecules.report import _sdf_values
 
     hist = _sdf_values(out / "CFO_AM", "xtb_referenced_energy_Ha", "xtb_dipole_D")  # what xtb_histograms.png shows

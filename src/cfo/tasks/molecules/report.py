@@ -360,7 +360,9 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
         + f"Bound B = {rows[0]['bound']:g} Ha" + (f" (the paper's relative placement: the PRE samples' mean predicted energy {measured['pre_energy_mean']:.2f} Ha x 80/77.86)" if measured and cfg.get("energy_bound") is None else "")
         + (f". Training reward and constraint: real GFN2-xTB ({_xtb_use(cfg)}); " if cfg.get("reward_source") == "xtb" else ". Training reward and constraint: the predictor; ")
         + f"the xTB columns re-score the final samples with tblite GFN2-xTB ({scoring}). "
-        "Wall times: training per seed (for CFO including its per-round estimates of G_k).", "",
+        + ("CFO's penalty: the expectation form (the batch estimate of E[c] is penalised, not each sample's c). "
+           if c.get("penalty", "per_sample") == "expectation" else "")
+        + "Wall times: training per seed (for CFO including its per-round estimates of G_k).", "",
         format_mol_table(rows), "",
         "The paper (FlowMol on GEOM-Drugs, 45 atoms, surrogate-based values, 95 % CI; validity from a secondary source):", "",
         *_paper_table(), "",

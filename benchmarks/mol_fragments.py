@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cfo.tasks.molecules.assets import MODEL_PATH
-from cfo.tasks.molecules.chem import ELEMENTS, rdkit_chem
+from cfo.tasks.molecules.chem import ATOMIC_NUMBERS, ELEMENTS, rdkit_chem
 from cfo.tasks.molecules.flow import MolLayout
 from cfo.tasks.molecules.oracles import fragment_gap
 from cfo.tasks.molecules.pretrain import load_molecule_model, sample_molecules
@@ -47,9 +47,9 @@ def gap_of(mol: GeneratedMolecule) -> float:
     """``c_gap`` (A^2) of one molecule: its positions and one-hot element channels as a flow state (charges and bonds
     zero; ``fragment_gap`` reads neither)."""
     lay = MolLayout(len(mol.numbers))
+    channel = {ATOMIC_NUMBERS[e]: k for k, e in enumerate(ELEMENTS)}
     types = torch.zeros(1, lay.n_atoms, lay.n_types, dtype=torch.float64)
-    symbols = [rdkit_chem().GetPeriodicTable().GetElementSymbol(int(z)) for z in mol.numbers]
-    types[0, torch.arange(lay.n_atoms), torch.tensor([ELEMENTS.index(e) for e in symbols])] = 1.0
+    types[0, torch.arange(lay.n_atoms), torch.tensor([channel[int(z)] for z in mol.numbers])] = 1.0
     pos = torch.as_tensor(mol.positions, dtype=torch.float64)[None]
     x = lay.pack(pos, types, torch.zeros(1, lay.n_atoms, lay.n_charges, dtype=torch.float64),
                  torch.zeros(1, lay.n_pairs, lay.n_bonds, dtype=torch.float64))

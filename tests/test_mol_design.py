@@ -53,6 +53,13 @@ def test_valence_violation_is_zero_on_valid_molecules_and_positive_when_a_bond_i
     assert c[0] == pytest.approx(2 / n, abs=1e-4) and torch.allclose(c[1:], torch.zeros(x.shape[0] - 1), atol=1e-4)
 
 
+def _central_difference(fn, y: torch.Tensor, row: int, coord: int, eps: float = 1e-6) -> float:
+    """``d sum(fn(y)) / d y[row, coord]`` by central differences."""
+    e = torch.zeros_like(y)
+    e[row, coord] = eps
+    return float((fn(y.detach() + e) - fn(y.detach() - e)).sum() / (2 * eps))
+
+
 def test_atom_clash_is_zero_on_data_exact_on_a_moved_atom_invariant_and_its_gradient_matches_finite_differences(data):
     x, _ = _neutral_states(data, 20, 3)
     assert torch.equal(atom_clash(x), torch.zeros(x.shape[0]))  # real molecules: no pair closer than 0.9 A
@@ -69,12 +76,8 @@ def test_atom_clash_is_zero_on_data_exact_on_a_moved_atom_invariant_and_its_grad
     assert torch.allclose(atom_clash(moved), c, atol=1e-9)  # rotation and translation do not change distances
     y.requires_grad_(True)
     (g,) = torch.autograd.grad(atom_clash(y).sum(), y)
-    eps = 1e-6
     for k in range(6):  # the six coordinates of the clashing pair
-        e = torch.zeros_like(y)
-        e[0, k] = eps
-        fd = (atom_clash(y.detach() + e) - atom_clash(y.detach() - e)).sum() / (2 * eps)
-        assert g[0, k].item() == pytest.approx(fd.item(), abs=1e-6)
+        assert g[0, k].item() == pytest.approx(_central_difference(atom_clash, y, 0, k), abs=1e-6)
     assert g[0, 3].item() == pytest.approx(-2 * (0.9 - 0.5), rel=1e-6)  # d c / d x_1 = -2 (d0 - d) along the pair axis
     with pytest.raises(ValueError, match="clash distance"):
         atom_clash(y.detach(), 0.0)
@@ -123,12 +126,8 @@ def test_fragment_gap_is_zero_on_data_exact_on_a_split_off_hydrogen_and_zero_exa
     assert torch.allclose(fragment_gap(moved), c, atol=1e-9)  # rotation and translation do not change it
     y.requires_grad_(True)
     (grad,) = torch.autograd.grad(fragment_gap(y).sum(), y)
-    eps = 1e-6
     for m in [3 * h + a for a in range(3)] + [3 * k + a for a in range(3)]:  # the coordinates of the stretched edge
-        e = torch.zeros_like(y)
-        e[0, m] = eps
-        fd = (fragment_gap(y.detach() + e) - fragment_gap(y.detach() - e)).sum() / (2 * eps)
-        assert grad[0, m].item() == pytest.approx(fd.item(), abs=1e-6)
+        assert grad[0, m].item() == pytest.approx(_central_difference(fragment_gap, y, 0, m), abs=1e-6)
     assert grad[0, 3 * h + 2].item() > 0  # moving the hydrogen further out raises it
     # random states: zero exactly when the graph of pairs within 1.3 x the covalent sum is connected
     g = torch.Generator().manual_seed(1)

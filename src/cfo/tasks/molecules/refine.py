@@ -38,7 +38,6 @@ from cfo.atomic import torch_save_atomically
 from cfo.results import json_text
 from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from cfo.tasks.molecules.assets import MODEL_PATH
-from cfo.tasks.molecules.chem import rdkit_chem
 from cfo.tasks.molecules.flow import MoleculeFlowModel, MolLayout, decode
 from cfo.tasks.molecules.pretrain import (
     _stop_at_next_step_on_interrupt,
@@ -55,7 +54,7 @@ from cfo.tasks.molecules.toolkit import (
     to_rdkit,
 )
 
-__all__ = ["QualityWeights", "MolRefineConfig", "sample_quality", "largest_fragment_atoms", "SampleQualityReward", "block_size", "evaluate_refined", "refine_molecule_model"]
+__all__ = ["QualityWeights", "MolRefineConfig", "sample_quality", "SampleQualityReward", "block_size", "evaluate_refined", "refine_molecule_model"]
 
 CHECKPOINT = "checkpoint.pt"
 EVAL_KEYS = ("validity", "validity_connected", "connected", "atom_stability", "molecule_stability", "uniqueness")
@@ -120,13 +119,7 @@ def sample_quality(mol: dict, weights: QualityWeights) -> float:
     n = len(stable)
     return (weights.valid * v["valid"] + weights.connected * v["connected"] + weights.valid_connected * v["valid_connected"]
             + weights.atom_stability * (float(stable.mean()) if n else 0.0)
-            + weights.main_stability * (float(stable[largest_fragment_atoms(rd)].sum()) / n if n else 0.0))
-
-
-def largest_fragment_atoms(rdmol) -> list[int]:
-    """Atom indices of the largest fragment of the bond graph of ``rdmol`` (the first of equal size)."""
-    Chem = rdkit_chem()
-    return list(max(Chem.GetMolFrags(rdmol, sanitizeFrags=False), key=len)) if rdmol.GetNumAtoms() else []
+            + weights.main_stability * (float(stable[v["largest_atoms"]].sum()) / n if n else 0.0))
 
 
 class SampleQualityReward:

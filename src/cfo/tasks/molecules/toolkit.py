@@ -151,15 +151,19 @@ def sanitize(rdmol) -> tuple[bool, object]:
 
 def fragment_validity(rdmol) -> dict:
     """``valid`` (the largest fragment sanitises), ``connected`` (one fragment), ``valid_connected`` (both), the
-    fragment count, and ``smiles`` (canonical, largest fragment, no H; None if invalid)."""
+    fragment count, ``smiles`` (canonical, largest fragment, no H; None if invalid) and ``largest_atoms`` (the atom
+    indices of the largest fragment, the first of equal size)."""
     Chem = rdkit_chem()
     if rdmol.GetNumAtoms() == 0:
-        return {"valid": False, "connected": False, "valid_connected": False, "n_fragments": 0, "smiles": None}
+        return {"valid": False, "connected": False, "valid_connected": False, "n_fragments": 0, "smiles": None,
+                "largest_atoms": []}
+    atom_sets: list[tuple[int, ...]] = []
     try:
-        frags = Chem.GetMolFrags(rdmol, asMols=True, sanitizeFrags=False)
+        frags = Chem.GetMolFrags(rdmol, asMols=True, sanitizeFrags=False, fragsMolAtomMapping=atom_sets)
     except Exception:
-        frags = (rdmol,)
-    largest = max(frags, key=lambda m: m.GetNumAtoms())
+        frags, atom_sets = (rdmol,), [tuple(range(rdmol.GetNumAtoms()))]
+    i_largest = max(range(len(frags)), key=lambda i: frags[i].GetNumAtoms())
+    largest = frags[i_largest]
     ok, clean = sanitize(largest)
     smiles = None
     if ok:
@@ -168,7 +172,8 @@ def fragment_validity(rdmol) -> dict:
         except Exception:
             ok = False
     whole_ok = ok and len(frags) == 1
-    return {"valid": ok, "connected": len(frags) == 1, "valid_connected": whole_ok, "n_fragments": len(frags), "smiles": smiles}
+    return {"valid": ok, "connected": len(frags) == 1, "valid_connected": whole_ok, "n_fragments": len(frags), "smiles": smiles,
+            "largest_atoms": list(atom_sets[i_largest])}
 
 
 def atom_stability(mol: GeneratedMolecule, rdmol=None) -> np.ndarray:
@@ -257,6 +262,7 @@ def molecule_metrics(mols: Sequence[GeneratedMolecule]) -> tuple[dict, list[dict
         rd = to_rdkit(m)
         v = fragment_validity(rd)
         stable = atom_stability(m, rd)
+        v.pop("largest_atoms")
         row = {**v, "atom_stable_fraction": float(stable.mean()) if len(stable) else 0.0, "stable": bool(stable.all()) if len(stable) else False}
         if v["valid"]:
             clean = Chem.MolFromSmiles(v["smiles"]) if v["smiles"] else None

@@ -507,6 +507,25 @@ def test_table_counts_the_seeds_that_met_the_bound():
     assert _satisfied_cell({"xtb_satisfied": False, "xtb_satisfied_seeds": [0, 1]}) == "no"
 
 
+def test_refused_samples_count_at_the_worst_scored_value():
+    """The final verdict with refused samples: each one xTB refused counts at the largest scored value (the rule of the
+    round estimates), and the table says when that turns a 'yes' into a 'no'."""
+    from cfo.tasks.molecules.design import mean_counting_refused_as_worst
+    from cfo.tasks.molecules.report import _satisfied_cell
+
+    values = [1.0, math.nan, 1.4, math.nan]  # samples 1 and 3 refused
+    assert mean_counting_refused_as_worst(values, [0, 2]) == pytest.approx((1.0 + 1.4 + 1.4 + 1.4) / 4)
+    assert mean_counting_refused_as_worst(values, []) is None
+    assert mean_counting_refused_as_worst([0.5, 0.7], [0, 1]) == pytest.approx(0.6)  # nothing refused: the plain mean
+    # the scored mean (1.2) meets B = 1.25, the mean with refused as worst (1.3) does not
+    m = {"xtb_satisfied": True, "xtb_satisfied_refused_as_worst": False}
+    assert _satisfied_cell(m) == "yes; no with refused as worst"
+    assert _satisfied_cell({"xtb_satisfied": True, "xtb_satisfied_refused_as_worst": True}) == "yes"
+    agg = {"xtb_satisfied": True, "xtb_satisfied_seeds": [3, 3], "xtb_satisfied_refused_as_worst": False,
+           "xtb_satisfied_refused_as_worst_seeds": [2, 3]}
+    assert _satisfied_cell(agg) == "yes (3 of 3 seeds); no (2 of 3 seeds) with refused as worst"
+
+
 def test_cfo_am_trains_on_real_xtb_gradients(tmp_path):
     """``reward_source: xtb`` with Adjoint Matching: CFO_AM's reward and constraint are GFN2-xTB's, differentiable in
     the positions; the rounds' estimates of E[c] are xTB energies, and xTB's failures are counted, not lost."""
@@ -718,6 +737,9 @@ def test_a_run_under_a_referenced_energy_bound_scores_and_judges_by_the_referenc
         if ref:
             assert m["xtb_referenced_energy"]["mean"] == pytest.approx(np.mean(ref), abs=1e-4)
             assert m["xtb_satisfied"] == (np.mean(ref) <= 1.0)
+            with_refused = ref + [max(ref)] * (len(mols) - len(ref))  # each refused sample at the worst scored value
+            assert m["xtb_constraint_mean_refused_as_worst"] == pytest.approx(np.mean(with_refused), abs=1e-4)
+            assert m["xtb_satisfied_refused_as_worst"] == (np.mean(with_refused) <= 1.0)
             assert m["xtb_feasible_fraction"] == pytest.approx(np.mean(np.array(ref) <= 1.0))
     history = json.loads((out / "history.json").read_text())["CFO_AM"]["seed 0"]
     assert [h["k"] for h in history] == [1, 2]

@@ -319,6 +319,18 @@ def _stats(values: list[float]) -> dict:
     return {"n": int(a.size), "mean": float(a.mean()), "se": float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0}
 
 
+def mean_counting_refused_as_worst(values: list[float], scored: list[int]) -> float | None:
+    """The mean of the constrained xTB value over *all* final samples, each one xTB refused (indices not in
+    ``scored``) counted at the worst (largest) scored value: the rule the round estimates of ``G_k`` use
+    (:class:`cfo.tasks.molecules.oracles.CountedValues`). A refused sample ("too close", an SCF failure) is often a
+    strained one, so the mean over the scored ones alone can be optimistic. ``None`` when none was scored."""
+    if not scored:
+        return None
+    worst = max(values[k] for k in scored)
+    keep = set(scored)
+    return float(np.mean([values[k] if k in keep else worst for k in range(len(values))]))
+
+
 def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, pred_d: np.ndarray, pred_e: np.ndarray, bounds: dict, out: Path) -> dict:
     """Chemistry metrics and GFN2-xTB values of the final samples ``x`` beside their predicted dipole ``pred_d`` and
     constrained energy ``pred_e`` (total, or referenced with ``energy_reference: composition``: then the xTB bound
@@ -356,6 +368,7 @@ def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, pred_d: np.ndar
     write_sdf(gm, job_folder(out, job) / f"seed{job.seed}.sdf")
     ok = [k for k in range(len(xtb)) if xtb[k].ok]
     b = bounds["energy"]
+    with_refused = mean_counting_refused_as_worst(xc, ok)
     return {
         **{f"chem_{k}": v for k, v in chem.items()},
         "xtb_dipole": _stats(xd),
@@ -363,6 +376,8 @@ def _score_samples(cfg: MolRunConfig, job: Job, x: torch.Tensor, pred_d: np.ndar
         **({"xtb_referenced_energy": _stats(xc)} if referenced else {}),
         "xtb_satisfied": bool(ok) and float(np.mean([xc[k] for k in ok])) <= b,
         "xtb_feasible_fraction": float(np.mean([xc[k] <= b for k in ok])) if ok else None,
+        "xtb_constraint_mean_refused_as_worst": with_refused,
+        "xtb_satisfied_refused_as_worst": with_refused is not None and with_refused <= b,
         "xtb_failures": failures,
         "xtb_scored": len(ok),
         "predictor_error_energy_mae": float(np.mean([abs(pred_total[k] - xe[k]) for k in ok])) if ok else None,

@@ -612,6 +612,36 @@ def test_hydrogen_fraction_of_samples_and_of_old_run_folders(tmp_path):
     assert stored[0]["metrics"]["chem_h_fraction"] == 0.33
 
 
+def test_old_run_folders_get_the_verdict_with_refused_samples_from_their_sdf(tmp_path):
+    """A run folder written before ``xtb_satisfied_refused_as_worst`` existed gets it from its SDF: per seed, each
+    refused sample (``xtb_ok`` 0) counted at that seed's worst scored energy, and the aggregated row's verdict and
+    seed count."""
+    from cfo.tasks.molecules.report import _fill_refused_as_worst, _satisfied_cell
+    from cfo.tasks.molecules.toolkit import GeneratedMolecule, write_sdf
+
+    rng = np.random.default_rng(2)
+
+    def mol(seed, energy, ok):
+        return GeneratedMolecule(np.array([6, 1, 1, 1, 1]), rng.normal(scale=2.0, size=(5, 3)),
+                                 properties={"seed": seed, "xtb_energy_Ha": energy if ok else math.nan, "xtb_ok": int(ok)})
+
+    # seed 0: scored -10 and -8 (mean -9 <= B = -8.5), one refused -> (-10 - 8 - 8) / 3 = -8.67, still met
+    # seed 1: scored -10 and -7 (mean -8.5 <= B), one refused -> (-10 - 7 - 7) / 3 = -8.0, missed
+    write_sdf([mol(0, -10.0, True), mol(0, -8.0, True), mol(0, 0.0, False), mol(1, -10.0, True), mol(1, -7.0, True), mol(1, 0.0, False)],
+              tmp_path / "CFO_NFT" / "samples.sdf")
+    rows = [{"method": "CFO_NFT", "metrics": {"xtb_satisfied": True, "xtb_satisfied_seeds": [2, 2]}}]
+    per_seed = [{"method": "CFO_NFT", "seed": s, "bound": -8.5, "metrics": {"xtb_satisfied": True}} for s in (0, 1)]
+    _fill_refused_as_worst(rows, per_seed, tmp_path)
+    assert [p["metrics"]["xtb_constraint_mean_refused_as_worst"] for p in per_seed] == [pytest.approx(-26 / 3), pytest.approx(-8.0)]
+    assert [p["metrics"]["xtb_satisfied_refused_as_worst"] for p in per_seed] == [True, False]
+    m = rows[0]["metrics"]
+    assert m["xtb_satisfied_refused_as_worst"] is False and m["xtb_satisfied_refused_as_worst_seeds"] == [1, 2]
+    assert _satisfied_cell(m) == "yes (2 of 2 seeds); no (1 of 2 seeds) with refused as worst"
+    stored = [{"method": "CFO_NFT", "metrics": {"xtb_satisfied": True, "xtb_satisfied_refused_as_worst": True}}]
+    _fill_refused_as_worst(stored, per_seed, tmp_path)  # a stored verdict is kept
+    assert stored[0]["metrics"]["xtb_satisfied_refused_as_worst"] is True
+
+
 def test_gzipped_samples_sdf_reads_like_the_plain_one(tmp_path):
     """Run folders under docs/runs keep ``samples.sdf.gz``: the reader gives the same records, and the report's
     hydrogen-fraction fallback finds the gzipped file when the plain one is absent."""

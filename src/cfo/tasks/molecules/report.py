@@ -46,9 +46,9 @@ def _satisfied_cell(metrics: dict) -> str:
     met, n = metrics.get("xtb_satisfied_seeds", (None, 1))
     cell = cell if n <= 1 else f"{cell} ({met} of {n} seeds)"
     strict = metrics.get("xtb_satisfied_refused_as_worst")
-    if strict is None or strict == metrics["xtb_satisfied"] and metrics.get("xtb_satisfied_refused_as_worst_seeds") == metrics.get("xtb_satisfied_seeds"):
-        return cell
     met_w, n_w = metrics.get("xtb_satisfied_refused_as_worst_seeds", (None, 1))
+    if strict is None or strict == metrics["xtb_satisfied"] and (n_w <= 1 or met_w == met):
+        return cell
     return f"{cell}; {'yes' if strict else 'no'}{'' if n_w <= 1 else f' ({met_w} of {n_w} seeds)'} with refused as worst"
 
 
@@ -86,6 +86,49 @@ def _fill_hydrogen_fraction(rows: list[dict], per_seed: list[dict], out: Path) -
                 p["metrics"].setdefault("chem_h_fraction", by_seed[str(p["seed"])])
         if by_seed:
             r["metrics"]["chem_h_fraction"] = sum(by_seed.values()) / len(by_seed)
+
+
+def _fill_refused_as_worst(rows: list[dict], per_seed: list[dict], out: Path) -> None:
+    """Fill ``xtb_constraint_mean_refused_as_worst`` and ``xtb_satisfied_refused_as_worst`` where a run folder written
+    before the metrics existed lacks them, from ``<method>/samples.sdf`` (each record's seed, ``xtb_ok`` and
+    constrained xTB energy): per seed, and for the aggregated row the mean over its seeds, the verdict of every seed
+    and the count of seeds that met it, as the runner aggregates."""
+    import numpy as np
+
+    from cfo.tasks.molecules.design import mean_counting_refused_as_worst, seeds_where
+    from cfo.tasks.molecules.toolkit import read_sdf, sdf_path
+
+    for r in rows:
+        if "xtb_satisfied_refused_as_worst" in r.get("metrics", {}):
+            continue
+        path = sdf_path(out / slug(r["method"]))
+        if path is None:
+            continue
+        by_seed: dict[str, tuple[list[float], list[int]]] = {}
+        mols = list(read_sdf(path))
+        if not mols or not all(mol.HasProp("xtb_ok") for mol in mols):
+            continue  # written before the xTB fields: nothing to fill
+        for mol in mols:
+            values, scored = by_seed.setdefault(mol.GetProp("seed") if mol.HasProp("seed") else "", ([], []))
+            if int(mol.GetProp("xtb_ok")):
+                key = "xtb_referenced_energy_Ha" if mol.HasProp("xtb_referenced_energy_Ha") else "xtb_energy_Ha"
+                scored.append(len(values))
+                values.append(float(mol.GetProp(key)))
+            else:
+                values.append(math.nan)
+        mine = []
+        for p in per_seed:
+            if p["method"] == r["method"] and str(p["seed"]) in by_seed:
+                mean = mean_counting_refused_as_worst(*by_seed[str(p["seed"])])
+                p["metrics"]["xtb_constraint_mean_refused_as_worst"] = mean
+                p["metrics"]["xtb_satisfied_refused_as_worst"] = mean is not None and mean <= p["bound"]
+                mine.append(p)
+        if not mine:
+            continue
+        means = [p["metrics"]["xtb_constraint_mean_refused_as_worst"] for p in mine]
+        r["metrics"]["xtb_constraint_mean_refused_as_worst"] = float(np.mean([m for m in means if m is not None])) if any(m is not None for m in means) else None
+        r["metrics"]["xtb_satisfied_refused_as_worst"] = all(p["metrics"]["xtb_satisfied_refused_as_worst"] for p in mine)
+        r["metrics"]["xtb_satisfied_refused_as_worst_seeds"] = seeds_where("xtb_satisfied_refused_as_worst", mine)
 
 
 def _energy_constraint_name(rows: list[dict]) -> str:
@@ -336,6 +379,7 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
     per_seed = json.loads(per_seed_file.read_text()) if per_seed_file.exists() else []
     _count_satisfied_seeds(rows, per_seed)
     _fill_hydrogen_fraction(rows, per_seed, out)
+    _fill_refused_as_worst(rows, per_seed, out)
     machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").exists() else {}
     bounds = json.loads((out / "bounds.json").read_text()) if (out / "bounds.json").exists() else {}
     prefix = slug(out.name)

@@ -85,8 +85,8 @@ def test_inactive_constraint_returns_unconstrained_tilt():
     assert torch.allclose(x.mean(0), UNCONSTRAINED_MEAN, atol=0.03), x.mean(0)
 
 
-def _tiny(tmp_path, bound=1.0, rounds=3, keep_optimizer=False):
-    cfg = CFOConfig(rounds=rounds, steps_per_round=4, rho_init=1.0, eval_samples=64, seed=7)
+def _tiny(tmp_path, bound=1.0, rounds=3, keep_optimizer=False, rho_init=1.0):
+    cfg = CFOConfig(rounds=rounds, steps_per_round=4, rho_init=rho_init, eval_samples=64, seed=7)
     solver = AdjointMatching(AdjointMatchingConfig(batch_size=16, rollout_steps=6, keep_optimizer=keep_optimizer))
     return CFO(_problem(bound), solver, gaussian_finetunable(), cfg, checkpoint_dir=tmp_path)
 
@@ -125,12 +125,26 @@ def test_round_history_is_readable_json_after_every_round(tmp_path):
     assert saved["history"] == [{k: v for k, v in h.items() if k != "returned"} for h in resumed.history_dicts()]
 
 
+def test_finished_run_extended_by_more_rounds_equals_the_longer_run(tmp_path):
+    """K may grow on resume: a finished K = 2 run resumed with K = 3 runs round 3 only, and ends where an uninterrupted
+    K = 3 run ends; a checkpoint with more rounds done than K asks for is refused."""
+    longer = _tiny(tmp_path / "full", rounds=3).run(progress=False)
+    short = _tiny(tmp_path / "extended", rounds=2).run(progress=False)
+    assert [h.k for h in short.history] == [1, 2] and short.final is not None
+    extended = _tiny(tmp_path / "extended", rounds=3).run(progress=False)
+    assert _strip(extended.history) == _strip(longer.history)
+    for p, q in zip(longer.model.parameters(), extended.model.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(CheckpointMismatchError, match="3 rounds done"):
+        _tiny(tmp_path / "extended", rounds=2).run(progress=False)
+
+
 def test_checkpoint_from_another_problem_is_refused(tmp_path):
     _tiny(tmp_path, bound=1.0, rounds=1).run(progress=False)
     with pytest.raises(CheckpointMismatchError, match="another problem"):
         _tiny(tmp_path, bound=0.5, rounds=1).run(progress=False)
     with pytest.raises(CheckpointMismatchError, match="another config"):
-        _tiny(tmp_path, bound=1.0, rounds=2).run(progress=False)
+        _tiny(tmp_path, bound=1.0, rounds=1, rho_init=2.0).run(progress=False)
     with pytest.raises(CheckpointMismatchError, match="another solver_config"):  # e.g. Adam carried, not fresh
         _tiny(tmp_path, bound=1.0, rounds=1, keep_optimizer=True).run(progress=False)
 

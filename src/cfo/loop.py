@@ -308,9 +308,21 @@ class CFO:
         if state.get("version") != CHECKPOINT_VERSION:
             raise CheckpointMismatchError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
         mine, theirs = self._identity(), state.get("identity", {})
+        done = int(state.get("k", 0))
+        if done > self.config.rounds:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} has {done} rounds done, more than this run's rounds = {self.config.rounds}. "
+                "Ask for at least as many rounds, or use another output folder.")
         for key in ("problem", "solver", "config", "solver_config"):
             if key == "solver_config" and key not in theirs:
                 continue  # written before solver settings were part of a checkpoint's identity
+            if key == "config":  # K may grow on resume: rounds 1..k do not depend on it, so a run can be extended
+                if _without_rounds(mine[key]) != _without_rounds(theirs.get(key)):
+                    raise CheckpointMismatchError(
+                        f"checkpoint {path} belongs to another config: saved {theirs.get(key)!r}, this run {mine[key]!r}. "
+                        "Use another output folder or delete the checkpoint."
+                    )
+                continue
             if mine[key] != theirs.get(key):
                 raise CheckpointMismatchError(
                     f"checkpoint {path} belongs to another {key}: saved {theirs.get(key)!r}, this run {mine[key]!r}. "
@@ -409,6 +421,13 @@ class CFO:
                 nonfinite=chosen.nonfinite_eval,
             )
         return result
+
+
+def _without_rounds(config: dict | None) -> dict | None:
+    """A checkpoint identity's loop config without ``rounds`` (K): a round ``k`` depends on ``(seed, k)``,
+    ``lambda_k``, ``rho_k`` and the model, never on K, so a finished or stopped run may be resumed with a larger K
+    and its rounds ``k + 1, ...`` are those an uninterrupted run with that K would have run."""
+    return None if config is None else {k: v for k, v in config.items() if k != "rounds"}
 
 
 def _standard_error(evaluation: Evaluation) -> torch.Tensor:

@@ -308,26 +308,20 @@ class CFO:
         if state.get("version") != CHECKPOINT_VERSION:
             raise CheckpointMismatchError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
         mine, theirs = self._identity(), state.get("identity", {})
+        for key in ("problem", "solver", "config", "solver_config"):
+            if key == "solver_config" and key not in theirs:
+                continue  # written before solver settings were part of a checkpoint's identity
+            compared = _without_rounds if key == "config" else (lambda value: value)  # K may grow on resume
+            if compared(mine[key]) != compared(theirs.get(key)):
+                raise CheckpointMismatchError(
+                    f"checkpoint {path} belongs to another {key}: saved {theirs.get(key)!r}, this run {mine[key]!r}. "
+                    "Use another output folder or delete the checkpoint."
+                )
         done = int(state.get("k", 0))
         if done > self.config.rounds:
             raise CheckpointMismatchError(
                 f"checkpoint {path} has {done} rounds done, more than this run's rounds = {self.config.rounds}. "
                 "Ask for at least as many rounds, or use another output folder.")
-        for key in ("problem", "solver", "config", "solver_config"):
-            if key == "solver_config" and key not in theirs:
-                continue  # written before solver settings were part of a checkpoint's identity
-            if key == "config":  # K may grow on resume: rounds 1..k do not depend on it, so a run can be extended
-                if _without_rounds(mine[key]) != _without_rounds(theirs.get(key)):
-                    raise CheckpointMismatchError(
-                        f"checkpoint {path} belongs to another config: saved {theirs.get(key)!r}, this run {mine[key]!r}. "
-                        "Use another output folder or delete the checkpoint."
-                    )
-                continue
-            if mine[key] != theirs.get(key):
-                raise CheckpointMismatchError(
-                    f"checkpoint {path} belongs to another {key}: saved {theirs.get(key)!r}, this run {mine[key]!r}. "
-                    "Use another output folder or delete the checkpoint."
-                )
         return state
 
     # -- the loop ------------------------------------------------------------------------------------------------

@@ -125,8 +125,8 @@ def _fill_refused_as_worst(rows: list[dict], per_seed: list[dict], out: Path) ->
                 mine.append(p)
         if not mine:
             continue
-        means = [p["metrics"]["xtb_constraint_mean_refused_as_worst"] for p in mine]
-        r["metrics"]["xtb_constraint_mean_refused_as_worst"] = float(np.mean([m for m in means if m is not None])) if any(m is not None for m in means) else None
+        means = [p["metrics"]["xtb_constraint_mean_refused_as_worst"] for p in mine if p["metrics"]["xtb_constraint_mean_refused_as_worst"] is not None]
+        r["metrics"]["xtb_constraint_mean_refused_as_worst"] = float(np.mean(means)) if means else None
         r["metrics"]["xtb_satisfied_refused_as_worst"] = all(p["metrics"]["xtb_satisfied_refused_as_worst"] for p in mine)
         r["metrics"]["xtb_satisfied_refused_as_worst_seeds"] = seeds_where("xtb_satisfied_refused_as_worst", mine)
 

@@ -78,8 +78,8 @@ class MolRunConfig(BaseModel):
     )
     seeds: list[int] = Field(default_factory=lambda: [0], description="one job per method and seed; tables give the mean and spread over seeds")
     n_atoms: int = Field(32, ge=2, description="atoms per generated molecule, H included (the paper fixed 45)")
-    model: str | None = Field(None, description="pre-trained molecule flow (default: the shipped one)")
-    predictor: str | None = Field(None, description="energy/dipole predictor (default: the shipped one)")
+    model: str | None = Field(None, description="pre-trained molecule flow, a path relative to the directory the command runs in (default: the shipped one)")
+    predictor: str | None = Field(None, description="energy/dipole predictor, a path relative to the directory the command runs in (default: the shipped one)")
     energy_bound: float | None = Field(
         None, description="B in Ha; None: the paper's relative placement, mean predicted energy of PRE samples x 80/77.86"
     )

@@ -105,7 +105,8 @@ class MolPretrainConfig(BaseModel):
     init_from: str | None = None
     """A ``model.pt`` (written by this command, e.g. the shipped ``src/cfo/assets/mol_flow_recipe.pt``) whose weights
     start a fresh run, and its EMA, instead of a random initialisation: a warm restart with a new optimiser and
-    learning-rate schedule. Its network settings and prior coupling must equal this config's (None: random start)."""
+    learning-rate schedule. Its network settings and prior coupling must equal this config's (None: random start).
+    Like every path in a config, it is read relative to the directory the command runs in, not to the config file."""
     time_scaled_loss: bool = False
     """FlowMol's time-scaled loss: each channel's per-molecule loss is weighted by ``clip(alpha_t / (1 - alpha_t),
     0.05, 1.5)`` of that channel (late times, where the state already shows the answer, weigh more)."""

@@ -85,7 +85,7 @@ class MolRefineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="the pre-trained model.pt to fine-tune and to stay close to (default: the shipped one)")
+    model: str | None = Field(None, description="the pre-trained model.pt to fine-tune and to stay close to, a path relative to the directory the command runs in (default: the shipped one)")
     blocks: int = Field(20, ge=1, description="blocks of NFT iterations; each block works at one molecule size")
     steps_per_block: int = Field(20, ge=1, description="NFT iterations per block (checkpoints fall between blocks)")
     sizes: list[int] | None = Field(None, description="atom counts cycled over the blocks; None: each block draws one from the model's size histogram")

@@ -63,29 +63,53 @@ def _count_satisfied_seeds(rows: list[dict], per_seed: list[dict]) -> None:
             r["metrics"]["xtb_satisfied_seeds"] = seeds_where("xtb_satisfied", mine)
 
 
+def _samples_by_seed(out: Path, method: str) -> dict[str, list]:
+    """The records of ``out/<method>/samples.sdf`` (plain or gzipped) grouped by their ``seed`` field ("" where a
+    record has none); empty without a file."""
+    from cfo.tasks.molecules.toolkit import read_sdf, sdf_path
+
+    path = sdf_path(out / slug(method))
+    by_seed: dict[str, list] = {}
+    for mol in read_sdf(path) if path is not None else []:
+        by_seed.setdefault(mol.GetProp("seed") if mol.HasProp("seed") else "", []).append(mol)
+    return by_seed
+
+
+def _hydrogen_fraction_of(mols: list) -> float | None:
+    """Hydrogens among all atoms of SDF records (None without atoms)."""
+    n = sum(mol.GetNumAtoms() for mol in mols)
+    return sum(a.GetAtomicNum() == 1 for mol in mols for a in mol.GetAtoms()) / n if n else None
+
+
 def _fill_hydrogen_fraction(rows: list[dict], per_seed: list[dict], out: Path) -> None:
     """Fill ``chem_h_fraction`` where a run folder written before the metric existed lacks it, from the atoms of
     ``<method>/samples.sdf`` (every final sample of every seed, each record with its seed): per seed, and for the
     aggregated row the mean over its seeds, as the runner aggregates."""
-    from cfo.tasks.molecules.toolkit import read_sdf, sdf_path
-
     for r in rows:
         if "chem_h_fraction" in r.get("metrics", {}):
             continue
-        path = sdf_path(out / slug(r["method"]))
-        if path is None:
-            continue
-        counts: dict[str, list[int]] = {}
-        for mol in read_sdf(path):
-            c = counts.setdefault(mol.GetProp("seed") if mol.HasProp("seed") else "", [0, 0])
-            c[0] += sum(a.GetAtomicNum() == 1 for a in mol.GetAtoms())
-            c[1] += mol.GetNumAtoms()
-        by_seed = {seed: h / n for seed, (h, n) in counts.items() if n}
+        fractions = {seed: _hydrogen_fraction_of(mols) for seed, mols in _samples_by_seed(out, r["method"]).items()}
+        by_seed = {seed: h for seed, h in fractions.items() if h is not None}
         for p in per_seed:
             if p["method"] == r["method"] and str(p["seed"]) in by_seed:
                 p["metrics"].setdefault("chem_h_fraction", by_seed[str(p["seed"])])
         if by_seed:
             r["metrics"]["chem_h_fraction"] = sum(by_seed.values()) / len(by_seed)
+
+
+def _constrained_xtb_values(mols: list) -> tuple[list[float], list[int]]:
+    """The constrained xTB energy of every SDF record (NaN where xTB refused it) and the indices of the scored ones,
+    as :func:`cfo.tasks.molecules.design.mean_counting_refused_as_worst` takes them."""
+    values: list[float] = []
+    scored: list[int] = []
+    for mol in mols:
+        if int(mol.GetProp("xtb_ok")):
+            key = "xtb_referenced_energy_Ha" if mol.HasProp("xtb_referenced_energy_Ha") else "xtb_energy_Ha"
+            scored.append(len(values))
+            values.append(float(mol.GetProp(key)))
+        else:
+            values.append(math.nan)
+    return values, scored
 
 
 def _fill_refused_as_worst(rows: list[dict], per_seed: list[dict], out: Path) -> None:
@@ -96,30 +120,17 @@ def _fill_refused_as_worst(rows: list[dict], per_seed: list[dict], out: Path) ->
     import numpy as np
 
     from cfo.tasks.molecules.design import mean_counting_refused_as_worst, seeds_where
-    from cfo.tasks.molecules.toolkit import read_sdf, sdf_path
 
     for r in rows:
         if "xtb_satisfied_refused_as_worst" in r.get("metrics", {}):
             continue
-        path = sdf_path(out / slug(r["method"]))
-        if path is None:
-            continue
-        by_seed: dict[str, tuple[list[float], list[int]]] = {}
-        mols = list(read_sdf(path))
-        if not mols or not all(mol.HasProp("xtb_ok") for mol in mols):
-            continue  # written before the xTB fields: nothing to fill
-        for mol in mols:
-            values, scored = by_seed.setdefault(mol.GetProp("seed") if mol.HasProp("seed") else "", ([], []))
-            if int(mol.GetProp("xtb_ok")):
-                key = "xtb_referenced_energy_Ha" if mol.HasProp("xtb_referenced_energy_Ha") else "xtb_energy_Ha"
-                scored.append(len(values))
-                values.append(float(mol.GetProp(key)))
-            else:
-                values.append(math.nan)
+        by_seed = _samples_by_seed(out, r["method"])
+        if not by_seed or not all(mol.HasProp("xtb_ok") for mols in by_seed.values() for mol in mols):
+            continue  # no samples, or written before the xTB fields: nothing to fill
         mine = []
         for p in per_seed:
             if p["method"] == r["method"] and str(p["seed"]) in by_seed:
-                mean = mean_counting_refused_as_worst(*by_seed[str(p["seed"])])
+                mean = mean_counting_refused_as_worst(*_constrained_xtb_values(by_seed[str(p["seed"])]))
                 p["metrics"]["xtb_constraint_mean_refused_as_worst"] = mean
                 p["metrics"]["xtb_satisfied_refused_as_worst"] = mean is not None and mean <= p["bound"]
                 mine.append(p)

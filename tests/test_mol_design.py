@@ -590,7 +590,7 @@ def test_quick_variant_with_the_shipped_model_runs_cfo(tmp_path):
 def test_hydrogen_fraction_of_samples_and_of_old_run_folders(tmp_path):
     """``h_fraction`` counts hydrogens among all atoms; a run folder written before the metric existed gets it from
     its SDF, per seed and (for the aggregated row) as the mean over seeds."""
-    from cfo.tasks.molecules.report import _fill_hydrogen_fraction
+    from cfo.tasks.molecules.report import _fill_hydrogen_fraction, _sample_reader
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, molecule_metrics, write_sdf
 
     rng = np.random.default_rng(0)
@@ -604,19 +604,21 @@ def test_hydrogen_fraction_of_samples_and_of_old_run_folders(tmp_path):
     write_sdf([mol(methane_like, 0), mol(methane_like, 0), mol(hydrogen_poor, 1)], tmp_path / "CFO_NFT" / "samples.sdf")
     rows = [{"method": "CFO_NFT", "metrics": {}}]
     per_seed = [{"method": "CFO_NFT", "seed": s, "metrics": {}} for s in (0, 1)]
-    _fill_hydrogen_fraction(rows, per_seed, tmp_path)
+    _fill_hydrogen_fraction(rows, per_seed, _sample_reader(tmp_path))
     assert [p["metrics"]["chem_h_fraction"] for p in per_seed] == [pytest.approx(0.8), pytest.approx(0.2)]
     assert rows[0]["metrics"]["chem_h_fraction"] == pytest.approx(0.5)
     stored = [{"method": "CFO_NFT", "metrics": {"chem_h_fraction": 0.33}}]  # a stored value is kept
-    _fill_hydrogen_fraction(stored, [], tmp_path)
+    _fill_hydrogen_fraction(stored, [], _sample_reader(tmp_path))
     assert stored[0]["metrics"]["chem_h_fraction"] == 0.33
+    read = _sample_reader(tmp_path)  # one reader serves both fills: each method's SDF is read once
+    assert read("CFO_NFT") is read("CFO_NFT") and sorted(read("CFO_NFT")) == ["0", "1"]
 
 
 def test_old_run_folders_get_the_verdict_with_refused_samples_from_their_sdf(tmp_path):
     """A run folder written before ``xtb_satisfied_refused_as_worst`` existed gets it from its SDF: per seed, each
     refused sample (``xtb_ok`` 0) counted at that seed's worst scored energy, and the aggregated row's verdict and
     seed count."""
-    from cfo.tasks.molecules.report import _fill_refused_as_worst, _satisfied_cell
+    from cfo.tasks.molecules.report import _fill_refused_as_worst, _sample_reader, _satisfied_cell
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, write_sdf
 
     rng = np.random.default_rng(2)
@@ -631,14 +633,14 @@ def test_old_run_folders_get_the_verdict_with_refused_samples_from_their_sdf(tmp
               tmp_path / "CFO_NFT" / "samples.sdf")
     rows = [{"method": "CFO_NFT", "metrics": {"xtb_satisfied": True, "xtb_satisfied_seeds": [2, 2]}}]
     per_seed = [{"method": "CFO_NFT", "seed": s, "bound": -8.5, "metrics": {"xtb_satisfied": True}} for s in (0, 1)]
-    _fill_refused_as_worst(rows, per_seed, tmp_path)
+    _fill_refused_as_worst(rows, per_seed, _sample_reader(tmp_path))
     assert [p["metrics"]["xtb_constraint_mean_refused_as_worst"] for p in per_seed] == [pytest.approx(-26 / 3), pytest.approx(-8.0)]
     assert [p["metrics"]["xtb_satisfied_refused_as_worst"] for p in per_seed] == [True, False]
     m = rows[0]["metrics"]
     assert m["xtb_satisfied_refused_as_worst"] is False and m["xtb_satisfied_refused_as_worst_seeds"] == [1, 2]
     assert _satisfied_cell(m) == "yes (2 of 2 seeds); no (1 of 2 seeds) with refused as worst"
     stored = [{"method": "CFO_NFT", "metrics": {"xtb_satisfied": True, "xtb_satisfied_refused_as_worst": True}}]
-    _fill_refused_as_worst(stored, per_seed, tmp_path)  # a stored verdict is kept
+    _fill_refused_as_worst(stored, per_seed, _sample_reader(tmp_path))  # a stored verdict is kept
     assert stored[0]["metrics"]["xtb_satisfied_refused_as_worst"] is True
 
 
@@ -648,7 +650,7 @@ def test_gzipped_samples_sdf_reads_like_the_plain_one(tmp_path):
     import gzip
     import shutil
 
-    from cfo.tasks.molecules.report import _fill_hydrogen_fraction
+    from cfo.tasks.molecules.report import _fill_hydrogen_fraction, _sample_reader
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, read_sdf, sdf_path, write_sdf
 
     rng = np.random.default_rng(1)
@@ -664,7 +666,7 @@ def test_gzipped_samples_sdf_reads_like_the_plain_one(tmp_path):
     assert sdf_path(tmp_path / "CFO_NFT") == tmp_path / "CFO_NFT" / "samples.sdf.gz"
     assert sdf_path(tmp_path / "AM") is None
     rows = [{"method": "CFO_NFT", "metrics": {}}]
-    _fill_hydrogen_fraction(rows, [], tmp_path)
+    _fill_hydrogen_fraction(rows, [], _sample_reader(tmp_path))
     assert rows[0]["metrics"]["chem_h_fraction"] == pytest.approx(7 / 13)
 
 

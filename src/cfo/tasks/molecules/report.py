@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from cfo.jobs import Job, slug
@@ -81,14 +82,26 @@ def _hydrogen_fraction_of(mols: list) -> float | None:
     return sum(a.GetAtomicNum() == 1 for mol in mols for a in mol.GetAtoms()) / n if n else None
 
 
-def _fill_hydrogen_fraction(rows: list[dict], per_seed: list[dict], out: Path) -> None:
+def _sample_reader(out: Path) -> Callable[[str], dict[str, list]]:
+    """:func:`_samples_by_seed` of ``out`` for a method, each method's SDF read at most once per reader."""
+    cache: dict[str, dict[str, list]] = {}
+
+    def read(method: str) -> dict[str, list]:
+        if method not in cache:
+            cache[method] = _samples_by_seed(out, method)
+        return cache[method]
+
+    return read
+
+
+def _fill_hydrogen_fraction(rows: list[dict], per_seed: list[dict], samples: Callable[[str], dict[str, list]]) -> None:
     """Fill ``chem_h_fraction`` where a run folder written before the metric existed lacks it, from the atoms of
-    ``<method>/samples.sdf`` (every final sample of every seed, each record with its seed): per seed, and for the
+    ``<method>/samples.sdf`` (``samples(method)``: every final sample of every seed, by seed): per seed, and for the
     aggregated row the mean over its seeds, as the runner aggregates."""
     for r in rows:
         if "chem_h_fraction" in r.get("metrics", {}):
             continue
-        fractions = {seed: _hydrogen_fraction_of(mols) for seed, mols in _samples_by_seed(out, r["method"]).items()}
+        fractions = {seed: _hydrogen_fraction_of(mols) for seed, mols in samples(r["method"]).items()}
         by_seed = {seed: h for seed, h in fractions.items() if h is not None}
         for p in per_seed:
             if p["method"] == r["method"] and str(p["seed"]) in by_seed:
@@ -112,9 +125,9 @@ def _constrained_xtb_values(mols: list) -> tuple[list[float], list[int]]:
     return values, scored
 
 
-def _fill_refused_as_worst(rows: list[dict], per_seed: list[dict], out: Path) -> None:
+def _fill_refused_as_worst(rows: list[dict], per_seed: list[dict], samples: Callable[[str], dict[str, list]]) -> None:
     """Fill ``xtb_constraint_mean_refused_as_worst`` and ``xtb_satisfied_refused_as_worst`` where a run folder written
-    before the metrics existed lacks them, from ``<method>/samples.sdf`` (each record's seed, ``xtb_ok`` and
+    before the metrics existed lacks them, from ``<method>/samples.sdf`` (``samples(method)``; each record's seed, ``xtb_ok`` and
     constrained xTB energy): per seed, and for the aggregated row the mean over its seeds, the verdict of every seed
     and the count of seeds that met it, as the runner aggregates."""
     import numpy as np
@@ -124,7 +137,7 @@ def _fill_refused_as_worst(rows: list[dict], per_seed: list[dict], out: Path) ->
     for r in rows:
         if "xtb_satisfied_refused_as_worst" in r.get("metrics", {}):
             continue
-        by_seed = _samples_by_seed(out, r["method"])
+        by_seed = samples(r["method"])
         if not by_seed or not all(mol.HasProp("xtb_ok") for mols in by_seed.values() for mol in mols):
             continue  # no samples, or written before the xTB fields: nothing to fill
         mine = []
@@ -389,8 +402,9 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
     per_seed_file = out / "results_per_seed.json"
     per_seed = json.loads(per_seed_file.read_text()) if per_seed_file.exists() else []
     _count_satisfied_seeds(rows, per_seed)
-    _fill_hydrogen_fraction(rows, per_seed, out)
-    _fill_refused_as_worst(rows, per_seed, out)
+    samples = _sample_reader(out)
+    _fill_hydrogen_fraction(rows, per_seed, samples)
+    _fill_refused_as_worst(rows, per_seed, samples)
     machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").exists() else {}
     bounds = json.loads((out / "bounds.json").read_text()) if (out / "bounds.json").exists() else {}
     prefix = slug(out.name)

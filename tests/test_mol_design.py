@@ -618,7 +618,7 @@ def test_old_run_folders_get_the_verdict_with_refused_samples_from_their_sdf(tmp
     """A run folder written before ``xtb_satisfied_refused_as_worst`` existed gets it from its SDF: per seed, each
     refused sample (``xtb_ok`` 0) counted at that seed's worst scored energy, and the aggregated row's verdict and
     seed count."""
-    from cfo.tasks.molecules.report import _fill_refused_as_worst, _sample_reader, _satisfied_cell
+    from cfo.tasks.molecules.report import _fill_refused_as_worst, _notes, _sample_reader, _satisfied_cell
     from cfo.tasks.molecules.toolkit import GeneratedMolecule, write_sdf
 
     rng = np.random.default_rng(2)
@@ -639,6 +639,8 @@ def test_old_run_folders_get_the_verdict_with_refused_samples_from_their_sdf(tmp
     m = rows[0]["metrics"]
     assert m["xtb_satisfied_refused_as_worst"] is False and m["xtb_satisfied_refused_as_worst_seeds"] == [1, 2]
     assert _satisfied_cell(m) == "yes (2 of 2 seeds); no (1 of 2 seeds) with refused as worst"
+    notes = "\n".join(_notes(rows))  # the report's notes say that the verdict turns
+    assert "bound holds for CFO_NFT" in notes and "it does not hold for CFO_NFT" in notes
     stored = [{"method": "CFO_NFT", "metrics": {"xtb_satisfied": True, "xtb_satisfied_refused_as_worst": True}}]
     _fill_refused_as_worst(stored, per_seed, _sample_reader(tmp_path))  # a stored verdict is kept
     assert stored[0]["metrics"]["xtb_satisfied_refused_as_worst"] is True

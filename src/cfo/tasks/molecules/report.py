@@ -325,6 +325,10 @@ def _notes(rows: list[dict]) -> list[str]:
     fails = f"fails for {', '.join(unsat)}" if unsat else ""
     name = _energy_constraint_name(rows)
     notes.append(f"- By GFN2-xTB on the generated geometries, the {name} bound {' and '.join(p for p in (holds, fails) if p)}.")
+    strict_fails = [m for m in sat if by[m]["metrics"].get("xtb_satisfied_refused_as_worst") is False]
+    if strict_fails:
+        notes.append(f"- Counting each sample that xTB refused at the worst scored value (the rule of the round estimates), "
+                     f"it does not hold for {', '.join(strict_fails)}: the margin is smaller than what the refused samples could add.")
     for solver in ("AM", "NFT"):
         if solver in by and f"CFO_{solver}" in by and "PRE" in by:
             d = {k: by[k]["metrics"]["xtb_dipole"] for k in ("PRE", solver, f"CFO_{solver}")}

@@ -189,3 +189,17 @@ def test_every_run_folder_and_image_of_the_results_page_is_in_the_repository():
         assert f"{folder}/results.json" in files, f"{folder} is not committed"
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert f"docs/{link}" in files, f"image {link} of results.md is not committed"
+
+
+def test_machine_record_says_which_cpu_and_kernels_a_run_used():
+    """``machine.json`` records the CPU model, PyTorch's CPU instruction set and thread count beside the host, so a
+    report can tell runs made on different kinds of machine apart; the molecular report prints them."""
+    import torch
+
+    from cfo.jobs import machine_info
+    from cfo.tasks.molecules.report import _cpu_kind
+
+    info = machine_info("cpu")
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and info["torch_threads"] == torch.get_num_threads()
+    assert isinstance(info["cpu_model"], str) and info["cpu_count"] >= 1 and info["device"] == "cpu"
+    assert _cpu_kind({"cpu_model": "X", "cpu_capability": "AVX2"}) == " (X, AVX2)" and _cpu_kind({"host": "Linux"}) == ""

@@ -79,9 +79,26 @@ def load_record(out: Path, job: Job) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name as the operating system gives it (``/proc/cpuinfo`` on Linux), else ``platform.processor()``
+    ("" where neither says)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def machine_info(device: str = "cpu") -> dict:
-    """Where a run ran (stored as ``machine.json`` so reports can say which machine gave the wall times)."""
-    info = {"host": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device}
+    """Where a run ran (stored as ``machine.json`` so reports can say which machine gave the wall times): the host,
+    CPU count and model, the vector instruction set PyTorch's CPU kernels use (``cpu_capability``: runs on machines
+    that differ in it round differently, so molecular runs, whose decoding turns small differences into other
+    molecules, repeat bit-for-bit only on the same kind of machine), PyTorch's version and thread count, the device."""
+    info = {"host": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count(), "cpu_model": cpu_model_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info

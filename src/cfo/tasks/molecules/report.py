@@ -155,6 +155,13 @@ def _fill_refused_as_worst(rows: list[dict], per_seed: list[dict], samples: Call
         r["metrics"]["xtb_satisfied_refused_as_worst_seeds"] = seeds_where("xtb_satisfied_refused_as_worst", mine)
 
 
+def _cpu_kind(machine: dict) -> str:
+    """`` (<model>, <instruction set>)`` from ``machine.json`` where it records them (run folders written before it did
+    give "")."""
+    kind = [machine[k] for k in ("cpu_model", "cpu_capability") if machine.get(k)]
+    return f" ({', '.join(kind)})" if kind else ""
+
+
 def _energy_constraint_name(rows: list[dict]) -> str:
     """The first constraint's name in result rows: ``"energy"``, or ``"referenced energy"`` (``energy_reference:
     composition``); ``"energy"`` for rows written before constraints were named."""
@@ -435,7 +442,7 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
         f"Run folder `{out.name}`: methods {', '.join(cfg['methods'])}; seeds {cfg['seeds']}; K = {c['rounds']}, N = {c['steps_per_round']} "
         f"(budget M = {c['rounds'] * c['steps_per_round']} inner iterations for every fine-tuning method); alpha = {cfg['alpha']}; "
         f"{cfg['eval_samples']} final samples per method and seed ({cfg['eval_ode_steps']} midpoint ODE steps); machine: "
-        f"{machine.get('host', '?')}, {machine.get('cpu_count', '?')} CPUs, device {machine.get('device', '?')}, torch {machine.get('torch', '?')}. "
+        f"{machine.get('host', '?')}, {machine.get('cpu_count', '?')} CPUs{_cpu_kind(machine)}, device {machine.get('device', '?')}, torch {machine.get('torch', '?')}. "
         + ("The constraint is the composition-referenced energy E - sum_i eps_Z (per-element energies fitted on the shipped "
            "dataset, whose referenced energies are 0 +- 0.03 Ha): the energy above an average molecule of the same atoms, i.e. strain. " if referenced else "")
         + f"Bound B = {rows[0]['bound']:g} Ha" + (f" (the paper's relative placement: the PRE samples' mean predicted energy {measured['pre_energy_mean']:.2f} Ha x 80/77.86)" if measured and cfg.get("energy_bound") is None else "")

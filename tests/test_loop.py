@@ -360,6 +360,11 @@ def test_reports_name_the_returned_round_only_under_best_feasible(tmp_path):
     rounds[1]["returned"] = False
     (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": rounds}}))
     assert "highest estimated reward that met every bound by its estimate" in returned_round_lines(tmp_path, "best_feasible")[0]
+    rounds[0].update(constraint_mean=[1.163], constraint_std=[0.461])  # the round's own estimate, with the caution
+    (tmp_path / "history.json").write_text(json.dumps({"CFO_AM": {"seed 0": rounds}}))
+    line = returned_round_lines(tmp_path, "best_feasible")[0]
+    assert "Its round estimate of E[c]: 1.16 (sd 0.46)." in line and "tends to be one estimated low" in line
+    assert "tends to be one estimated low" not in returned_round_lines(tmp_path, "best_feasible", 2.0)[0]
 
 
 def _nan_above(threshold: float):

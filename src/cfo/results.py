@@ -164,5 +164,21 @@ def returned_round_lines(out: Path, return_model: str, feasible_z: float = 0.0) 
             why = (f"the round with the highest estimated reward that met every bound{test}" if met else
                    f"no round met every bound{test}, so the last round's model, as under `return_model: last`")
             lines.append(f"- {label}, {seed}: the final samples are round {chosen[0]['k']}'s model of {len(rounds)} "
-                         f"(`return_model: best_feasible`: {why}).")
+                         f"(`return_model: best_feasible`: {why}).{_selected_estimate_sentence(chosen[0], met, feasible_z)}")
     return lines + [""] if lines else []
+
+
+def _selected_estimate_sentence(selected: dict, met: bool, feasible_z: float) -> str:
+    """The returned round's own estimate of ``E[c_i]`` (mean and sample standard deviation), with a caution when the
+    round was picked for meeting the bound by its point estimate: among rounds whose estimates scatter around ``B``, the
+    one picked for ``G_k <= 0`` tends to be the one estimated low (selection bias), so the final samples, a fresh draw,
+    may land above the estimate; ``feasible_z > 0`` asks for a margin of ``z`` standard errors against that."""
+    means, stds = selected.get("constraint_mean"), selected.get("constraint_std")
+    if not means or not stds:
+        return ""
+    estimates = ", ".join(f"{m:.3g} (sd {s:.2g})" for m, s in zip(means, stds))
+    sentence = f" Its round estimate of E[c]: {estimates}."
+    if met and feasible_z <= 0:
+        sentence += (" A round picked for meeting the bound by its point estimate tends to be one estimated low, so a"
+                     " fresh sample may land above it; `feasible_z` asks for a margin of z standard errors.")
+    return sentence

@@ -96,7 +96,8 @@ class CFOConfig(BaseModel):
         description="under return_model 'best_feasible', a round counts as feasible only when its upper confidence bound "
         "meets every bound: G_k + z * std_k / sqrt(n_k) <= 0 (std_k: the sample standard deviation of c_i over the n_k "
         "evaluation samples). 0 takes the estimate as it is; 1.645 is a one-sided 95 % bound, so that a round whose "
-        "estimate fell below B by Monte-Carlo chance is not picked. G_k is measured from the tightened target "
+        "estimate fell below B by Monte-Carlo chance is not picked (at 0, the round picked among rounds whose estimates scatter "
+        "around B tends to be one estimated low, so fresh samples of its model often land above its estimate). G_k is measured from the tightened target "
         "B - target_margin, so with both set the two cushions add up",
     )
     max_nonfinite_fraction: float = Field(

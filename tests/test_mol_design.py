@@ -792,3 +792,49 @@ def test_a_run_under_a_referenced_energy_bound_scores_and_judges_by_the_referenc
     scored = next(r for r in rows if r["method"] == "CFO_AM")["metrics"]
     assert len(hist["xtb_referenced_energy_Ha"]) == scored["xtb_referenced_energy"]["n"] and len(hist["xtb_dipole_D"]) == scored["xtb_dipole"]["n"]
     assert (out / "xtb_histograms.png").stat().st_size > 0
+
+
+def test_a_killed_cfo_am_job_on_xtb_resumes_at_its_round_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """CFO_AM on real xTB (referenced energy, expectation penalty, best_feasible at z = 1, as the strain-bound runs):
+    killed inside round 3, the job resumes from its round-2 checkpoint and repeats the uninterrupted run's rounds, model
+    choice and final scores on the same machine (the resume path itself adds no difference)."""
+    from cfo.solvers import adjoint_matching as am_module
+
+    cfg = {
+        "n_atoms": 12, "methods": ["CFO_AM"], "reward_source": "xtb", "energy_reference": "composition", "energy_bound": 1.0,
+        "cfo": {"rounds": 3, "steps_per_round": 2, "rho_init": 1.0, "eval_samples": 6, "penalty": "expectation",
+                "return_model": "best_feasible", "feasible_z": 1.0},
+        "am": {"lr": 1e-4, "batch_size": 3, "rollout_steps": 6, "loss_times": 2, "adjoint_scheme": "euler", "adjoint_clip": 50.0},
+        "eval_samples": 6, "eval_ode_steps": 6, "xtb_workers": 1, "xtb_timeout_s": 60, "workers": 1,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    real_step, calls = am_module.gradient_step, []
+
+    def killed_in_round_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # round 3's first step
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    monkeypatch.setattr(am_module, "gradient_step", killed_in_round_three)
+    res = CliRunner().invoke(app, ["mol", "run", "--config", str(path), "--out", str(killed)])
+    assert res.exit_code != 0 and not (killed / "jobs" / "CFO_AM_seed0.json").exists()
+    saved = json.loads((killed / "checkpoints" / "CFO_AM_seed0" / "cfo_history.json").read_text())
+    assert saved["rounds_done"] == 2 and [h["k"] for h in saved["history"]] == [1, 2]
+    monkeypatch.setattr(am_module, "gradient_step", real_step)
+    for out in (killed, whole):
+        res = CliRunner().invoke(app, ["mol", "run", "--config", str(path), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+    rounds = {o: json.loads((o / "history.json").read_text())["CFO_AM"]["seed 0"] for o in (killed, whole)}
+    assert [h["k"] for h in rounds[killed]] == [1, 2, 3]
+    assert sum(h["steps"] - h["skipped_steps"] for h in rounds[whole][:2]) >= 1  # the saved model had trained
+    for a, b in zip(rounds[killed], rounds[whole], strict=True):
+        for key in ("constraint_mean", "constraint_std", "reward_mean", "lambda_next", "rho_next", "returned"):
+            assert a[key] == b[key], (a["k"], key)
+    resumed, uninterrupted = (json.loads((o / "jobs" / "CFO_AM_seed0.json").read_text())["row"] for o in (killed, whole))
+    for key in ("reward_mean", "constraint_mean", "selected_round"):
+        assert resumed.get(key) == uninterrupted.get(key), key
+    assert resumed["metrics"]["xtb_referenced_energy"] == uninterrupted["metrics"]["xtb_referenced_energy"]
+    assert resumed["metrics"]["xtb_dipole"] == uninterrupted["metrics"]["xtb_dipole"]

@@ -3,6 +3,7 @@ and a quick end-to-end `cfo mol run` on a tiny model (rounds, multiplier rules, 
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -838,3 +839,24 @@ def test_a_killed_cfo_am_job_on_xtb_resumes_at_its_round_to_the_uninterrupted_re
         assert resumed.get(key) == uninterrupted.get(key), key
     assert resumed["metrics"]["xtb_referenced_energy"] == uninterrupted["metrics"]["xtb_referenced_energy"]
     assert resumed["metrics"]["xtb_dipole"] == uninterrupted["metrics"]["xtb_dipole"]
+
+
+def test_returned_round_offsets_match_the_run_folders_round_records_and_final_scores():
+    """On a shipped run folder (two CFO_NFT seeds under best_feasible): each returned round's estimate is its round
+    record's E[c], and the final means read back from the gzipped SDF are the table's, scored only and with refused
+    samples counted at the worst."""
+    from cfo.tasks.molecules.report import returned_round_offsets
+
+    run = Path(__file__).resolve().parents[1] / "docs" / "runs" / "mol_nft_xtb_recipe_strain_k18_best_margin"
+    rows = returned_round_offsets(run)
+    assert [(r["method"], r["seed"]) for r in rows] == [("CFO_NFT", 0), ("CFO_NFT", 1)]
+    history = json.loads((run / "history.json").read_text())["CFO_NFT"]
+    per_seed = {p["seed"]: p["metrics"] for p in json.loads((run / "results_per_seed.json").read_text())}
+    for r in rows:
+        (returned,) = [h for h in history[f"seed {r['seed']}"] if h["returned"]]
+        assert r["round"] == returned["k"] and r["estimate"] == returned["constraint_mean"][0]
+        assert r["picked"] is True  # both rounds met the (tightened) target
+        m = per_seed[r["seed"]]
+        assert r["scored"] == pytest.approx(m["xtb_referenced_energy"]["mean"], abs=1e-4)
+        assert r["refused_as_worst"] == pytest.approx(m["xtb_constraint_mean_refused_as_worst"], abs=1e-4)
+        assert r["refused"] == 100 - m["xtb_scored"]

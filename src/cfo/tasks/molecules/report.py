@@ -155,6 +155,41 @@ def _fill_refused_as_worst(rows: list[dict], per_seed: list[dict], samples: Call
         r["metrics"]["xtb_satisfied_refused_as_worst_seeds"] = seeds_where("xtb_satisfied_refused_as_worst", mine)
 
 
+def returned_round_offsets(run_dir: str | Path) -> list[dict]:
+    """The returned round's estimate of ``E[c]`` beside its final samples, for every CFO job of a finished ``cfo mol run``
+    folder.
+
+    The estimate is the round record's ``constraint_mean`` (``G_k + B``), whose xTB-refused samples were counted at
+    their batch's worst value (:class:`cfo.tasks.molecules.oracles.CountedValues`). The final samples are a fresh draw
+    from the same model, scored by xTB: ``scored`` is their mean over the scored samples (the table's column) and
+    ``refused_as_worst`` the mean with each refused sample at the worst scored value (the estimate's rule). ``picked``
+    says whether ``best_feasible`` chose the round for meeting B (then a noisy estimate that fell low is what got it
+    chosen); False where no round met B and the last one was returned."""
+    import numpy as np
+
+    from cfo.tasks.molecules.design import mean_counting_refused_as_worst
+
+    out = Path(run_dir)
+    histories = json.loads((out / "history.json").read_text())
+    rows = []
+    for method, by_seed in histories.items():
+        samples = _samples_by_seed(out, method)
+        for seed_key, rounds in by_seed.items():
+            returned = [h for h in rounds if h.get("returned")]
+            seed = seed_key.split()[-1]
+            mols = samples.get(seed) or (samples.get("") if len(samples) == 1 else None)
+            if not returned or not mols:
+                continue
+            values, scored = _constrained_xtb_values(mols)
+            h = returned[0]
+            picked = h.get("returned_feasible", all(g <= 0 for g in h["gap"]))  # older folders: the z = 0 test
+            rows.append({"method": method, "seed": int(seed) if seed.isdigit() else seed, "round": h["k"],
+                         "estimate": h["constraint_mean"][0], "scored": float(np.mean([values[i] for i in scored])) if scored else None,
+                         "refused_as_worst": mean_counting_refused_as_worst(values, scored), "refused": len(values) - len(scored),
+                         "picked": picked})
+    return rows
+
+
 def _cpu_kind(machine: dict) -> str:
     """`` (<model>, <instruction set>)`` from ``machine.json`` where it records them (run folders written before it did
     give "")."""

@@ -1,0 +1,52 @@
+"""The returned round's estimate of E[c] against its final samples' xTB mean, over `cfo mol run` folders.
+
+A CFO round's estimate (``G_k + B``, over ``cfo.eval_samples`` draws) counts each xTB-refused sample at its batch's
+worst value; the table's xTB column is the mean over the final samples xTB scored. This prints, per returned round, the
+final mean minus the estimate both ways (scored only, and refused counted at the worst scored value, the estimate's
+rule), and averages them over the rounds ``best_feasible`` picked for meeting B (where a low estimate is what got a
+round picked, so a positive offset is the selection pull).
+
+    python benchmarks/mol_round_estimates.py docs/runs/mol_nft_xtb_* [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cfo.tasks.molecules.report import returned_round_offsets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished `cfo mol run` folders")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    rows = []
+    for run in args.runs:
+        if not (run / "history.json").exists():
+            continue
+        for r in returned_round_offsets(run):
+            rows.append({"run": run.name, **r})
+            d_scored = r["scored"] - r["estimate"] if r["scored"] is not None else float("nan")
+            d_worst = r["refused_as_worst"] - r["estimate"] if r["refused_as_worst"] is not None else float("nan")
+            print(f"{run.name[:52]:52s} {r['method']:8s} s{r['seed']} round {r['round']:2d} picked {str(r['picked']):5s} "
+                  f"estimate {r['estimate']:9.3f}  final-estimate: scored {d_scored:+6.2f}, refused as worst {d_worst:+6.2f} "
+                  f"({r['refused']} refused)")
+    picked = [r for r in rows if r["picked"] and r["scored"] is not None]
+    if picked:
+        scored = np.array([r["scored"] - r["estimate"] for r in picked])
+        worst = np.array([r["refused_as_worst"] - r["estimate"] for r in picked])
+        print(f"\nrounds picked for meeting B: {len(picked)}; final minus estimate, mean (se): scored only "
+              f"{scored.mean():+.3f} ({scored.std(ddof=1) / np.sqrt(len(scored)) if len(scored) > 1 else float('nan'):.3f}), "
+              f"refused as worst {worst.mean():+.3f} ({worst.std(ddof=1) / np.sqrt(len(worst)) if len(worst) > 1 else float('nan'):.3f}); "
+              f"above the estimate (refused as worst): {int((worst > 0).sum())} of {len(worst)}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

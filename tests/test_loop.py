@@ -323,6 +323,68 @@ def test_feasible_z_passes_over_a_round_that_met_the_bound_within_its_monte_carl
         CFOConfig(feasible_z=-1.0)
 
 
+@pytest.mark.parametrize("third_shift, returned", [(1.0, 3), (0.1, 3)])
+def test_a_run_resumed_with_a_stricter_feasible_z_judges_its_kept_round_again(tmp_path, caplog, third_shift, returned):
+    """Round 1 (E[b.x] about 0.95) meets B = 1 by its estimate, so a run at z = 0 keeps it; resumed after round 2 with
+    z = 3 it no longer passes, is dropped with a warning, and the run returns a round that passes at z = 3 (round 3
+    with shift 0.1) or, when none does, the last round marked not feasible; never round 1."""
+    shifts = [[0.33, 0.0], [1.0, 0.0], [third_shift, 0.0]]
+    cfg = CFOConfig(rounds=3, steps_per_round=1, eval_samples=400, return_model="best_feasible")
+
+    def loop(config):
+        return CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), config, checkpoint_dir=tmp_path)
+
+    first = loop(cfg).run(max_rounds=2, progress=False)
+    assert first.history[0].gap[0] <= 0 < first.history[0].gap[0] + 3 * first.history[0].constraint_std[0] / 400**0.5
+    runner = loop(cfg.model_copy(update={"feasible_z": 3.0}))
+    runner.solver.calls = 2
+    with caplog.at_level("WARNING", logger="cfo.loop"):
+        result = runner.run(progress=False)
+    assert "round 1, kept as the best feasible round by the test of its time, does not meet every bound" in caplog.text
+    assert result.selected_round == returned and result.selected_feasible is (third_shift < 0.5)
+    assert torch.equal(_shift_of(result.model), torch.tensor([third_shift, 0.0]))
+
+
+def test_a_resumed_run_logs_a_passing_round_whose_weights_were_not_kept(tmp_path, caplog):
+    """Rounds 1 (about 0.63) and 2 (about 0.95) meet B = 1 by their estimates and round 2 has the higher reward, so a
+    run at z = 0 keeps round 2 only; resumed with z = 3, round 2 is dropped and round 1, which passes at z = 3, cannot be
+    restored: the log says so."""
+    shifts = [[0.1, 0.0], [0.33, 0.0], [1.0, 0.0]]
+    cfg = CFOConfig(rounds=3, steps_per_round=1, eval_samples=400, return_model="best_feasible")
+
+    def loop(config):
+        return CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), config, checkpoint_dir=tmp_path)
+
+    loop(cfg).run(max_rounds=2, progress=False)
+    runner = loop(cfg.model_copy(update={"feasible_z": 3.0}))
+    runner.solver.calls = 2
+    with caplog.at_level("WARNING", logger="cfo.loop"):
+        result = runner.run(progress=False)
+    assert "round 1 meets every bound at this z with the highest estimated reward so far, but only the kept round's weights" in caplog.text
+    assert result.selected_round == 3 and result.selected_feasible is False
+
+
+def test_report_calls_out_a_returned_round_that_fails_the_runs_stated_feasible_z_test(tmp_path):
+    """A run folder written before resumed runs re-judged their kept round can return a round kept at z = 0 while the
+    run states z = 1 (round 6 of a shipped molecular run: 1.17 Ha, sd 0.43 over 100, B = 1.2): the report line says that
+    round fails the stated test; a round that passes it gets no such sentence."""
+    import json
+
+    from cfo.results import returned_round_lines
+
+    def history(gap, std):
+        return {"CFO_AM": {"seed 1": [{"k": 1, "gap": [gap], "constraint_mean": [1.2 + gap], "constraint_std": [std],
+                                       "nonfinite_eval": 0, "returned": True, "returned_feasible": True}]}}
+
+    (tmp_path / "history.json").write_text(json.dumps(history(-0.0286, 0.4286)))
+    line = returned_round_lines(tmp_path, "best_feasible", 1.0, eval_samples=100)[0]
+    assert "It does not pass that test (G_k + z * se: +0.0143)" in line and "earlier `feasible_z`" in line
+    assert "does not pass" not in returned_round_lines(tmp_path, "best_feasible", 0.5, eval_samples=100)[0]  # -0.0071
+    assert "does not pass" not in returned_round_lines(tmp_path, "best_feasible", 1.0)[0]  # no sample count: no claim
+    (tmp_path / "history.json").write_text(json.dumps(history(-0.1, 0.4286)))
+    assert "does not pass" not in returned_round_lines(tmp_path, "best_feasible", 1.0, eval_samples=100)[0]
+
+
 def test_feasible_z_report_says_no_round_met_the_bound_when_the_last_round_only_met_it_by_its_estimate(tmp_path):
     """Round 2 (the last) sits just below B by its estimate but not by its upper confidence bound at z = 3, and round 1
     is infeasible: the loop returns round 2's model as the fallback, marks it not feasible, and the report line says

@@ -20,7 +20,6 @@ beside it, ``cfo_history.json``) and resumes from it; randomness comes from one 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,7 +44,7 @@ from cfo.lagrangian import (
     update_penalty,
 )
 from cfo.problem import ConstrainedProblem
-from cfo.results import json_text
+from cfo.results import json_text, meets_bounds_at
 from cfo.solvers.base import InnerSolver
 
 __all__ = ["CFOConfig", "AugmentedReward", "RoundRecord", "CFOResult", "CFO", "CheckpointMismatchError", "round_generator"]
@@ -98,7 +97,9 @@ class CFOConfig(BaseModel):
         "evaluation samples). 0 takes the estimate as it is; 1.645 is a one-sided 95 % bound, so that a round whose "
         "estimate fell below B by Monte-Carlo chance is not picked (at 0, the round picked among rounds whose estimates scatter "
         "around B tends to be one estimated low, so fresh samples of its model often land above its estimate). G_k is measured from the tightened target "
-        "B - target_margin, so with both set the two cushions add up",
+        "B - target_margin, so with both set the two cushions add up. A run may be resumed with another z: the kept round "
+        "is judged again by it and dropped if it fails (only the best round's weights are kept, so an earlier round that "
+        "passes only at the new z cannot be restored; that is logged)",
     )
     max_nonfinite_fraction: float = Field(
         0.05, ge=0.0, lt=1.0,
@@ -257,8 +258,8 @@ class CFO:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _identity(self) -> dict:
-        # return_model and feasible_z do not change the rounds, so a run may be resumed with another choice (rounds
-        # before the resume were judged by the feasible_z of their time); nor does the tolerance for non-finite
+        # return_model and feasible_z do not change the rounds, so a run may be resumed with another choice (the kept
+        # best round is judged again by the new feasible_z: _rejudged_best); nor does the tolerance for non-finite
         # evaluation values (a run stopped by it may be resumed with a larger one)
         config = self.config.model_dump(exclude={"return_model", "feasible_z", "max_nonfinite_fraction"})
         solver_config = getattr(self.solver, "config", None)
@@ -325,6 +326,24 @@ class CFO:
                 "Ask for at least as many rounds, or use another output folder.")
         return state
 
+    def _rejudged_best(self, best: dict | None, history: list[RoundRecord]) -> dict | None:
+        """The kept best feasible round of a resumed run, judged again by this run's ``feasible_z`` (a run may be
+        resumed with another one): a kept round whose upper confidence bound ``G_k + z * std_k / sqrt(n_k)`` no longer
+        meets every bound is dropped, so the returned round always passes the test the run states. Only the best
+        round's weights are kept, so an earlier round that passes now and would beat the kept one cannot be restored;
+        that is logged."""
+        z = self.config.feasible_z
+        passing = [h for h in history if meets_bounds_at(h.gap, h.constraint_std, self.config.eval_samples - h.nonfinite_eval, z)]
+        if best is not None and best["k"] not in {h.k for h in passing}:
+            log.warning("resumed with feasible_z %g: round %d, kept as the best feasible round by the test of its time, "
+                        "does not meet every bound at this z and is no longer a candidate", z, best["k"])
+            best = None
+        top = max(passing, key=lambda h: h.reward_mean, default=None)
+        if top is not None and (best is None or top.reward_mean > history[best["k"] - 1].reward_mean):
+            log.warning("resumed with feasible_z %g: round %d meets every bound at this z with the highest estimated reward "
+                        "so far, but only the kept round's weights were saved, so it cannot be returned", z, top.k)
+        return best
+
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self, max_rounds: int | None = None, progress: bool = True) -> CFOResult:
         """Run (or resume) the rounds; ``max_rounds`` stops early after that many new rounds (resume later)."""
@@ -343,7 +362,7 @@ class CFO:
             model.load_state_dict(state["model"], strict=True)
             lam, rho, v_prev = state["lam"], state["rho"], state["v_prev"]
             history = [RoundRecord(**h) for h in state["history"]]
-            best = state.get("best")
+            best = self._rejudged_best(state.get("best"), history)
             if state.get("solver_carried") is not None:
                 self.solver.carried_state = state["solver_carried"]
             start = int(state["k"]) + 1
@@ -386,8 +405,8 @@ class CFO:
                 )
             )
             lam, rho, v_prev = lam_next, rho_next, v
-            upper = gap + cfg.feasible_z * _standard_error(evaluation)
-            if _improves_best(upper, evaluation.reward_mean, None if best is None else history[best["k"] - 1].reward_mean):
+            meets = meets_bounds_at(gap.tolist(), evaluation.constraint_std, evaluation.n, cfg.feasible_z)
+            if _improves_best(meets, evaluation.reward_mean, None if best is None else history[best["k"] - 1].reward_mean):
                 best = {"k": k, "model": _cpu_state_dict(model)}
             self._save(model, k, lam, rho, v_prev, history, best)
             bar.set_postfix(lam=_fmt(lam), rho=_fmt(rho), G=_fmt(gap), r=f"{evaluation.reward_mean:.3g}")
@@ -425,16 +444,10 @@ def _without_rounds(config: dict | None) -> dict | None:
     return None if config is None else {k: v for k, v in config.items() if k != "rounds"}
 
 
-def _standard_error(evaluation: Evaluation) -> torch.Tensor:
-    """The standard error ``std_k / sqrt(n_k)`` of each constraint's Monte-Carlo mean ``E[c_i]`` in a round's evaluation."""
-    return torch.tensor(evaluation.constraint_std, dtype=torch.float32) / math.sqrt(max(evaluation.n, 1))
-
-
-def _improves_best(gap: torch.Tensor, reward_mean: float, best_reward: float | None) -> bool:
-    """Whether a round with gaps ``G_k`` (or their upper confidence bounds, with ``feasible_z``) and estimated
-    ``E[r]`` is feasible (every ``G_k <= 0``) and beats the best feasible round so far (estimated reward
-    ``best_reward``; ``None``: no feasible round yet)."""
-    return bool((gap <= 0).all()) and (best_reward is None or reward_mean > best_reward)
+def _improves_best(meets: bool, reward_mean: float, best_reward: float | None) -> bool:
+    """Whether a round that meets every bound by the ``feasible_z`` test (``meets``) with estimated ``E[r]`` beats the
+    best feasible round so far (estimated reward ``best_reward``; ``None``: no feasible round yet)."""
+    return meets and (best_reward is None or reward_mean > best_reward)
 
 
 def _cpu_state_dict(model: FlowModel) -> dict[str, torch.Tensor]:

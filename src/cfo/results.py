@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROW_FIELDS", "aggregate_rows", "json_text", "write_results", "format_table", "returned_round_lines"]
+__all__ = ["ROW_FIELDS", "aggregate_rows", "json_text", "write_results", "format_table", "returned_round_lines", "meets_bounds_at"]
 
 ROW_FIELDS = [
     "method", "solver", "n_seeds", "reward_mean", "reward_std", "constraint_mean", "constraint_std", "bound",
@@ -145,10 +145,21 @@ def format_table(rows: list[dict], reward_name: str = "E[r]", constraint_name: s
     return "\n".join(lines)
 
 
-def returned_round_lines(out: Path, return_model: str, feasible_z: float = 0.0) -> list[str]:
+def meets_bounds_at(gap: Sequence[float], constraint_std: Sequence[float], n: int, feasible_z: float) -> bool:
+    """The feasibility test of ``return_model: best_feasible`` for one round: with its gaps ``G_k`` (the estimate of
+    each ``E[c_i]`` minus its target) and the samples' standard deviations ``std_k`` over ``n`` evaluation samples,
+    ``G_k + z * std_k / sqrt(n) <= 0`` for every constraint (``z = 0``: the point estimate; ``z > 0``: its upper
+    confidence bound)."""
+    root_n = math.sqrt(max(n, 1))
+    return all(g + feasible_z * s / root_n <= 0 for g, s in zip(gap, constraint_std, strict=True))
+
+
+def returned_round_lines(out: Path, return_model: str, feasible_z: float = 0.0, eval_samples: int | None = None) -> list[str]:
     """Report lines, one per CFO job of run folder ``out`` whose history marks a ``returned`` round, when the run used
     ``return_model: best_feasible`` (under ``last`` the final samples are always round K's model: no lines);
-    ``feasible_z``: the run's confidence multiplier of the feasibility test, named in the lines when positive."""
+    ``feasible_z``: the run's confidence multiplier of the feasibility test, named in the lines when positive. With
+    ``eval_samples`` (the rounds' sample count) a returned round that fails the stated test is called out: a run folder
+    written before a resume re-judged the kept round may hold one kept by the test of an earlier ``feasible_z``."""
     if return_model == "last" or not (out / "history.json").exists():
         return []
     lines = []
@@ -164,8 +175,22 @@ def returned_round_lines(out: Path, return_model: str, feasible_z: float = 0.0) 
             why = (f"the round with the highest estimated reward that met every bound{test}" if met else
                    f"no round met every bound{test}, so the last round's model, as under `return_model: last`")
             lines.append(f"- {label}, {seed}: the final samples are round {chosen[0]['k']}'s model of {len(rounds)} "
-                         f"(`return_model: best_feasible`: {why}).{_selected_estimate_sentence(chosen[0], met, feasible_z)}")
+                         f"(`return_model: best_feasible`: {why}).{_selected_estimate_sentence(chosen[0], met, feasible_z)}"
+                         f"{_earlier_test_sentence(chosen[0], met, feasible_z, eval_samples)}")
     return lines + [""] if lines else []
+
+
+def _earlier_test_sentence(selected: dict, met: bool, feasible_z: float, eval_samples: int | None) -> str:
+    """A correction when the returned round, recorded as feasible, fails the run's own test ``G_k + z * std_k /
+    sqrt(n_k) <= 0`` (kept by an earlier ``feasible_z`` before the run was resumed with this one); empty otherwise."""
+    if not met or eval_samples is None or "gap" not in selected or "constraint_std" not in selected:
+        return ""
+    n = eval_samples - selected.get("nonfinite_eval", 0)
+    if meets_bounds_at(selected["gap"], selected["constraint_std"], n, feasible_z):
+        return ""
+    uppers = ", ".join(f"{g + feasible_z * s / math.sqrt(max(n, 1)):+.3g}" for g, s in zip(selected["gap"], selected["constraint_std"]))
+    return (f" It does not pass that test (G_k + z * se: {uppers}): it was kept by the test of an earlier `feasible_z`"
+            " before the run was resumed with this one, which resumed runs now re-judge.")
 
 
 def _selected_estimate_sentence(selected: dict, met: bool, feasible_z: float) -> str:

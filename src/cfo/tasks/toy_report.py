@@ -191,7 +191,7 @@ def _main_section(cfg: ToyRunConfig, rows: list[dict], out: Path, img) -> list[s
             "the mixture itself, so the two differ by more than noise. The paper reports no KL."
         )
     lines.append("")
-    lines += returned_round_lines(out, cfg.cfo.return_model, cfg.cfo.feasible_z)
+    lines += returned_round_lines(out, cfg.cfo.return_model, cfg.cfo.feasible_z, cfg.cfo.eval_samples)
     lines.append(img("samples.png", "samples of each method, seed 0"))
     for r in rows:
         if r.get("base_method", r["method"]).startswith("CFO_"):

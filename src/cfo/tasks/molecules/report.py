@@ -490,7 +490,7 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
         "The paper (FlowMol on GEOM-Drugs, 45 atoms, surrogate-based values, 95 % CI; validity from a secondary source):", "",
         *_paper_table(), "",
         *_notes(rows), "",
-        *returned_round_lines(out, c.get("return_model", "last"), c.get("feasible_z", 0.0)),
+        *returned_round_lines(out, c.get("return_model", "last"), c.get("feasible_z", 0.0), c.get("eval_samples")),
     ]
     if any(r.get("n_seeds", 1) > 1 for r in rows) and per_seed:
         lines += ["With several seeds, the table above gives the mean over seeds ± the standard deviation across seeds "

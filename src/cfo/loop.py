@@ -332,6 +332,8 @@ class CFO:
         meets every bound is dropped, so the returned round always passes the test the run states. Only the best
         round's weights are kept, so an earlier round that passes now and would beat the kept one cannot be restored;
         that is logged."""
+        if self.config.return_model != "best_feasible":
+            return best  # nothing is returned by the test; a later resume under best_feasible judges it then
         z = self.config.feasible_z
         passing = [h for h in history if meets_bounds_at(h.gap, h.constraint_std, self.config.eval_samples - h.nonfinite_eval, z)]
         if best is not None and best["k"] not in {h.k for h in passing}:

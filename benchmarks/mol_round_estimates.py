@@ -20,6 +20,12 @@ import numpy as np
 from cfo.tasks.molecules.report import returned_round_offsets
 
 
+def _mean_se(values: np.ndarray) -> str:
+    """``"+mean (se)"`` of ``values``, the standard error over them (nan for one value)."""
+    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return f"{values.mean():+.3f} ({se:.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished `cfo mol run` folders")
@@ -41,8 +47,7 @@ def main() -> None:
         scored = np.array([r["scored"] - r["estimate"] for r in picked])
         worst = np.array([r["refused_as_worst"] - r["estimate"] for r in picked])
         print(f"\nrounds picked for meeting B: {len(picked)}; final minus estimate, mean (se): scored only "
-              f"{scored.mean():+.3f} ({scored.std(ddof=1) / np.sqrt(len(scored)) if len(scored) > 1 else float('nan'):.3f}), "
-              f"refused as worst {worst.mean():+.3f} ({worst.std(ddof=1) / np.sqrt(len(worst)) if len(worst) > 1 else float('nan'):.3f}); "
+              f"{_mean_se(scored)}, refused as worst {_mean_se(worst)}; "
               f"above the estimate (refused as worst): {int((worst > 0).sum())} of {len(worst)}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -145,13 +145,17 @@ def format_table(rows: list[dict], reward_name: str = "E[r]", constraint_name: s
     return "\n".join(lines)
 
 
-def meets_bounds_at(gap: Sequence[float], constraint_std: Sequence[float], n: int, feasible_z: float) -> bool:
-    """The feasibility test of ``return_model: best_feasible`` for one round: with its gaps ``G_k`` (the estimate of
-    each ``E[c_i]`` minus its target) and the samples' standard deviations ``std_k`` over ``n`` evaluation samples,
-    ``G_k + z * std_k / sqrt(n) <= 0`` for every constraint (``z = 0``: the point estimate; ``z > 0``: its upper
-    confidence bound)."""
+def upper_gaps(gap: Sequence[float], constraint_std: Sequence[float], n: int, feasible_z: float) -> list[float]:
+    """``G_k + z * std_k / sqrt(n)`` per constraint: a round's gaps ``G_k`` (the estimate of each ``E[c_i]`` minus its
+    target) raised by ``z`` standard errors of the samples' standard deviations ``std_k`` over ``n`` evaluation samples
+    (``z = 0``: the point estimate; ``z > 0``: its upper confidence bound)."""
     root_n = math.sqrt(max(n, 1))
-    return all(g + feasible_z * s / root_n <= 0 for g, s in zip(gap, constraint_std, strict=True))
+    return [g + feasible_z * s / root_n for g, s in zip(gap, constraint_std, strict=True)]
+
+
+def meets_bounds_at(gap: Sequence[float], constraint_std: Sequence[float], n: int, feasible_z: float) -> bool:
+    """The feasibility test of ``return_model: best_feasible`` for one round: every :func:`upper_gaps` ``<= 0``."""
+    return all(u <= 0 for u in upper_gaps(gap, constraint_std, n, feasible_z))
 
 
 def returned_round_lines(out: Path, return_model: str, feasible_z: float = 0.0, eval_samples: int | None = None) -> list[str]:
@@ -185,11 +189,11 @@ def _earlier_test_sentence(selected: dict, met: bool, feasible_z: float, eval_sa
     sqrt(n_k) <= 0`` (kept by an earlier ``feasible_z`` before the run was resumed with this one); empty otherwise."""
     if not met or eval_samples is None or "gap" not in selected or "constraint_std" not in selected:
         return ""
-    n = eval_samples - selected.get("nonfinite_eval", 0)
-    if meets_bounds_at(selected["gap"], selected["constraint_std"], n, feasible_z):
+    uppers = upper_gaps(selected["gap"], selected["constraint_std"], eval_samples - selected.get("nonfinite_eval", 0), feasible_z)
+    if all(u <= 0 for u in uppers):
         return ""
-    uppers = ", ".join(f"{g + feasible_z * s / math.sqrt(max(n, 1)):+.3g}" for g, s in zip(selected["gap"], selected["constraint_std"]))
-    return (f" It does not pass that test (G_k + z * se: {uppers}): it was kept by the test of an earlier `feasible_z`"
+    shown = ", ".join(f"{u:+.3g}" for u in uppers)
+    return (f" It does not pass that test (G_k + z * se: {shown}): it was kept by the test of an earlier `feasible_z`"
             " before the run was resumed with this one, which resumed runs now re-judge.")
 
 

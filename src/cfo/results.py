@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROW_FIELDS", "aggregate_rows", "json_text", "write_results", "format_table", "returned_round_lines", "meets_bounds_at"]
+__all__ = ["ROW_FIELDS", "aggregate_rows", "json_text", "write_results", "format_table", "returned_round_lines", "returned_round_met", "meets_bounds_at"]
 
 ROW_FIELDS = [
     "method", "solver", "n_seeds", "reward_mean", "reward_std", "constraint_mean", "constraint_std", "bound",
@@ -158,6 +158,14 @@ def meets_bounds_at(gap: Sequence[float], constraint_std: Sequence[float], n: in
     return all(u <= 0 for u in upper_gaps(gap, constraint_std, n, feasible_z))
 
 
+def returned_round_met(record: dict) -> bool:
+    """Whether ``return_model: best_feasible`` returned this round (a history dict marked ``returned``) for meeting
+    every bound: the loop's own verdict ``returned_feasible`` (with ``feasible_z`` where one was set), or, in histories
+    written before it, the point estimate ``G_k <= 0`` for every constraint."""
+    met = record.get("returned_feasible")
+    return met if met is not None else ("gap" not in record or all(g <= 0 for g in record["gap"]))
+
+
 def returned_round_lines(out: Path, return_model: str, feasible_z: float = 0.0, eval_samples: int | None = None) -> list[str]:
     """Report lines, one per CFO job of run folder ``out`` whose history marks a ``returned`` round, when the run used
     ``return_model: best_feasible`` (under ``last`` the final samples are always round K's model: no lines);
@@ -172,9 +180,7 @@ def returned_round_lines(out: Path, return_model: str, feasible_z: float = 0.0, 
             chosen = [h for h in rounds if h.get("returned")]
             if not chosen:
                 continue
-            met = chosen[0].get("returned_feasible")  # the loop's own verdict (with feasible_z where one was set)
-            if met is None:  # histories written before returned_feasible: the point estimate, G_k <= 0 for every constraint
-                met = "gap" not in chosen[0] or all(g <= 0 for g in chosen[0]["gap"])
+            met = returned_round_met(chosen[0])
             test = f" by its upper confidence bound (`feasible_z: {feasible_z:g}`)" if feasible_z > 0 else " by its estimate"
             why = (f"the round with the highest estimated reward that met every bound{test}" if met else
                    f"no round met every bound{test}, so the last round's model, as under `return_model: last`")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cfo.jobs import Job, slug
-from cfo.results import returned_round_lines
+from cfo.results import returned_round_lines, returned_round_met
 from cfo.plots import plot_history
 
 __all__ = ["format_mol_table", "write_mol_plots", "render_mol_report", "is_molecular_run"]
@@ -182,7 +182,7 @@ def returned_round_offsets(run_dir: str | Path) -> list[dict]:
                 continue
             values, scored = _constrained_xtb_values(mols)
             h = returned[0]
-            picked = h.get("returned_feasible", all(g <= 0 for g in h["gap"]))  # older folders: the z = 0 test
+            picked = returned_round_met(h)
             rows.append({"method": method, "seed": int(seed) if seed.isdigit() else seed, "round": h["k"],
                          "estimate": h["constraint_mean"][0], "scored": float(np.mean([values[i] for i in scored])) if scored else None,
                          "refused_as_worst": mean_counting_refused_as_worst(values, scored), "refused": len(values) - len(scored),

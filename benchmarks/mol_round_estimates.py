@@ -4,7 +4,9 @@ A CFO round's estimate (``G_k + B``, over ``cfo.eval_samples`` draws) counts eac
 worst value; the table's xTB column is the mean over the final samples xTB scored. This prints, per returned round, the
 final mean minus the estimate both ways (scored only, and refused counted at the worst scored value, the estimate's
 rule), and averages them over the rounds ``best_feasible`` picked for meeting B (where a low estimate is what got a
-round picked, so a positive offset is the selection pull).
+round picked, so a positive offset is the selection pull). Where a run confirmed its kept rounds on fresh samples
+(``cfo.confirm_candidates``), the returned round's confirmation estimate is printed too, and the final mean minus it
+is averaged over those rounds: the confirmation was not selected on, so no pull is expected there.
 
     python benchmarks/mol_round_estimates.py docs/runs/mol_nft_xtb_* [--json OUT.json]
 """
@@ -41,7 +43,9 @@ def main() -> None:
             d_worst = r["refused_as_worst"] - r["estimate"] if r["refused_as_worst"] is not None else float("nan")
             print(f"{run.name[:52]:52s} {r['method']:8s} s{r['seed']} round {r['round']:2d} picked {str(r['picked']):5s} "
                   f"estimate {r['estimate']:9.3f}  final-estimate: scored {d_scored:+6.2f}, refused as worst {d_worst:+6.2f} "
-                  f"({r['refused']} refused)")
+                  f"({r['refused']} refused)"
+                  + ("" if r.get("confirmed") is None else f"; confirmation {r['confirmed']:.3f}, final-confirmation "
+                     f"refused as worst {r['refused_as_worst'] - r['confirmed']:+6.2f}"))
     picked = [r for r in rows if r["picked"] and r["scored"] is not None]
     if picked:
         scored = np.array([r["scored"] - r["estimate"] for r in picked])
@@ -49,6 +53,11 @@ def main() -> None:
         print(f"\nrounds picked for meeting B: {len(picked)}; final minus estimate, mean (se): scored only "
               f"{_mean_se(scored)}, refused as worst {_mean_se(worst)}; "
               f"above the estimate (refused as worst): {int((worst > 0).sum())} of {len(worst)}")
+    confirmed = [r for r in rows if r.get("confirmed") is not None and r["refused_as_worst"] is not None]
+    if confirmed:
+        fresh = np.array([r["refused_as_worst"] - r["confirmed"] for r in confirmed])
+        print(f"returned rounds with a confirmation on fresh samples: {len(confirmed)}; final minus confirmation, "
+              f"refused as worst, mean (se): {_mean_se(fresh)}; above it: {int((fresh > 0).sum())} of {len(fresh)}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

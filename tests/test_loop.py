@@ -360,8 +360,100 @@ def test_a_resumed_run_logs_a_passing_round_whose_weights_were_not_kept(tmp_path
     runner.solver.calls = 2
     with caplog.at_level("WARNING", logger="cfo.loop"):
         result = runner.run(progress=False)
-    assert "round 1 meets every bound at this z with the highest estimated reward so far, but only the kept round's weights" in caplog.text
+    assert "round 1 meets every bound at this z and ranks among the 1 best such rounds by estimated reward, but its weights were not kept" in caplog.text
     assert result.selected_round == 3 and result.selected_feasible is False
+
+
+def _first_seed_picking_a_round_by_a_low_estimate(shifts, picked, eval_samples=30):
+    """The first seed whose round ``picked`` (true E[b.x] above B = 1) meets B by its own noisy estimate and is the round
+    that best_feasible returns without confirmation: the selection pull the confirmation is for."""
+    for seed in range(30):
+        cfg = CFOConfig(rounds=len(shifts), steps_per_round=1, eval_samples=eval_samples, return_model="best_feasible", seed=seed)
+        result = CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), cfg).run(progress=False)
+        if result.selected_round == picked and result.selected_feasible:
+            return seed, result
+    pytest.fail("no seed in 30 picked the round by a low estimate")
+
+
+@pytest.mark.parametrize("resume", ["no", "candidates", "old_checkpoint"])
+def test_confirmation_on_fresh_samples_passes_over_a_round_picked_on_a_low_estimate(tmp_path, resume):
+    """Round 2 (true E[b.x] about 1.05 > B = 1, the highest reward) meets B by its 30-sample estimate at some seed and is
+    returned without confirmation. With confirm_candidates = 2 the kept rounds 2 and 1 are confirmed on 20000 fresh
+    samples each: round 2's fresh estimate sits at its true value, above B, so it fails, and round 1 (about 0.63) is
+    returned, marked feasible, with its fresh estimate as the result. The same holds when the run is resumed after round
+    2 from a checkpoint with both rounds kept, or from one written before several rounds were kept (the best one only)."""
+    shifts = [[0.1, 0.0], [0.44, 0.0], [1.0, 0.0]]
+    seed, plain = _first_seed_picking_a_round_by_a_low_estimate(shifts, picked=2)
+    true_c = [(_final_samples(_with_shift(s), 40_000) @ Bvec).mean().item() for s in shifts[:2]]
+    assert plain.history[1].constraint_mean[0] <= 1.0 < true_c[1] - 0.03 and true_c[0] < 0.7  # the set-up
+    cfg = CFOConfig(rounds=3, steps_per_round=1, eval_samples=30, return_model="best_feasible", seed=seed,
+                    confirm_candidates=2, confirm_samples=20_000)
+
+    def loop(config):
+        return CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), config, checkpoint_dir=tmp_path)
+
+    if resume == "no":
+        result = loop(cfg).run(progress=False)
+    else:
+        loop(cfg).run(max_rounds=2, progress=False)
+        if resume == "old_checkpoint":  # a checkpoint of an earlier version: "best" holds the best round only
+            path = tmp_path / "cfo_checkpoint.pt"
+            state = torch.load(path, weights_only=True)
+            assert [c["k"] for c in state["candidates"]] == [2, 1]
+            state["best"] = state.pop("candidates")[0]
+            torch.save(state, path)
+        runner = loop(cfg)
+        runner.solver.calls = 2
+        result = runner.run(progress=False)
+    assert [h.constraint_mean for h in result.history] == [h.constraint_mean for h in plain.history]  # the same rounds
+    tried = list(result.confirmations)
+    assert tried == ([2, 1] if resume != "old_checkpoint" else [2])
+    second = result.confirmations[2]
+    assert second["n"] == 20_000 and not second["meets"] and abs(second["constraint_mean"][0] - true_c[1]) < 0.03
+    if resume == "old_checkpoint":  # round 1's weights were not kept: round 2 is returned, marked not confirmed
+        assert result.selected_round == 2 and result.selected_feasible is False
+        return
+    first = result.confirmations[1]
+    assert first["meets"] and abs(first["constraint_mean"][0] - true_c[0]) < 0.03
+    assert result.selected_round == 1 and result.selected_feasible is True
+    assert torch.equal(_shift_of(result.model), torch.tensor(shifts[0]))
+    assert result.final.n == 20_000 and result.final.constraint_mean == first["constraint_mean"]
+    rows = result.history_dicts()
+    assert [("confirmation" in r, r["returned"], r.get("returned_feasible")) for r in rows] == [
+        (True, True, True), (True, False, None), (False, False, None)]
+    import json
+
+    from cfo.results import json_text, returned_round_lines
+
+    (tmp_path / "history.json").write_text(json_text({"CFO_AM": {"seed 0": rows}}))
+    line = returned_round_lines(tmp_path, "best_feasible")[0]  # the report says which rounds were tried and how they fared
+    assert json.loads((tmp_path / "history.json").read_text())["CFO_AM"]["seed 0"][0]["confirmation"]["meets"] is True
+    assert f"round 2: estimate {rows[1]['constraint_mean'][0]:.3g}, confirmation {second['constraint_mean'][0]:.3g} on 20000 fresh samples (failed); round 1:" in line
+    assert "Round 1 is the round with the highest estimated reward whose confirmation met every bound" in line
+    assert "tends to be one estimated low" not in line
+
+
+def test_no_confirmed_round_returns_the_nearest_candidate_marked_not_feasible_and_confirmation_needs_best_feasible():
+    """Round 1 (about 1.05) meets B = 1 by its low estimate at some seed, round 2 (about 1.75) does not: confirmed on
+    fresh samples, round 1 fails, so it is returned as the nearest candidate and marked not feasible."""
+    shifts = [[0.44, 0.0], [1.0, 0.0]]
+    seed, _ = _first_seed_picking_a_round_by_a_low_estimate(shifts, picked=1)
+    cfg = CFOConfig(rounds=2, steps_per_round=1, eval_samples=30, return_model="best_feasible", seed=seed,
+                    confirm_candidates=3, confirm_samples=5000)
+    result = CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), cfg).run(progress=False)
+    assert list(result.confirmations) == [1] and not result.confirmations[1]["meets"]
+    assert result.confirmations[1]["constraint_mean"][0] > 1.0
+    assert result.selected_round == 1 and result.selected_feasible is False
+    assert [r.get("returned_feasible") for r in result.history_dicts()] == [False, None]
+    with pytest.raises(ValidationError, match="confirm_candidates"):
+        CFOConfig(confirm_candidates=2)  # return_model 'last' returns round K: nothing to confirm
+
+
+def _with_shift(shift):
+    model = gaussian_finetunable()
+    with torch.no_grad():
+        _output_layer(model).bias.copy_(torch.tensor(shift))
+    return model
 
 
 def test_report_calls_out_a_returned_round_that_fails_the_runs_stated_feasible_z_test(tmp_path):

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from cfo.atomic import torch_save_atomically, write_text_atomically
 from cfo.evaluation import Evaluation, Sampler, default_sampler, evaluate_model
+from cfo.validation import NonFiniteValueError
 from cfo.flows.model import FlowModel, frozen_copy, trainable_copy
 from cfo.lagrangian import (
     PenaltyForm,
@@ -44,10 +45,11 @@ from cfo.lagrangian import (
     update_penalty,
 )
 from cfo.problem import ConstrainedProblem
-from cfo.results import json_text, meets_bounds_at
+from cfo.results import json_text, meets_bounds_at, upper_gaps
 from cfo.solvers.base import InnerSolver
 
-__all__ = ["CFOConfig", "AugmentedReward", "RoundRecord", "CFOResult", "CFO", "CheckpointMismatchError", "round_generator"]
+__all__ = ["CFOConfig", "AugmentedReward", "RoundRecord", "CFOResult", "CFO", "CheckpointMismatchError", "round_generator",
+           "confirmation_generator"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "cfo_checkpoint.pt"
@@ -101,6 +103,19 @@ class CFOConfig(BaseModel):
         "is judged again by it and dropped if it fails (only the best round's weights are kept, so an earlier round that "
         "passes only at the new z cannot be restored; that is logged)",
     )
+    confirm_candidates: int = Field(
+        0,
+        ge=0,
+        description="under return_model 'best_feasible': keep the weights of up to this many rounds that pass the "
+        "feasibility test (highest estimated E[r] first) and, after round K, confirm them in that order on "
+        "confirm_samples fresh samples each (a generator of their own, never a round's): the first whose fresh estimate "
+        "passes the same test is returned, with that fresh estimate as its result. A round picked by its own estimate "
+        "tends to be one estimated low (its estimate is the one it was selected on), so fresh samples of its model land "
+        "above it on average; a confirmation's estimate was not selected on. When no candidate is confirmed the one whose "
+        "fresh upper gap came nearest to the bound is returned, marked not feasible. 0: no confirmation",
+    )
+    confirm_samples: int | None = Field(
+        None, ge=2, description="fresh samples per confirmed candidate (default: eval_samples)")
     max_nonfinite_fraction: float = Field(
         0.05, ge=0.0, lt=1.0,
         description="largest fraction of a round's evaluation samples that may have a NaN or infinite reward or "
@@ -116,6 +131,9 @@ class CFOConfig(BaseModel):
             raise ValueError("rho_init must be a number or a non-empty list with one value per constraint")
         for rho in values:
             check_penalty_parameters(rho, self.eta, self.tau, self.lambda_min)
+        if self.confirm_candidates and self.return_model != "best_feasible":
+            raise ValueError("confirm_candidates confirms the rounds that return_model 'best_feasible' picks from; "
+                             f"with return_model {self.return_model!r} round K is returned and nothing is confirmed")
         return self
 
     def initial_rho(self, num_constraints: int) -> torch.Tensor:
@@ -195,6 +213,9 @@ class CFOResult:
     # under return_model 'best_feasible': whether the selected round passed the feasibility test (G_k + z std_k /
     # sqrt(n_k) <= 0 for every constraint); False when none did and round K's model was returned. None under 'last'.
     selected_feasible: bool | None = None
+    # under confirm_candidates: round k -> its confirmation on fresh samples (the Evaluation's fields, "gap", "upper_gap"
+    # and "meets"; "error" when its values were not finite), for every round confirmed, in the order tried
+    confirmations: dict[int, dict] = field(default_factory=dict)
 
     @property
     def completed(self) -> bool:
@@ -202,8 +223,12 @@ class CFOResult:
 
     def history_dicts(self) -> list[dict]:
         """The history as plain dicts (for JSON), each with ``returned``: whether ``model`` is that round's model; under
-        ``return_model: best_feasible`` the returned round's dict also has ``returned_feasible`` (``selected_feasible``)."""
+        ``return_model: best_feasible`` the returned round's dict also has ``returned_feasible`` (``selected_feasible``);
+        a round confirmed on fresh samples (``confirm_candidates``) has ``confirmation``."""
         rows = [{**asdict(h), "returned": h.k == self.selected_round} for h in self.history]
+        for row in rows:
+            if row["k"] in self.confirmations:
+                row["confirmation"] = self.confirmations[row["k"]]
         if self.selected_feasible is not None:
             for row in rows:
                 if row["returned"]:
@@ -258,10 +283,11 @@ class CFO:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _identity(self) -> dict:
-        # return_model and feasible_z do not change the rounds, so a run may be resumed with another choice (the kept
-        # best round is judged again by the new feasible_z: _rejudged_best); nor does the tolerance for non-finite
+        # return_model, feasible_z and the confirmation settings do not change the rounds, so a run may be resumed with
+        # another choice (the kept rounds are judged again by the new feasible_z: _rejudged); nor does the tolerance for non-finite
         # evaluation values (a run stopped by it may be resumed with a larger one)
-        config = self.config.model_dump(exclude={"return_model", "feasible_z", "max_nonfinite_fraction"})
+        config = self.config.model_dump(exclude={"return_model", "feasible_z", "max_nonfinite_fraction", "confirm_candidates",
+                                                 "confirm_samples"})
         solver_config = getattr(self.solver, "config", None)
         if isinstance(solver_config, BaseModel):  # the inner solver's settings (which steps a resumed round repeats)
             solver_config = solver_config.model_dump(mode="json", exclude={"max_skip_fraction"})
@@ -272,7 +298,7 @@ class CFO:
         return None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT_NAME
 
     def _save(self, model: FlowModel, k: int, lam: torch.Tensor, rho: torch.Tensor, v_prev: torch.Tensor | None, history: list[RoundRecord],
-              best: dict | None = None) -> None:
+              candidates: list[dict] | None = None) -> None:
         path = self._checkpoint_path()
         if path is None:
             return
@@ -286,7 +312,7 @@ class CFO:
             "v_prev": None if v_prev is None else v_prev.cpu(),
             "model": _cpu_state_dict(model),
             "history": [asdict(h) for h in history],
-            "best": best,
+            "candidates": candidates or [],  # the kept passing rounds, {"k", "model"}, best first (was "best": one)
             "solver_carried": getattr(self.solver, "carried_state", None),
         }
         torch_save_atomically(state, path)
@@ -326,25 +352,68 @@ class CFO:
                 "Ask for at least as many rounds, or use another output folder.")
         return state
 
-    def _rejudged_best(self, best: dict | None, history: list[RoundRecord]) -> dict | None:
-        """The kept best feasible round of a resumed run, judged again by this run's ``feasible_z`` (a run may be
-        resumed with another one): a kept round whose upper confidence bound ``G_k + z * std_k / sqrt(n_k)`` no longer
-        meets every bound is dropped, so the returned round always passes the test the run states. Only the best
-        round's weights are kept, so an earlier round that passes now and would beat the kept one cannot be restored;
-        that is logged."""
+    def _kept_limit(self) -> int:
+        """How many passing rounds' weights the loop keeps: ``confirm_candidates`` (at least the best one)."""
+        return max(1, self.config.confirm_candidates)
+
+    def _rejudged(self, candidates: list[dict], history: list[RoundRecord]) -> list[dict]:
+        """The kept passing rounds of a resumed run, judged again by this run's ``feasible_z`` (a run may be resumed with
+        another one): a kept round whose upper confidence bound ``G_k + z * std_k / sqrt(n_k)`` no longer meets every
+        bound is dropped, so the returned round always passes the test the run states. Only the kept rounds' weights
+        are saved, so an earlier round that passes now and would beat them cannot be restored; that is logged."""
         if self.config.return_model != "best_feasible":
-            return best  # nothing is returned by the test; a later resume under best_feasible judges it then
+            return candidates  # nothing is returned by the test; a later resume under best_feasible judges them then
         z = self.config.feasible_z
         passing = [h for h in history if meets_bounds_at(h.gap, h.constraint_std, self.config.eval_samples - h.nonfinite_eval, z)]
-        if best is not None and best["k"] not in {h.k for h in passing}:
-            log.warning("resumed with feasible_z %g: round %d, kept as the best feasible round by the test of its time, "
-                        "does not meet every bound at this z and is no longer a candidate", z, best["k"])
-            best = None
-        top = max(passing, key=lambda h: h.reward_mean, default=None)
-        if top is not None and (best is None or top.reward_mean > history[best["k"] - 1].reward_mean):
-            log.warning("resumed with feasible_z %g: round %d meets every bound at this z with the highest estimated reward "
-                        "so far, but only the kept round's weights were saved, so it cannot be returned", z, top.k)
-        return best
+        passing_k = {h.k for h in passing}
+        for c in candidates:
+            if c["k"] not in passing_k:
+                log.warning("resumed with feasible_z %g: round %d, kept as the best feasible round by the test of its time, "
+                            "does not meet every bound at this z and is no longer a candidate", z, c["k"])
+        kept = [c for c in candidates if c["k"] in passing_k][: self._kept_limit()]
+        kept_k = {c["k"] for c in kept}
+        worst = min((history[c["k"] - 1].reward_mean for c in kept), default=None)
+        for h in sorted(passing, key=lambda h: -h.reward_mean)[: self._kept_limit()]:
+            if h.k not in kept_k and (worst is None or len(kept) < self._kept_limit() or h.reward_mean > worst):
+                log.warning("resumed with feasible_z %g: round %d meets every bound at this z and ranks among the %d best such "
+                            "rounds by estimated reward, but its weights were not kept, so it cannot be returned", z, h.k,
+                            self._kept_limit())
+                break
+        return kept
+
+    def _confirmed(self, model: FlowModel, candidates: list[dict], history: list[RoundRecord], target: torch.Tensor,
+                   ) -> tuple[dict, bool, dict[int, dict]]:
+        """Confirm the kept rounds (best estimated ``E[r]`` first) on fresh samples of their models: ``confirm_samples``
+        draws from :func:`confirmation_generator`, never from a round's generator, so the estimate was not selected on.
+        Returns the first candidate whose fresh gaps ``G = E[c] - (B - margin)`` pass the run's ``feasible_z`` test,
+        ``True`` and every confirmation made; when none passes, the candidate with the smallest largest fresh upper gap,
+        ``False``. A confirmation with more non-finite values than ``max_nonfinite_fraction`` allows fails, logged."""
+        cfg = self.config
+        n = cfg.confirm_samples or cfg.eval_samples
+        confirmations: dict[int, dict] = {}
+        for c in candidates:
+            model.load_state_dict(c["model"], strict=True)
+            try:
+                ev, _ = evaluate_model(model, self.problem, n, generator=confirmation_generator(cfg.seed, c["k"], self.pretrained.device),
+                                       sampler=self.sampler, max_nonfinite_fraction=cfg.max_nonfinite_fraction)
+            except NonFiniteValueError as err:
+                log.warning("confirmation of round %d failed: %s", c["k"], err)
+                confirmations[c["k"]] = {"n": 0, "error": str(err), "meets": False, "upper_gap": [float("inf")]}
+                continue
+            gap = (torch.tensor(ev.constraint_mean, dtype=torch.float32) - target).tolist()
+            upper = upper_gaps(gap, ev.constraint_std, ev.n, cfg.feasible_z)
+            meets = all(u <= 0 for u in upper)
+            confirmations[c["k"]] = {**ev.to_dict(), "gap": gap, "upper_gap": upper, "meets": meets}
+            log.info("confirmation of round %d on %d fresh samples: E[c]=%s (round estimate %s), E[r]=%.4g: %s", c["k"], ev.n,
+                     ",".join(f"{v:.4g}" for v in ev.constraint_mean),
+                     ",".join(f"{v:.4g}" for v in history[c["k"] - 1].constraint_mean), ev.reward_mean,
+                     "confirmed" if meets else "not confirmed")
+            if meets:
+                return c, True, confirmations
+        nearest = min(candidates, key=lambda c: max(confirmations[c["k"]]["upper_gap"]))
+        log.warning("return_model=best_feasible: none of the %d kept rounds was confirmed on fresh samples (feasible_z %g); "
+                    "returning round %d, the nearest", len(candidates), cfg.feasible_z, nearest["k"])
+        return nearest, False, confirmations
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self, max_rounds: int | None = None, progress: bool = True) -> CFOResult:
@@ -357,14 +426,17 @@ class CFO:
         rho = cfg.initial_rho(m)
         v_prev: torch.Tensor | None = None
         history: list[RoundRecord] = []
-        best: dict | None = None  # {"k", "model"}: the best round that met every bound (by the feasible_z test)
+        candidates: list[dict] = []  # {"k", "model"}: the best rounds that met every bound (feasible_z test), best first
         start = 1
         state = self._load()
         if state is not None:
             model.load_state_dict(state["model"], strict=True)
             lam, rho, v_prev = state["lam"], state["rho"], state["v_prev"]
             history = [RoundRecord(**h) for h in state["history"]]
-            best = self._rejudged_best(state.get("best"), history)
+            saved = state.get("candidates")
+            if saved is None:  # written before several rounds were kept: the best one only
+                saved = [state["best"]] if state.get("best") is not None else []
+            candidates = self._rejudged(saved, history)
             if state.get("solver_carried") is not None:
                 self.solver.carried_state = state["solver_carried"]
             start = int(state["k"]) + 1
@@ -408,26 +480,30 @@ class CFO:
             )
             lam, rho, v_prev = lam_next, rho_next, v
             meets = meets_bounds_at(gap.tolist(), evaluation.constraint_std, evaluation.n, cfg.feasible_z)
-            if _improves_best(meets, evaluation.reward_mean, None if best is None else history[best["k"] - 1].reward_mean):
-                best = {"k": k, "model": _cpu_state_dict(model)}
-            self._save(model, k, lam, rho, v_prev, history, best)
+            if meets:
+                candidates = _kept_candidates(candidates, {"k": k, "model": _cpu_state_dict(model)}, history, self._kept_limit())
+            self._save(model, k, lam, rho, v_prev, history, candidates)
             bar.set_postfix(lam=_fmt(lam), rho=_fmt(rho), G=_fmt(gap), r=f"{evaluation.reward_mean:.3g}")
             log.info("round %d of %d: G_k=%s E[c]=%s -> lambda_{k+1}=%s rho_{k+1}=%s E[r]=%.4g (%.0f s)", k, cfg.rounds, _fmt(gap),
                      ",".join(f"{v:.4g}" for v in evaluation.constraint_mean), _fmt(lam), _fmt(rho), evaluation.reward_mean, history[-1].seconds)
         result = CFOResult(model=model, history=history, lam=lam.tolist(), rho=rho.tolist())
         if history and history[-1].k == cfg.rounds:
-            chosen = history[-1]
+            chosen, final = history[-1], None
             if cfg.return_model == "best_feasible":
-                result.selected_feasible = best is not None
-                if best is None:
+                result.selected_feasible = bool(candidates)
+                if not candidates:
                     log.warning("return_model=best_feasible: no round met every bound (feasible_z %g); returning round %d's model",
                                 cfg.feasible_z, cfg.rounds)
-                elif best["k"] != cfg.rounds:
-                    model.load_state_dict(best["model"], strict=True)
-                    chosen = history[best["k"] - 1]
+                else:
+                    pick = candidates[0]
+                    if cfg.confirm_candidates:
+                        pick, result.selected_feasible, result.confirmations = self._confirmed(model, candidates, history, target)
+                        final = _evaluation_of(result.confirmations[pick["k"]])
+                    model.load_state_dict(pick["model"], strict=True)
+                    chosen = history[pick["k"] - 1]
                     log.info("return_model=best_feasible: returning round %d's model (E[r] %.4g)", chosen.k, chosen.reward_mean)
             result.selected_round = chosen.k
-            result.final = Evaluation(
+            result.final = final if final is not None else Evaluation(
                 n=cfg.eval_samples - chosen.nonfinite_eval,
                 reward_mean=chosen.reward_mean,
                 reward_std=chosen.reward_std,
@@ -446,10 +522,23 @@ def _without_rounds(config: dict | None) -> dict | None:
     return None if config is None else {k: v for k, v in config.items() if k != "rounds"}
 
 
-def _improves_best(meets: bool, reward_mean: float, best_reward: float | None) -> bool:
-    """Whether a round that meets every bound by the ``feasible_z`` test (``meets``) with estimated ``E[r]`` beats the
-    best feasible round so far (estimated reward ``best_reward``; ``None``: no feasible round yet)."""
-    return meets and (best_reward is None or reward_mean > best_reward)
+def _kept_candidates(candidates: list[dict], new: dict, history: list[RoundRecord], limit: int) -> list[dict]:
+    """The kept passing rounds after round ``new["k"]`` met every bound: the ``limit`` with the highest estimated
+    ``E[r]`` (``history``'s ``reward_mean``), best first; an earlier round wins a tie."""
+    ranked = sorted([*candidates, new], key=lambda c: -history[c["k"] - 1].reward_mean)  # stable: earlier first on ties
+    return ranked[:limit]
+
+
+def _evaluation_of(confirmation: dict) -> Evaluation:
+    """The :class:`~cfo.evaluation.Evaluation` part of a confirmation record."""
+    return Evaluation(**{f: confirmation[f] for f in ("n", "reward_mean", "reward_std", "constraint_mean", "constraint_std",
+                                                      "feasible_fraction", "nonfinite")})
+
+
+def confirmation_generator(seed: int, k: int, device: torch.device | str) -> torch.Generator:
+    """The random generator that confirms round ``k``'s model: seeded apart from every round's (:func:`round_generator`
+    draws ``seed * 1_000_003 + k``), so a confirmation never repeats the samples the round was estimated and picked on."""
+    return torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + 500_009 + int(k) * 7919)
 
 
 def _cpu_state_dict(model: FlowModel) -> dict[str, torch.Tensor]:

@@ -182,12 +182,39 @@ def returned_round_lines(out: Path, return_model: str, feasible_z: float = 0.0, 
                 continue
             met = returned_round_met(chosen[0])
             test = f" by its upper confidence bound (`feasible_z: {feasible_z:g}`)" if feasible_z > 0 else " by its estimate"
+            if "confirmation" in chosen[0]:
+                lines.append(f"- {label}, {seed}: the final samples are round {chosen[0]['k']}'s model of {len(rounds)} "
+                             f"(`return_model: best_feasible` with `confirm_candidates`). {_confirmation_sentences(rounds, chosen[0], met, test)}")
+                continue
             why = (f"the round with the highest estimated reward that met every bound{test}" if met else
                    f"no round met every bound{test}, so the last round's model, as under `return_model: last`")
             lines.append(f"- {label}, {seed}: the final samples are round {chosen[0]['k']}'s model of {len(rounds)} "
                          f"(`return_model: best_feasible`: {why}).{_selected_estimate_sentence(chosen[0], met, feasible_z)}"
                          f"{_earlier_test_sentence(chosen[0], met, feasible_z, eval_samples)}")
     return lines + [""] if lines else []
+
+
+def _confirmation_sentences(rounds: list[dict], selected: dict, met: bool, test: str) -> str:
+    """What the confirmation on fresh samples found (``confirm_candidates``): each kept round tried, in order, with its
+    round estimate of ``E[c_i]`` beside the fresh one, and which was returned and why."""
+
+    def means(values: list[float]) -> str:
+        return ", ".join(f"{v:.3g}" for v in values)
+
+    tried = []
+    for h in sorted(rounds, key=lambda h: -h["reward_mean"]):  # the order they were tried in
+        c = h.get("confirmation")
+        if c is None:
+            continue
+        fresh = f"error: {c['error']}" if "error" in c else f"{means(c['constraint_mean'])} on {c['n']} fresh samples"
+        tried.append((h["k"], f"round {h['k']}: estimate {means(h['constraint_mean'])}, confirmation {fresh}"
+                              f" ({'passed' if c['meets'] else 'failed'})"))
+    order = "; ".join(text for _, text in tried)
+    verdict = (f"Round {selected['k']} is the round with the highest estimated reward whose confirmation met every bound{test}."
+               if met else f"No kept round's confirmation met every bound{test}; round {selected['k']}'s came nearest.")
+    return (f"The kept rounds that met every bound{test} were confirmed on fresh samples of their models, best estimated "
+            f"reward first (E[c]: {order}). {verdict} Its fresh estimate was not selected on, so the final samples, "
+            f"another fresh draw, need not land above it.")
 
 
 def _earlier_test_sentence(selected: dict, met: bool, feasible_z: float, eval_samples: int | None) -> str:

@@ -164,7 +164,9 @@ def returned_round_offsets(run_dir: str | Path) -> list[dict]:
     from the same model, scored by xTB: ``scored`` is their mean over the scored samples (the table's column) and
     ``refused_as_worst`` the mean with each refused sample at the worst scored value (the estimate's rule). ``picked``
     says whether ``best_feasible`` chose the round for meeting B (then a noisy estimate that fell low is what got it
-    chosen); False where no round met B and the last one was returned."""
+    chosen); False where no round met B and the last one was returned. ``confirmed`` is the returned round's fresh
+    estimate of ``E[c]`` where the run confirmed its kept rounds (``cfo.confirm_candidates``; the estimate's rule, not
+    selected on), else None."""
     import numpy as np
 
     from cfo.tasks.molecules.design import mean_counting_refused_as_worst
@@ -186,8 +188,14 @@ def returned_round_offsets(run_dir: str | Path) -> list[dict]:
             rows.append({"method": method, "seed": int(seed) if seed.isdigit() else seed, "round": h["k"],
                          "estimate": h["constraint_mean"][0], "scored": float(np.mean([values[i] for i in scored])) if scored else None,
                          "refused_as_worst": mean_counting_refused_as_worst(values, scored), "refused": len(values) - len(scored),
-                         "picked": picked})
+                         "picked": picked, "confirmed": _confirmed_estimate(h)})
     return rows
+
+
+def _confirmed_estimate(record: dict) -> float | None:
+    """The fresh estimate of the first constraint's ``E[c]`` in a round record's ``confirmation``, if it has one."""
+    c = record.get("confirmation") or {}
+    return c["constraint_mean"][0] if c.get("constraint_mean") else None
 
 
 def _cpu_kind(machine: dict) -> str:

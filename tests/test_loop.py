@@ -431,6 +431,9 @@ def test_confirmation_on_fresh_samples_passes_over_a_round_picked_on_a_low_estim
     assert f"round 2: estimate {rows[1]['constraint_mean'][0]:.3g}, confirmation {second['constraint_mean'][0]:.3g} on 20000 fresh samples (failed); round 1:" in line
     assert "Round 1 is the round with the highest estimated reward whose confirmation met every bound" in line
     assert "tends to be one estimated low" not in line
+    from cfo.plots import plot_history
+
+    assert plot_history({"seed 0": rows}, [1.0], tmp_path / "rounds.png").stat().st_size > 0  # crosses at the confirmations
 
 
 def test_no_confirmed_round_returns_the_nearest_candidate_marked_not_feasible_and_confirmation_needs_best_feasible():

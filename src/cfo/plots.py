@@ -32,7 +32,8 @@ def plot_history(
     names: list[str] | None = None,
 ) -> Path:
     """Panels over rounds k: ``lambda_k``, ``rho_k`` and ``E[c]`` (with ``B``) for each constraint (one row per entry
-    of ``bounds``, titled by ``names``), and ``E[r]`` beside the first; one line per run.
+    of ``bounds``, titled by ``names``), and ``E[r]`` beside the first; one line per run. Rounds confirmed on fresh
+    samples (a record's ``confirmation``, ``cfo.confirm_candidates``) get a cross at their fresh estimate of ``E[c]``.
 
     ``histories`` maps a label (e.g. ``seed 0``) to its list of round records (``RoundRecord`` as dicts).
     """
@@ -43,7 +44,11 @@ def plot_history(
             ks = [r["k"] for r in rows]
             axes[i, 0].plot(ks, [r["lambda_k"][i] for r in rows], marker="o", ms=3, label=label)
             axes[i, 1].plot(ks, [r["rho_k"][i] for r in rows], marker="o", ms=3, label=label)
-            axes[i, 2].plot(ks, [r["constraint_mean"][i] for r in rows], marker="o", ms=3, label=label)
+            line, = axes[i, 2].plot(ks, [r["constraint_mean"][i] for r in rows], marker="o", ms=3, label=label)
+            confirmed = [r for r in rows if (r.get("confirmation") or {}).get("constraint_mean")]
+            if confirmed:  # confirm_candidates: the kept rounds' estimates on fresh samples, beside their own
+                axes[i, 2].scatter([r["k"] for r in confirmed], [r["confirmation"]["constraint_mean"][i] for r in confirmed],
+                                   marker="x", s=40, color=line.get_color(), zorder=3, label=f"{label}: confirmation")
             if i == 0:
                 axes[0, 3].plot(ks, [r["reward_mean"] for r in rows], marker="o", ms=3, label=label)
         axes[i, 2].axhline(bounds[i], color="red", ls="--", lw=1, label="bound B")

@@ -4,7 +4,7 @@ A CFO round's estimate (``G_k + B``, over ``cfo.eval_samples`` draws) counts eac
 worst value; the table's xTB column is the mean over the final samples xTB scored. This prints, per returned round, the
 final mean minus the estimate both ways (scored only, and refused counted at the worst scored value, the estimate's
 rule), and averages them over the rounds ``best_feasible`` picked for meeting B (where a low estimate is what got a
-round picked, so a positive offset is the selection pull). Where a run confirmed its kept rounds on fresh samples
+round picked, so a positive offset is the selection pull), leaving out rounds returned for their confirmation. Where a run confirmed its kept rounds on fresh samples
 (``cfo.confirm_candidates``), the returned round's confirmation estimate is printed too, and the final mean minus it
 is averaged over those rounds: the confirmation was not selected on, so no pull is expected there.
 
@@ -46,7 +46,8 @@ def main() -> None:
                   f"({r['refused']} refused)"
                   + ("" if r.get("confirmed") is None else f"; confirmation {r['confirmed']:.3f}, final-confirmation "
                      f"refused as worst {r['refused_as_worst'] - r['confirmed']:+6.2f}"))
-    picked = [r for r in rows if r["picked"] and r["scored"] is not None]
+    # a confirmed round was returned for its confirmation, not its own estimate: pooled apart
+    picked = [r for r in rows if r["picked"] and r["scored"] is not None and r.get("confirmed") is None]
     if picked:
         scored = np.array([r["scored"] - r["estimate"] for r in picked])
         worst = np.array([r["refused_as_worst"] - r["estimate"] for r in picked])
@@ -56,8 +57,10 @@ def main() -> None:
     confirmed = [r for r in rows if r.get("confirmed") is not None and r["refused_as_worst"] is not None]
     if confirmed:
         fresh = np.array([r["refused_as_worst"] - r["confirmed"] for r in confirmed])
-        print(f"returned rounds with a confirmation on fresh samples: {len(confirmed)}; final minus confirmation, "
-              f"refused as worst, mean (se): {_mean_se(fresh)}; above it: {int((fresh > 0).sum())} of {len(fresh)}")
+        own = np.array([r["refused_as_worst"] - r["estimate"] for r in confirmed])
+        print(f"returned rounds with a confirmation on fresh samples: {len(confirmed)}; refused as worst, mean (se): "
+              f"final minus confirmation {_mean_se(fresh)}, above it {int((fresh > 0).sum())} of {len(fresh)}; "
+              f"final minus the round's own estimate {_mean_se(own)}, above it {int((own > 0).sum())} of {len(own)}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -477,6 +477,27 @@ def test_per_seed_table_lists_every_seed():
     assert len(lines) == 6 and lines[5].startswith("- NFT seed 1: xTB failed on 96 of its 100 final samples")  # flagged
 
 
+def test_bound_readings_tell_a_miss_within_noise_from_a_violation_and_read_seed_means_as_the_paper():
+    from cfo.tasks.molecules.report import bound_reading_lines
+
+    def rec(method, seed, mean, se, n_seeds=1):
+        m = {"xtb_referenced_energy": {"mean": mean, "se": se}, "xtb_energy": {"mean": -50.0, "se": 0.5},
+             "xtb_satisfied": mean <= 1.2}
+        return {"method": method, "seed": seed, "bound": 1.2, "n_seeds": n_seeds, "metrics": m}
+
+    per_seed = [rec("CFO_NFT", 0, 1.15, 0.05), rec("CFO_NFT", 1, 1.203, 0.044), rec("NFT", 0, 2.13, 0.1),
+                rec("NFT", 1, 1.28, 0.05)]  # 0.08 over B is 1.6 se: under the 1.645 of a one-sided 95 % test
+    rows = [rec("CFO_NFT", None, 1.1765, 0.04, n_seeds=2), rec("NFT", None, 1.705, 0.6, n_seeds=2)]
+    test, paper = bound_reading_lines(rows, per_seed)
+    assert "a violation for NFT seed 0 (by 0.93 Ha, 9.3 se)" in test
+    assert "within sampling noise for CFO_NFT seed 1 (by 0.003 Ha, 0.1 se), NFT seed 1 (by 0.08 Ha, 1.6 se)" in test
+    assert "CFO_NFT seed 0" not in test  # met B
+    assert paper.endswith("CFO_NFT 1.18 Ha, meets B; NFT 1.71 Ha, misses B.")
+    # one seed per row: no per-seed file, the rows are read as seeds and there is no seed-mean line
+    assert bound_reading_lines([rec("CFO_NFT", 0, 1.15, 0.05)], []) == []
+    assert len(bound_reading_lines([rec("NFT", 0, 2.13, 0.1)], [])) == 1
+
+
 def test_seed_aggregation_sums_sample_counts_and_averages_means():
     """Over seeds, the counts of scored samples and of failures are totals (so 'scored k of n' adds up) and the
     property means are averaged, with the spread across seeds as their ±."""

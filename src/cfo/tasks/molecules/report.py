@@ -366,6 +366,46 @@ def format_per_seed_table(per_seed: list[dict]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+ONE_SIDED_95 = 1.645  # z of a one-sided 95 % test
+
+
+def bound_reading_lines(rows: list[dict], per_seed: list[dict]) -> list[str]:
+    """Two readings of the xTB bound beside the strict per-seed verdict, for the report's notes.
+
+    Each seed whose final samples missed ``B`` (mean of ``c`` over its scored samples above ``B``) is classed by a
+    one-sided 95 % test: a *violation* when ``mean - B > 1.645 se`` (``se`` the standard error over those samples),
+    else *within sampling noise*. When the bound is active a model that solves the problem has ``E[c] = B``, and a
+    finite-sample check of it then misses about half the time; the test tells such a miss from a real violation.
+    Rows aggregated over several seeds are also read as the paper's table reads them: the mean over seeds against ``B``.
+    Records without a standard error are left out."""
+    lines = []
+    singles = per_seed or [r for r in rows if r.get("n_seeds", 1) <= 1]
+    violations, within = [], []
+    for r in singles:
+        m = r["metrics"]
+        mean, se = _constrained_xtb(m)
+        if m.get("xtb_satisfied", True) or mean is None or not se:
+            continue
+        gap = mean - r["bound"]
+        seed = "" if r.get("seed") is None else f" seed {r['seed']}"
+        text = f"{r['method']}{seed} (by {gap:.3g} Ha, {gap / se:.1f} se)"
+        (violations if gap > ONE_SIDED_95 * se else within).append(text)
+    if violations or within:
+        parts = ([f"a violation for {', '.join(violations)}"] if violations else []) + (
+            [f"within sampling noise for {', '.join(within)}"] if within else [])
+        lines.append("- Final samples that missed B, by a one-sided 95 % test (a violation when the xTB mean exceeds B by "
+                     f"more than {ONE_SIDED_95} standard errors): {'; '.join(parts)}."
+                     + (" A model whose E[c] sits at B, as the solution does when the bound is active, misses a "
+                        "finite-sample check about half the time." if within else ""))
+    multi = [r for r in rows if r.get("n_seeds", 1) > 1 and _constrained_xtb(r["metrics"])[0] is not None]
+    if multi:
+        parts = [f"{r['method']} {_constrained_xtb(r['metrics'])[0]:.3g} Ha, "
+                 f"{'meets' if _constrained_xtb(r['metrics'])[0] <= r['bound'] else 'misses'} B" for r in multi]
+        lines.append(f"- Read as the paper's table reads it (the mean over seeds against B = {multi[0]['bound']:g}): "
+                     f"{'; '.join(parts)}.")
+    return lines
+
+
 def _notes(rows: list[dict]) -> list[str]:
     by = {r["method"]: r for r in rows}
     notes = []
@@ -497,7 +537,7 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
         format_mol_table(rows), "",
         "The paper (FlowMol on GEOM-Drugs, 45 atoms, surrogate-based values, 95 % CI; validity from a secondary source):", "",
         *_paper_table(), "",
-        *_notes(rows), "",
+        *_notes(rows), *bound_reading_lines(rows, per_seed), "",
         *returned_round_lines(out, c.get("return_model", "last"), c.get("feasible_z", 0.0), c.get("eval_samples")),
     ]
     if any(r.get("n_seeds", 1) > 1 for r in rows) and per_seed:

@@ -498,6 +498,25 @@ def test_bound_readings_tell_a_miss_within_noise_from_a_violation_and_read_seed_
     assert len(bound_reading_lines([rec("NFT", 0, 2.13, 0.1)], [])) == 1
 
 
+def test_report_replot_redraws_a_folders_round_plots_from_its_history(tmp_path):
+    """``cfo report --replot`` redraws ``cfo_rounds_*.png`` of a shipped run folder (with confirmations in its history)
+    from history.json, bounds.json and config.yaml alone; a folder without its history gets a clear error."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parents[1] / "docs" / "runs" / "mol_nft_xtb_recipe_strain_k18_confirm", run)
+    history = json.loads((run / "history.json").read_text())["CFO_NFT"]
+    assert any("confirmation" in r for rows in history.values() for r in rows)
+    plot = run / "cfo_rounds_CFO_NFT.png"
+    plot.unlink()
+    res = CliRunner().invoke(app, ["report", str(run), "--replot"])
+    assert res.exit_code == 0, res.output
+    assert plot.stat().st_size > 10_000 and "cfo_rounds_CFO_NFT.png" in (run / "report.md").read_text()
+    (run / "history.json").unlink()
+    res = CliRunner().invoke(app, ["report", str(run), "--replot"])
+    assert res.exit_code == 2 and "has no history.json" in res.output
+
+
 def test_seed_aggregation_sums_sample_counts_and_averages_means():
     """Over seeds, the counts of scored samples and of failures are totals (so 'scored k of n' adds up) and the
     property means are averaged, with the spread across seeds as their ±."""

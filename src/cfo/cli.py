@@ -256,9 +256,11 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Markdown file (default: RUN_DIR/report.md for one folder)"),
     title: str = typer.Option("Results", help="top heading when several folders are combined"),
     intro: Optional[Path] = typer.Option(None, help="Markdown file inserted under the heading"),
+    replot: bool = typer.Option(False, "--replot", help="first redraw molecular folders' per-round plots from their "
+                                "history.json with this version's plotting code (nothing is trained or sampled)"),
 ) -> None:
     """Turn saved run folders into Markdown tables and plots (ours beside the paper's); plots are copied next to --out."""
-    from cfo.tasks.molecules.report import is_molecular_run, render_mol_report
+    from cfo.tasks.molecules.report import is_molecular_run, redraw_round_plots, render_mol_report
     from cfo.tasks.toy_report import render_toy_report
 
     if out is None:
@@ -280,6 +282,8 @@ def report(
 
     with _user_errors(FileNotFoundError, ValueError):
         for d in run_dirs:
+            if replot and is_molecular_run(d):
+                redraw_round_plots(d)
             inside = os.path.relpath(d.resolve(), out.parent.resolve())
             render = render_mol_report if is_molecular_run(d) else render_toy_report
             if inside.startswith(".."):  # plots copied next to the report

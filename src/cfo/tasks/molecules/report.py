@@ -11,7 +11,7 @@ from cfo.jobs import Job, slug
 from cfo.results import returned_round_lines, returned_round_met
 from cfo.plots import plot_history
 
-__all__ = ["format_mol_table", "write_mol_plots", "render_mol_report", "is_molecular_run"]
+__all__ = ["format_mol_table", "write_mol_plots", "write_round_plots", "redraw_round_plots", "render_mol_report", "is_molecular_run"]
 
 
 def _pm(mean: float | None, se: float | None, nd: int = 2) -> str:
@@ -262,6 +262,39 @@ def _sdf_values(folder: Path, *keys: str) -> dict[str, list[float]]:
     return out
 
 
+def write_round_plots(cfg, out: Path, histories: dict[str, dict[str, list]], bounds: dict) -> list[Path]:
+    """``out/cfo_rounds_<label>.png`` for each CFO label of ``histories`` (label -> seed -> round records):
+    ``lambda_k``, ``rho_k``, ``E[c]`` against ``B`` (one row per constraint, ``bounds`` by name) and ``E[r]`` over
+    rounds, one line per seed (:func:`cfo.plots.plot_history`)."""
+    from cfo.tasks.molecules.design import constraint_energy_name
+
+    keys = (["energy"] + (["valence"] if cfg.valence_constraint else []) + (["clash"] if cfg.clash_constraint else [])
+            + (["gap"] if cfg.gap_constraint else []))
+    names = [constraint_energy_name(cfg)] + keys[1:]
+    return [plot_history(per_seed, [bounds[n] for n in keys], out / f"cfo_rounds_{slug(label)}.png",
+                         title=f"{label}: rounds ({' and '.join(names)} constraint{'s' if len(names) > 1 else ''})",
+                         margin=cfg.cfo.target_margin, names=names)
+            for label, per_seed in histories.items()]
+
+
+def redraw_round_plots(run_dir: str | Path) -> list[Path]:
+    """Redraw a finished run folder's ``cfo_rounds_*.png`` from its ``history.json``, ``bounds.json`` and
+    ``config.yaml`` with the current plotting code (say, after the plots learned to mark confirmations); nothing is
+    trained or sampled. A folder whose config no longer loads raises ``ValueError`` naming the file."""
+    from cfo.tasks.molecules.design import load_mol_run_config
+
+    out = Path(run_dir)
+    for name in ("config.yaml", "history.json", "bounds.json"):
+        if not (out / name).exists():
+            raise FileNotFoundError(f"{out} has no {name}: its round plots cannot be redrawn")
+    try:
+        cfg = load_mol_run_config(out / "config.yaml")
+    except ValueError as e:
+        raise ValueError(f"{out / 'config.yaml'} does not load with this version of cfo, so its plots cannot be redrawn: {e}") from e
+    histories = json.loads((out / "history.json").read_text())
+    return write_round_plots(cfg, out, histories, json.loads((out / "bounds.json").read_text())["bounds"])
+
+
 def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[str, list]], bounds: dict) -> list[Path]:
     """Per-round CFO curves, xTB energy and dipole histograms of every method (with ``B``), and image grids of valid
     molecules for PRE and the CFO methods."""
@@ -274,14 +307,7 @@ def write_mol_plots(cfg, out: Path, jobs: list[Job], histories: dict[str, dict[s
 
     energy_name = constraint_energy_name(cfg)
     energy_key = "xtb_referenced_energy_Ha" if energy_name != "energy" else "xtb_energy_Ha"
-    written = []
-    for label, per_seed in histories.items():
-        keys = (["energy"] + (["valence"] if cfg.valence_constraint else []) + (["clash"] if cfg.clash_constraint else [])
-                + (["gap"] if cfg.gap_constraint else []))
-        names = [energy_name] + keys[1:]
-        written.append(plot_history(per_seed, [bounds[n] for n in keys], out / f"cfo_rounds_{slug(label)}.png",
-                                    title=f"{label}: rounds ({' and '.join(names)} constraint{'s' if len(names) > 1 else ''})",
-                                    margin=cfg.cfo.target_margin, names=names))
+    written = write_round_plots(cfg, out, histories, bounds)
     labels = list(dict.fromkeys(j.label for j in jobs))
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
     for label in labels:

@@ -448,6 +448,15 @@ def test_no_confirmed_round_returns_the_nearest_candidate_marked_not_feasible_an
     assert result.confirmations[1]["constraint_mean"][0] > 1.0
     assert result.selected_round == 1 and result.selected_feasible is False
     assert [r.get("returned_feasible") for r in result.history_dicts()] == [False, None]
+    assert result.final.n == 5000  # the returned round's fresh estimate
+    # a confirmation whose values are not finite fails, counted as such; the round's own estimate stands as the result
+    nan_on_fresh = ConstrainedProblem(
+        Reward(lambda x: x @ A, name="a.x"),
+        Constraint(lambda x: x @ Bvec + (float("nan") if len(x) == 5000 else 0.0), 1.0, name="b.x"), alpha=ALPHA)
+    result = CFO(nan_on_fresh, ScriptedShift(shifts), gaussian_finetunable(), cfg).run(progress=False)
+    assert "error" in result.confirmations[1] and not result.confirmations[1]["meets"]
+    assert result.selected_round == 1 and result.selected_feasible is False
+    assert result.final.n == 30 and result.final.constraint_mean == result.history[0].constraint_mean
     with pytest.raises(ValidationError, match="confirm_candidates"):
         CFOConfig(confirm_candidates=2)  # return_model 'last' returns round K: nothing to confirm
 

@@ -99,8 +99,9 @@ class CFOConfig(BaseModel):
         "evaluation samples). 0 takes the estimate as it is; 1.645 is a one-sided 95 % bound, so that a round whose "
         "estimate fell below B by Monte-Carlo chance is not picked (at 0, the round picked among rounds whose estimates scatter "
         "around B tends to be one estimated low, so fresh samples of its model often land above its estimate). G_k is measured from the tightened target "
-        "B - target_margin, so with both set the two cushions add up. A run may be resumed with another z: the kept round "
-        "is judged again by it and dropped if it fails (only the best round's weights are kept, so an earlier round that "
+        "B - target_margin, so with both set the two cushions add up. A run may be resumed with another z: the kept rounds "
+        "are judged again by it and dropped if they fail (only the kept rounds' weights are saved, the best one or "
+        "confirm_candidates of them, so an earlier round that "
         "passes only at the new z cannot be restored; that is logged)",
     )
     confirm_candidates: int = Field(
@@ -112,7 +113,8 @@ class CFOConfig(BaseModel):
         "passes the same test is returned, with that fresh estimate as its result. A round picked by its own estimate "
         "tends to be one estimated low (its estimate is the one it was selected on), so fresh samples of its model land "
         "above it on average; a confirmation's estimate was not selected on. When no candidate is confirmed the one whose "
-        "fresh upper gap came nearest to the bound is returned, marked not feasible. 0: no confirmation",
+        "fresh upper gap came nearest to the bound is returned, marked not feasible. A confirmation with more non-finite "
+        "values than max_nonfinite_fraction allows fails (a returned round then keeps its own estimate). 0: no confirmation",
     )
     confirm_samples: int | None = Field(
         None, ge=2, description="fresh samples per confirmed candidate (default: eval_samples)")
@@ -498,7 +500,8 @@ class CFO:
                     pick = candidates[0]
                     if cfg.confirm_candidates:
                         pick, result.selected_feasible, result.confirmations = self._confirmed(model, candidates, history, target)
-                        final = _evaluation_of(result.confirmations[pick["k"]])
+                        if "error" not in result.confirmations[pick["k"]]:  # else: the round's own estimate stands
+                            final = _evaluation_of(result.confirmations[pick["k"]])
                     model.load_state_dict(pick["model"], strict=True)
                     chosen = history[pick["k"] - 1]
                     log.info("return_model=best_feasible: returning round %d's model (E[r] %.4g)", chosen.k, chosen.reward_mean)

@@ -28,6 +28,16 @@ def _mean_se(values: np.ndarray) -> str:
     return f"{values.mean():+.3f} ({se:.3f})"
 
 
+def _offsets(rows: list[dict], final: str, reference: str) -> np.ndarray:
+    """``row[final] - row[reference]`` over ``rows``."""
+    return np.array([r[final] - r[reference] for r in rows])
+
+
+def _above(values: np.ndarray) -> str:
+    """``"k of n"``: how many of ``values`` are positive."""
+    return f"{int((values > 0).sum())} of {len(values)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished `cfo mol run` folders")
@@ -49,18 +59,16 @@ def main() -> None:
     # a confirmed round was returned for its confirmation, not its own estimate: pooled apart
     picked = [r for r in rows if r["picked"] and r["scored"] is not None and r.get("confirmed") is None]
     if picked:
-        scored = np.array([r["scored"] - r["estimate"] for r in picked])
-        worst = np.array([r["refused_as_worst"] - r["estimate"] for r in picked])
+        worst = _offsets(picked, "refused_as_worst", "estimate")
         print(f"\nrounds picked for meeting B: {len(picked)}; final minus estimate, mean (se): scored only "
-              f"{_mean_se(scored)}, refused as worst {_mean_se(worst)}; "
-              f"above the estimate (refused as worst): {int((worst > 0).sum())} of {len(worst)}")
+              f"{_mean_se(_offsets(picked, 'scored', 'estimate'))}, refused as worst {_mean_se(worst)}; "
+              f"above the estimate (refused as worst): {_above(worst)}")
     confirmed = [r for r in rows if r.get("confirmed") is not None and r["refused_as_worst"] is not None]
     if confirmed:
-        fresh = np.array([r["refused_as_worst"] - r["confirmed"] for r in confirmed])
-        own = np.array([r["refused_as_worst"] - r["estimate"] for r in confirmed])
+        fresh, own = _offsets(confirmed, "refused_as_worst", "confirmed"), _offsets(confirmed, "refused_as_worst", "estimate")
         print(f"returned rounds with a confirmation on fresh samples: {len(confirmed)}; refused as worst, mean (se): "
-              f"final minus confirmation {_mean_se(fresh)}, above it {int((fresh > 0).sum())} of {len(fresh)}; "
-              f"final minus the round's own estimate {_mean_se(own)}, above it {int((own > 0).sum())} of {len(own)}")
+              f"final minus confirmation {_mean_se(fresh)}, above it {_above(fresh)}; "
+              f"final minus the round's own estimate {_mean_se(own)}, above it {_above(own)}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -282,10 +282,11 @@ def report(
 
     with _user_errors(FileNotFoundError, ValueError):
         for d in run_dirs:
-            if replot and is_molecular_run(d):
+            molecular = is_molecular_run(d)
+            if replot and molecular:
                 redraw_round_plots(d)
             inside = os.path.relpath(d.resolve(), out.parent.resolve())
-            render = render_mol_report if is_molecular_run(d) else render_toy_report
+            render = render_mol_report if molecular else render_toy_report
             if inside.startswith(".."):  # plots copied next to the report
                 parts.append(render(d, image_dir=image_dir, image_rel=rel))
             else:  # the run folder lies below the report: link its plots in place

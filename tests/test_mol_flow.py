@@ -409,6 +409,7 @@ def test_an_interrupt_ends_the_call_after_its_step_with_a_checkpoint_and_the_run
     from that step."""
     import signal
     import threading
+    import time
 
     from cfo.tasks.molecules import assets
     from cfo.tasks.molecules.dataset import MoleculeDataset
@@ -418,12 +419,25 @@ def test_an_interrupt_ends_the_call_after_its_step_with_a_checkpoint_and_the_run
     small = MoleculeDataset.from_records([full.molecule(i) | {"converged": True} for i in range(24)])
     cfg = TINY.model_copy(update={"steps": 100_000, "batch_size": 2, "eval_samples": 0, "warmup": 1, "checkpoint_every": 100_000})
     before = signal.getsignal(signal.SIGINT)
-    timer = threading.Timer(3.0, signal.raise_signal, (signal.SIGINT,))
-    timer.start()
+    stop_waiting = threading.Event()
+
+    def interrupt_once_training_handles_it() -> None:
+        # Ctrl-C once the trainer's handler is in place (a fixed delay raced the set-up on a loaded machine), a moment
+        # later, mid-run; a trainer that never installs one is interrupted after a minute all the same, and fails.
+        deadline = time.monotonic() + 60.0
+        while signal.getsignal(signal.SIGINT) is before and time.monotonic() < deadline:
+            if stop_waiting.wait(0.05):
+                return
+        if not stop_waiting.wait(0.5):
+            signal.raise_signal(signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_once_training_handles_it, daemon=True)
+    interrupter.start()
     try:
         summary = pretrain_molecules(cfg, small, tmp_path / "run", progress=False)
     finally:
-        timer.cancel()
+        stop_waiting.set()
+        interrupter.join()
     assert not summary["finished"] and 0 < summary["steps"] < cfg.steps
     assert signal.getsignal(signal.SIGINT) is before
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)

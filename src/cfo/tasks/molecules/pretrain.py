@@ -21,7 +21,7 @@ from copy import deepcopy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -345,17 +345,35 @@ def _init_batch_worker(buckets: SizeBuckets) -> None:
     _WORKER_BUCKETS = buckets
 
 
-def _prepare_batch(
-    args: tuple[int, int, int, bool, tuple[float, float] | None, float],
-) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """In a worker: step ``step``'s batch, its prior draw (aligned to it when ``align``) and its times
-    (:func:`training_times`), all on the CPU."""
-    seed, step, batch_size, align, time_focus, time_focus_fraction = args
-    gen = step_generator(seed, step)
-    n, batch = _sample_batch(_WORKER_BUCKETS, batch_size, gen)
-    lay = MolLayout(n)
-    x0 = aligned_prior(lay, batch["pos"], gen, "cpu", align)
-    return n, batch, x0, training_times(batch_size, gen, time_focus, time_focus_fraction)
+class PreparedBatch(NamedTuple):
+    """One training step's inputs as a batch worker prepares them, all on the CPU: the molecule size ``n_atoms``, the
+    data ``batch``, the prior draw ``x0`` (aligned to the batch when the run aligns priors) and the times ``t``."""
+
+    n_atoms: int
+    batch: dict[str, torch.Tensor]
+    x0: torch.Tensor
+    t: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """What a batch worker needs to prepare step ``step`` of a run seeded ``seed`` (:func:`_prepare_batch`)."""
+
+    seed: int
+    step: int
+    batch_size: int
+    align: bool
+    time_focus: tuple[float, float] | None
+    time_focus_fraction: float
+
+
+def _prepare_batch(request: BatchRequest) -> PreparedBatch:
+    """In a worker: step ``request.step``'s batch, its prior draw (aligned to it when ``request.align``) and its times
+    (:func:`training_times`), all on the CPU, drawn from :func:`step_generator` so any worker prepares the same step alike."""
+    gen = step_generator(request.seed, request.step)
+    n, batch = _sample_batch(_WORKER_BUCKETS, request.batch_size, gen)
+    x0 = aligned_prior(MolLayout(n), batch["pos"], gen, "cpu", request.align)
+    return PreparedBatch(n, batch, x0, training_times(request.batch_size, gen, request.time_focus, request.time_focus_fraction))
 
 
 class BatchPrefetcher:
@@ -370,10 +388,12 @@ class BatchPrefetcher:
         self.pending: deque = deque()
         self.depth = 2 * cfg.batch_workers
 
-    def get(self, step: int) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    def get(self, step: int) -> PreparedBatch:
+        """Step ``step``'s prepared batch (steps must be asked for in order), queueing the next few steps' meanwhile."""
         while self.next < min(step + 1 + self.depth, self.stop):
-            self.pending.append((self.next, self.pool.apply_async(_prepare_batch, ((self.cfg.seed, self.next, self.cfg.batch_size, self.cfg.aligns_prior,
-                                                                                     self.cfg.time_focus, self.cfg.time_focus_fraction),))))
+            request = BatchRequest(self.cfg.seed, self.next, self.cfg.batch_size, self.cfg.aligns_prior, self.cfg.time_focus,
+                                   self.cfg.time_focus_fraction)
+            self.pending.append((self.next, self.pool.apply_async(_prepare_batch, (request,))))
             self.next += 1
         queued, result = self.pending.popleft()
         if queued != step:

@@ -191,6 +191,34 @@ def test_every_run_folder_and_image_of_the_results_page_is_in_the_repository():
         assert f"docs/{link}" in files, f"image {link} of results.md is not committed"
 
 
+def test_a_run_resumed_on_another_machine_keeps_the_earlier_machine_in_its_record(tmp_path, monkeypatch):
+    """``machine.json`` names the machine of the latest invocation and, under ``"earlier"``, every other machine an
+    earlier invocation of the folder ran on (a record from before the CPU fields counts as another), so a resumed run
+    that cannot repeat bit for bit says why; the molecular report prints them."""
+    import cfo.jobs as jobs
+    from cfo.tasks.molecules.report import _earlier_machines
+
+    cfg = ToyRunConfig(seeds=[0])
+    out = tmp_path / "run"
+    here = jobs.machine_info("cpu")
+    jobs.prepare_run_folder(cfg, out, "cpu")
+    jobs.prepare_run_folder(cfg, out, "cpu")
+    first = json.loads((out / "machine.json").read_text())
+    assert first == here and "earlier" not in first and _earlier_machines(first) == ""
+
+    other = here | {"cpu_model": "Other CPU", "cpu_capability": "AVX512"}
+    monkeypatch.setattr(jobs, "machine_info", lambda device="cpu": dict(other))
+    jobs.prepare_run_folder(cfg, out, "cpu")
+    jobs.prepare_run_folder(cfg, out, "cpu")
+    resumed = json.loads((out / "machine.json").read_text())
+    assert {k: v for k, v in resumed.items() if k != "earlier"} == other and resumed["earlier"] == [here]
+    assert here["cpu_capability"] in _earlier_machines(resumed) and "AVX512" not in _earlier_machines(resumed)
+
+    (out / "machine.json").write_text(json_text({"host": "Linux x86_64", "cpu_count": 2}))  # written before the CPU fields
+    jobs.prepare_run_folder(cfg, out, "cpu")
+    assert json.loads((out / "machine.json").read_text())["earlier"] == [{"host": "Linux x86_64", "cpu_count": 2}]
+
+
 def test_machine_record_says_which_cpu_and_kernels_a_run_used():
     """``machine.json`` records the CPU model, PyTorch's CPU instruction set and thread count beside the host, so a
     report can tell runs made on different kinds of machine apart; the molecular report prints them."""

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from cfo.atomic import write_text_atomically
 from cfo.results import json_text
 
-__all__ = ["JOB_PRIORITY", "Job", "execute_jobs", "load_record", "load_run_config", "machine_info", "prepare_run_folder", "slug", "store_record"]
+__all__ = ["JOB_PRIORITY", "Job", "execute_jobs", "load_record", "load_run_config", "machine_info", "machine_record", "prepare_run_folder", "slug", "store_record"]
 
 # Longest first when jobs are scheduled: CFO, then fixed-weight Lagrangian, unconstrained, pre-trained.
 JOB_PRIORITY = {"CFO_AM": 0, "CFO_NFT": 1, "LAG_AM": 2, "LAG_NFT": 3, "AM": 4, "NFT": 5, "PRE": 6}
@@ -131,7 +131,27 @@ def prepare_run_folder(cfg: BaseModel, out: Path, device: str) -> None:
         if saved.model_dump() != cfg.model_dump():
             raise ValueError(f"{out} holds a run with another configuration; use another --out or the same --config {cfg_file}")
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (out / "machine.json").write_text(json_text(machine_info(device), indent=2))
+    write_text_atomically(out / "machine.json", json_text(machine_record(out / "machine.json", machine_info(device)), indent=2))
+
+
+def machine_record(path: Path, current: dict) -> dict:
+    """What ``machine.json`` holds after an invocation on the machine ``current``: that machine, and under
+    ``"earlier"`` every other machine an earlier invocation of the same run folder recorded (oldest first).
+
+    A resumed run may continue on another kind of machine, whose kernels round differently, so its later rounds need
+    not repeat what the first machine would have given; overwriting the record would hide that. A record that is not
+    valid JSON is kept under ``"earlier"`` as its text."""
+    earlier: list = []
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            previous = {"unreadable": path.read_text()}
+        if isinstance(previous, dict):
+            earlier = list(previous.pop("earlier", []))
+        if previous != current and previous not in earlier:
+            earlier.append(previous)
+    return current | {"earlier": earlier} if earlier else dict(current)
 
 
 def _run_in_worker(run_job: Callable[[tuple], str], name: str, args: tuple) -> str:

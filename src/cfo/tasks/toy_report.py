@@ -126,6 +126,8 @@ def _image(out: Path, name: str, image_dir: Path | None, rel: str, prefix: str, 
 
 def _config_line(cfg: ToyRunConfig, machine: dict) -> str:
     where = f"{machine.get('cpu_count', '?')} CPU cores" + (f", {machine['gpu']}" if machine.get("gpu") else "")
+    if machine.get("earlier"):
+        where += f"; resumed there, {len(machine['earlier'])} earlier machine record(s) in machine.json"
     return (
         f"Seeds {cfg.seeds}; budget M = {cfg.budget} solver iterations per fine-tuning method; "
         f"alpha = {toy2d.ToyGeometry().alpha}; {cfg.workers} worker process(es) on {machine.get('host', 'an unrecorded machine')} ({where}); "

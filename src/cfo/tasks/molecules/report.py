@@ -205,6 +205,22 @@ def _cpu_kind(machine: dict) -> str:
     return f" ({', '.join(kind)})" if kind else ""
 
 
+def _machine_words(machine: dict) -> str:
+    """One ``machine.json`` record in words: host, CPUs (model, instruction set), device, PyTorch version."""
+    return (f"{machine.get('host', '?')}, {machine.get('cpu_count', '?')} CPUs{_cpu_kind(machine)}, device {machine.get('device', '?')}, "
+            f"torch {machine.get('torch', '?')}")
+
+
+def _earlier_machines(machine: dict) -> str:
+    """Where a resumed run's earlier invocations ran, when ``machine.json`` records other machines under ``"earlier"``
+    (:func:`cfo.jobs.machine_record`): such a run repeats bit for bit only where every part ran on one kind of machine."""
+    earlier = machine.get("earlier") or []
+    if not earlier:
+        return ""
+    words = "; ".join(_machine_words(m) if isinstance(m, dict) else str(m) for m in earlier)
+    return f" (resumed there; earlier parts of the run ran on: {words})"
+
+
 def _energy_constraint_name(rows: list[dict]) -> str:
     """The first constraint's name in result rows: ``"energy"``, or ``"referenced energy"`` (``energy_reference:
     composition``); ``"energy"`` for rows written before constraints were named."""
@@ -551,7 +567,7 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
         f"Run folder `{out.name}`: methods {', '.join(cfg['methods'])}; seeds {cfg['seeds']}; K = {c['rounds']}, N = {c['steps_per_round']} "
         f"(budget M = {c['rounds'] * c['steps_per_round']} inner iterations for every fine-tuning method); alpha = {cfg['alpha']}; "
         f"{cfg['eval_samples']} final samples per method and seed ({cfg['eval_ode_steps']} midpoint ODE steps); machine: "
-        f"{machine.get('host', '?')}, {machine.get('cpu_count', '?')} CPUs{_cpu_kind(machine)}, device {machine.get('device', '?')}, torch {machine.get('torch', '?')}. "
+        f"{_machine_words(machine)}{_earlier_machines(machine)}. "
         + ("The constraint is the composition-referenced energy E - sum_i eps_Z (per-element energies fitted on the shipped "
            "dataset, whose referenced energies are 0 +- 0.03 Ha): the energy above an average molecule of the same atoms, i.e. strain. " if referenced else "")
         + f"Bound B = {rows[0]['bound']:g} Ha" + (f" (the paper's relative placement: the PRE samples' mean predicted energy {measured['pre_energy_mean']:.2f} Ha x 80/77.86)" if measured and cfg.get("energy_bound") is None else "")

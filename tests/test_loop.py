@@ -436,16 +436,20 @@ def test_confirmation_on_fresh_samples_passes_over_a_round_picked_on_a_low_estim
     assert plot_history({"seed 0": rows}, [1.0], tmp_path / "rounds.png").stat().st_size > 0  # crosses at the confirmations
 
 
-def test_no_confirmed_round_returns_the_nearest_candidate_marked_not_feasible_and_confirmation_needs_best_feasible():
+def test_no_confirmed_round_returns_the_nearest_candidate_marked_not_feasible_and_confirmation_needs_best_feasible(capsys):
     """Round 1 (about 1.05) meets B = 1 by its low estimate at some seed, round 2 (about 1.75) does not: confirmed on
-    fresh samples, round 1 fails, so it is returned as the nearest candidate and marked not feasible."""
+    fresh samples, round 1 fails, so it is returned as the nearest candidate and marked not feasible; the progress bar
+    counts the confirmation and shows its fresh E[c]."""
     shifts = [[0.44, 0.0], [1.0, 0.0]]
     seed, _ = _first_seed_picking_a_round_by_a_low_estimate(shifts, picked=1)
     cfg = CFOConfig(rounds=2, steps_per_round=1, eval_samples=30, return_model="best_feasible", seed=seed,
                     confirm_candidates=3, confirm_samples=5000)
-    result = CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), cfg).run(progress=False)
+    capsys.readouterr()
+    result = CFO(_problem(1.0), ScriptedShift(shifts), gaussian_finetunable(), cfg).run(progress=True)
     assert list(result.confirmations) == [1] and not result.confirmations[1]["meets"]
     assert result.confirmations[1]["constraint_mean"][0] > 1.0
+    bar = capsys.readouterr().err
+    assert "confirming: 100%" in bar and f"Ec={result.confirmations[1]['constraint_mean'][0]:.3g}" in bar and "confirmed=no" in bar
     assert result.selected_round == 1 and result.selected_feasible is False
     assert [r.get("returned_feasible") for r in result.history_dicts()] == [False, None]
     assert result.final.n == 5000  # the returned round's fresh estimate

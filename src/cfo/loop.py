@@ -384,38 +384,52 @@ class CFO:
         return kept
 
     def _confirmed(self, model: FlowModel, candidates: list[dict], history: list[RoundRecord], target: torch.Tensor,
-                   ) -> tuple[dict, bool, dict[int, dict]]:
+                   progress: bool = False) -> tuple[dict, bool, dict[int, dict]]:
         """Confirm the kept rounds (best estimated ``E[r]`` first) on fresh samples of their models: ``confirm_samples``
         draws from :func:`confirmation_generator`, never from a round's generator, so the estimate was not selected on.
         Returns the first candidate whose fresh gaps ``G = E[c] - (B - margin)`` pass the run's ``feasible_z`` test,
         ``True`` and every confirmation made; when none passes, the candidate with the smallest largest fresh upper gap,
-        ``False``. A confirmation with more non-finite values than ``max_nonfinite_fraction`` allows fails, logged."""
+        ``False``. A confirmation with more non-finite values than ``max_nonfinite_fraction`` allows fails, logged.
+        With ``progress`` a bar counts the confirmations and shows each one's fresh ``E[c]``."""
         cfg = self.config
         n = cfg.confirm_samples or cfg.eval_samples
         confirmations: dict[int, dict] = {}
-        for c in candidates:
-            model.load_state_dict(c["model"], strict=True)
-            try:
-                ev, _ = evaluate_model(model, self.problem, n, generator=confirmation_generator(cfg.seed, c["k"], self.pretrained.device),
-                                       sampler=self.sampler, max_nonfinite_fraction=cfg.max_nonfinite_fraction)
-            except NonFiniteValueError as err:
-                log.warning("confirmation of round %d failed: %s", c["k"], err)
-                confirmations[c["k"]] = {"n": 0, "error": str(err), "meets": False, "upper_gap": [float("inf")]}
-                continue
-            gap = (torch.tensor(ev.constraint_mean, dtype=torch.float32) - target).tolist()
-            upper = upper_gaps(gap, ev.constraint_std, ev.n, cfg.feasible_z)
-            meets = all(u <= 0 for u in upper)
-            confirmations[c["k"]] = {**ev.to_dict(), "gap": gap, "upper_gap": upper, "meets": meets}
-            log.info("confirmation of round %d on %d fresh samples: E[c]=%s (round estimate %s), E[r]=%.4g: %s", c["k"], ev.n,
-                     ",".join(f"{v:.4g}" for v in ev.constraint_mean),
-                     ",".join(f"{v:.4g}" for v in history[c["k"] - 1].constraint_mean), ev.reward_mean,
-                     "confirmed" if meets else "not confirmed")
-            if meets:
-                return c, True, confirmations
+        with tqdm(candidates, desc=f"CFO[{self.solver.name}] confirming", disable=not progress, unit="round") as bar:
+            for c in bar:
+                bar.set_postfix(round=c["k"], n=n)
+                meets = self._confirm_one(model, c, n, history, target, confirmations)
+                record = confirmations[c["k"]]
+                fresh = "non-finite" if "error" in record else _fmt(torch.tensor(record["constraint_mean"]))
+                bar.set_postfix(round=c["k"], Ec=fresh, confirmed="yes" if meets else "no")
+                if meets:
+                    return c, True, confirmations
         nearest = min(candidates, key=lambda c: max(confirmations[c["k"]]["upper_gap"]))
         log.warning("return_model=best_feasible: none of the %d kept rounds was confirmed on fresh samples (feasible_z %g); "
                     "returning round %d, the nearest", len(candidates), cfg.feasible_z, nearest["k"])
         return nearest, False, confirmations
+
+    def _confirm_one(self, model: FlowModel, c: dict, n: int, history: list[RoundRecord], target: torch.Tensor,
+                     confirmations: dict[int, dict]) -> bool:
+        """Confirm kept round ``c`` on ``n`` fresh samples of its model (loaded into ``model``), store the record in
+        ``confirmations[c["k"]]`` and return whether its fresh gaps pass the ``feasible_z`` test."""
+        cfg = self.config
+        model.load_state_dict(c["model"], strict=True)
+        try:
+            ev, _ = evaluate_model(model, self.problem, n, generator=confirmation_generator(cfg.seed, c["k"], self.pretrained.device),
+                                   sampler=self.sampler, max_nonfinite_fraction=cfg.max_nonfinite_fraction)
+        except NonFiniteValueError as err:
+            log.warning("confirmation of round %d failed: %s", c["k"], err)
+            confirmations[c["k"]] = {"n": 0, "error": str(err), "meets": False, "upper_gap": [float("inf")]}
+            return False
+        gap = (torch.tensor(ev.constraint_mean, dtype=torch.float32) - target).tolist()
+        upper = upper_gaps(gap, ev.constraint_std, ev.n, cfg.feasible_z)
+        meets = all(u <= 0 for u in upper)
+        confirmations[c["k"]] = {**ev.to_dict(), "gap": gap, "upper_gap": upper, "meets": meets}
+        log.info("confirmation of round %d on %d fresh samples: E[c]=%s (round estimate %s), E[r]=%.4g: %s", c["k"], ev.n,
+                 ",".join(f"{v:.4g}" for v in ev.constraint_mean),
+                 ",".join(f"{v:.4g}" for v in history[c["k"] - 1].constraint_mean), ev.reward_mean,
+                 "confirmed" if meets else "not confirmed")
+        return meets
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self, max_rounds: int | None = None, progress: bool = True) -> CFOResult:
@@ -499,7 +513,8 @@ class CFO:
                 else:
                     pick = candidates[0]
                     if cfg.confirm_candidates:
-                        pick, result.selected_feasible, result.confirmations = self._confirmed(model, candidates, history, target)
+                        pick, result.selected_feasible, result.confirmations = self._confirmed(model, candidates, history, target,
+                                                                                               progress)
                         if "error" not in result.confirmations[pick["k"]]:  # else: the round's own estimate stands
                             final = _evaluation_of(result.confirmations[pick["k"]])
                     model.load_state_dict(pick["model"], strict=True)

@@ -838,7 +838,8 @@ def test_a_run_under_a_referenced_energy_bound_scores_and_judges_by_the_referenc
 def test_a_killed_cfo_am_job_on_xtb_resumes_at_its_round_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """CFO_AM on real xTB (referenced energy, expectation penalty, best_feasible at z = 1, as the strain-bound runs):
     killed inside round 3, the job resumes from its round-2 checkpoint and repeats the uninterrupted run's rounds, model
-    choice and final scores on the same machine (the resume path itself adds no difference)."""
+    choice and final scores on the same machine (the resume path itself adds no difference). ``cfo mol status`` reads
+    the killed folder as round 2 of 3 and the finished one with its xTB values against B."""
     from cfo.solvers import adjoint_matching as am_module
 
     cfg = {
@@ -864,10 +865,22 @@ def test_a_killed_cfo_am_job_on_xtb_resumes_at_its_round_to_the_uninterrupted_re
     assert res.exit_code != 0 and not (killed / "jobs" / "CFO_AM_seed0.json").exists()
     saved = json.loads((killed / "checkpoints" / "CFO_AM_seed0" / "cfo_history.json").read_text())
     assert saved["rounds_done"] == 2 and [h["k"] for h in saved["history"]] == [1, 2]
+    status = CliRunner().invoke(app, ["mol", "status", str(killed)])  # where the killed run stands, from its files
+    assert status.exit_code == 0, status.output
+    assert status.output.startswith(f"CFO_AM_seed0: round 2 of 3 done; last E[c] {saved['history'][1]['constraint_mean'][0]:.3g} (target 1)")
+    assert f"lambda_next {saved['lambda_next'][0]:.3g}" in status.output
     monkeypatch.setattr(am_module, "gradient_step", real_step)
     for out in (killed, whole):
         res = CliRunner().invoke(app, ["mol", "run", "--config", str(path), "--out", str(out)])
         assert res.exit_code == 0, res.output
+    finished = json.loads((killed / "jobs" / "CFO_AM_seed0.json").read_text())
+    energy = finished["row"]["metrics"]["xtb_referenced_energy"]
+    status = CliRunner().invoke(app, ["mol", "status", str(killed)])
+    assert status.output.startswith("CFO_AM_seed0: finished, returned round")
+    assert f"referenced energy {energy['mean']:.3f} ± {energy['se']:.3f} Ha against B = 1: " in status.output
+    assert status.output.strip().endswith("met" if finished["row"]["metrics"]["xtb_satisfied"] else "missed")
+    not_a_run = CliRunner().invoke(app, ["mol", "status", str(tmp_path)])
+    assert not_a_run.exit_code != 0 and "config.yaml is missing" in not_a_run.output
     rounds = {o: json.loads((o / "history.json").read_text())["CFO_AM"]["seed 0"] for o in (killed, whole)}
     assert [h["k"] for h in rounds[killed]] == [1, 2, 3]
     assert sum(h["steps"] - h["skipped_steps"] for h in rounds[whole][:2]) >= 1  # the saved model had trained

@@ -511,6 +511,17 @@ def mol_label_samples(
     typer.echo(f"wrote {out}/generated.npz ({summary['labelled']} molecules)")
 
 
+@mol_app.command("status")
+def mol_status(run_dir: Path = typer.Argument(..., help="a `cfo mol run` output folder")) -> None:
+    """Where a molecular run folder stands, from its files alone (while it runs, after a kill, between sessions): per
+    job, finished (with the final samples' xTB values against B), round k of K (with the last E[c], lambda and rho,
+    and the rounds that met the target so far), mid-call, or not started."""
+    from cfo.tasks.molecules.status import format_run_status, run_status
+
+    with _user_errors(ValueError, FileNotFoundError):
+        typer.echo(format_run_status(run_status(run_dir)))
+
+
 @mol_app.command("run")
 def mol_run(
     method: list[str] = typer.Option([], "--method", "-m", help="pre, am, cfo-am, nft, cfo-nft, lagrangian (AM), lagrangian-nft; repeat the option (default: the config's methods)"),

@@ -868,7 +868,7 @@ def test_a_killed_cfo_am_job_on_xtb_resumes_at_its_round_to_the_uninterrupted_re
     status = CliRunner().invoke(app, ["mol", "status", str(killed)])  # where the killed run stands, from its files
     assert status.exit_code == 0, status.output
     assert status.output.startswith(f"CFO_AM_seed0: round 2 of 3 done; last E[c] {saved['history'][1]['constraint_mean'][0]:.3g} (target 1)")
-    assert f"lambda_next {saved['lambda_next'][0]:.3g}" in status.output
+    assert f"lambda_next {saved['lambda_next'][0]:.3g}" in status.output and " a round lately, " in status.output
     monkeypatch.setattr(am_module, "gradient_step", real_step)
     for out in (killed, whole):
         res = CliRunner().invoke(app, ["mol", "run", "--config", str(path), "--out", str(out)])

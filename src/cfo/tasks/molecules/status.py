@@ -74,7 +74,21 @@ def _rounds_status(job: Job, saved: dict, cfg: MolRunConfig) -> dict:
     return {"job": job.name, "state": "rounds", "rounds_done": saved["rounds_done"], "rounds": cfg.cfo.rounds,
             "constraint_mean": last["constraint_mean"] if last else None, "reward_mean": last["reward_mean"] if last else None,
             "target": [c - g for c, g in zip(last["constraint_mean"], last["gap"])] if last else None,
-            "lambda_next": saved["lambda_next"], "rho_next": saved["rho_next"], "passing_rounds": passing}
+            "lambda_next": saved["lambda_next"], "rho_next": saved["rho_next"], "passing_rounds": passing,
+            "round_seconds": _typical_round_seconds(history)}
+
+
+def _typical_round_seconds(history: list[dict]) -> float | None:
+    """The median time of the last (up to) five rounds, so one round slowed by other work sways the estimate little."""
+    recent = sorted(h["seconds"] for h in history[-5:] if h.get("seconds"))
+    return recent[len(recent) // 2] if recent else None
+
+
+def _duration(seconds: float) -> str:
+    """``"40 s"``, ``"12 min"`` or ``"2.9 h"``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _numbers(values: list[float]) -> str:
@@ -101,6 +115,9 @@ def format_run_status(entries: list[dict]) -> str:
                          f"E[r] {e['reward_mean']:.3g}")
             text += f"; lambda_next {_numbers(e['lambda_next'])}, rho_next {_numbers(e['rho_next'])}"
             text += f"; rounds meeting the target so far: {', '.join(map(str, e['passing_rounds'])) or 'none'}"
+            if e["round_seconds"]:
+                left = (e["rounds"] - e["rounds_done"]) * e["round_seconds"]
+                text += f"; about {_duration(e['round_seconds'])} a round lately, {_duration(left)} of rounds left"
         elif e["state"] == "mid-call":
             text = "in progress (a mid-call solver checkpoint; rerun the run's command to resume)"
         else:

@@ -13,6 +13,7 @@ from cfo.jobs import Job, load_record
 from cfo.loop import HISTORY_NAME
 from cfo.results import meets_bounds_at
 from cfo.tasks.molecules.design import MolRunConfig, expand_mol_jobs, load_mol_run_config
+from cfo.tasks.molecules.report import _constrained_xtb, _energy_constraint_name
 
 __all__ = ["run_status", "format_run_status"]
 
@@ -53,13 +54,13 @@ def _published_records(out: Path) -> dict[tuple[str, int], dict]:
 
 
 def _finished_status(job: Job, record: dict) -> dict:
-    """A finished job: its final samples' xTB dipole and constrained energy (mean, standard error), the bound ``B``,
-    whether the scored samples met it, and the round a CFO job returned."""
+    """A finished job: its final samples' xTB dipole and constrained energy (mean and standard error, read as the
+    report reads them), the bound ``B``, whether the scored samples met it, and the round a CFO job returned."""
     row, metrics = record["row"], record["row"].get("metrics", {})
-    energy = metrics.get("xtb_referenced_energy") or metrics.get("xtb_energy")
+    energy = _constrained_xtb(metrics) if "xtb_energy" in metrics else None
     returned = [h["k"] for h in record.get("history") or [] if h.get("returned")]
     return {"job": job.name, "state": "finished", "bound": row["bound"], "dipole": metrics.get("xtb_dipole"), "energy": energy,
-            "energy_name": "referenced energy" if metrics.get("xtb_referenced_energy") else "energy",
+            "energy_name": _energy_constraint_name([row]),
             "satisfied": metrics.get("xtb_satisfied"), "returned_round": returned[0] if returned else None}
 
 
@@ -106,8 +107,8 @@ def format_run_status(entries: list[dict]) -> str:
                 text += f", returned round {e['returned_round']}"
             if d and c:
                 verdict = "met" if e["satisfied"] else "missed"
-                text += (f"; xTB on the final samples: dipole {d['mean']:.2f} ± {d['se']:.2f} D, {e['energy_name']} {c['mean']:.3f} ± "
-                         f"{c['se']:.3f} Ha against B = {e['bound']:g}: {verdict}")
+                text += (f"; xTB on the final samples: dipole {d['mean']:.2f} ± {d['se']:.2f} D, {e['energy_name']} {c[0]:.3f} ± "
+                         f"{c[1]:.3f} Ha against B = {e['bound']:g}: {verdict}")
         elif e["state"] == "rounds":
             text = f"round {e['rounds_done']} of {e['rounds']} done"
             if e["constraint_mean"] is not None:

@@ -25,7 +25,7 @@ from cfo.flows.model import FlowModel
 from cfo.flows.training import gradient_step
 from cfo.validation import NonFiniteValueError
 
-__all__ = ["TerminalReward", "InnerSolver", "FinetuneStats", "SolverCheckpoint", "start_finetune", "carry_optimizer", "schedule_lr", "gradient_step"]
+__all__ = ["TerminalReward", "InnerSolver", "FinetuneStats", "SolverCheckpoint", "SOLVER_STATE_NAME", "start_finetune", "carry_optimizer", "schedule_lr", "gradient_step"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class FinetuneStats:
         log.warning("%s: skipped step %d (%s)", solver, step, reason)
         if self.skipped_steps > max(1, math.floor(max_fraction * steps)):
             raise NonFiniteValueError(f"{solver} skipped {self.skipped_steps} of {steps} steps; last reason: {reason}")
+
+
+SOLVER_STATE_NAME = "solver_state.pt"  # a job's mid-call state file, in its checkpoint folder, in every task
 
 
 class SolverCheckpoint:

@@ -28,7 +28,7 @@ from cfo.jobs import Job, execute_jobs, load_run_config, prepare_run_folder, sto
 from cfo.loop import CFO, CFOConfig, round_generator
 from cfo.results import format_table, json_text, write_results
 from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
-from cfo.solvers.base import SolverCheckpoint
+from cfo.solvers.base import SOLVER_STATE_NAME, SolverCheckpoint
 from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from cfo.tasks import toy2d
 
@@ -282,7 +282,7 @@ def _run_job(args: tuple) -> str:
     problem, pre = _problem_and_pretrained(cfg, job)
     sampler = default_sampler(cfg.eval_ode_steps)
     solver = DiffusionNFT(cfg.nft) if job.method.endswith("NFT") else AdjointMatching(cfg.solver)
-    ckpt = SolverCheckpoint(out / "checkpoints" / job.name / "solver_state.pt", SOLVER_CHECKPOINT_EVERY)
+    ckpt = SolverCheckpoint(out / "checkpoints" / job.name / SOLVER_STATE_NAME, SOLVER_CHECKPOINT_EVERY)
     t0 = time.perf_counter()
     history = None
     if job.method == "PRE":

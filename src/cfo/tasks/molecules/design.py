@@ -40,7 +40,7 @@ from cfo.loop import CFO, CFOConfig, round_generator
 from cfo.problem import ConstrainedProblem, Constraint, Reward
 from cfo.results import json_text, write_results
 from cfo.solvers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
-from cfo.solvers.base import SolverCheckpoint
+from cfo.solvers.base import SOLVER_STATE_NAME, SolverCheckpoint
 from cfo.solvers.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from cfo.tasks.molecules.flow import MoleculeFlowModel, MolLayout, decode
 
@@ -398,7 +398,7 @@ def _solver_checkpoint(out: Path, job: Job, counters: dict, oracle) -> SolverChe
         return {"counters": {k: [v.failures, v.failed_batches, v.values] for k, v in counters.items()},
                 "causes": dict(getattr(oracle, "causes", {}))}
 
-    return SolverCheckpoint(out / "checkpoints" / job.name / "solver_state.pt", SOLVER_CHECKPOINT_EVERY, caller_state)
+    return SolverCheckpoint(out / "checkpoints" / job.name / SOLVER_STATE_NAME, SOLVER_CHECKPOINT_EVERY, caller_state)
 
 
 def _add_restored_counts(ckpt: SolverCheckpoint, counters: dict, oracle) -> None:

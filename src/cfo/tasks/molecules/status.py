@@ -12,6 +12,7 @@ from pathlib import Path
 from cfo.jobs import Job, load_record
 from cfo.loop import HISTORY_NAME
 from cfo.results import meets_bounds_at
+from cfo.solvers.base import SOLVER_STATE_NAME
 from cfo.tasks.molecules.design import MolRunConfig, expand_mol_jobs, load_mol_run_config
 from cfo.tasks.molecules.report import _constrained_xtb, _energy_constraint_name
 
@@ -35,7 +36,7 @@ def run_status(out: str | Path) -> list[dict]:
             entries.append(_finished_status(job, record))
         elif (saved / HISTORY_NAME).exists():
             entries.append(_rounds_status(job, json.loads((saved / HISTORY_NAME).read_text()), cfg))
-        elif (saved / "solver_state.pt").exists():
+        elif (saved / SOLVER_STATE_NAME).exists():
             entries.append({"job": job.name, "state": "mid-call"})
         else:
             entries.append({"job": job.name, "state": "not started"})

@@ -1,11 +1,16 @@
 """The CFO loop against the closed-form KKT point of a Gaussian model, plus resume and bad-input checks."""
 
+import json
+from dataclasses import asdict
+
 import pytest
 import torch
 from pydantic import ValidationError
 
 from cfo import CFO, CFOConfig, CheckpointMismatchError, ConstrainedProblem, Constraint, Reward
 from cfo.flows import sample_ode
+from cfo.loop import RoundRecord
+from cfo.results import recorded_round_meets_bounds
 from cfo.solvers import AdjointMatching, AdjointMatchingConfig
 from conftest import COV, MEAN, gaussian_finetunable
 
@@ -321,6 +326,19 @@ def test_feasible_z_passes_over_a_round_that_met_the_bound_within_its_monte_carl
     assert chosen == {0.0: 2, 3.0: 1}
     with pytest.raises(ValidationError):
         CFOConfig(feasible_z=-1.0)
+
+
+@pytest.mark.parametrize("nonfinite, meets", [(0, True), (100, False)])
+def test_the_feasibility_test_counts_only_the_finite_evaluation_samples(nonfinite, meets):
+    """G_k = -0.11 with std_k = 1 over 400 samples passes at z = 2 (upper bound -0.11 + 2/20 = -0.01); with 100 of them
+    non-finite (left out of the estimate) n_k = 300 and the bound -0.11 + 2/sqrt(300) = +0.005 fails. The loop's
+    record and its history-file form (read by reports and ``cfo mol status``) give the same verdict."""
+    record = RoundRecord(k=1, lambda_k=[0.0], rho_k=[1.0], gap=[-0.11], v=[-0.11], lambda_next=[0.0], rho_next=[1.0],
+                         reward_mean=0.0, reward_std=1.0, constraint_mean=[0.89], constraint_std=[1.0], feasible_fraction=0.5,
+                         steps=1, skipped_steps=0, seconds=1.0, nonfinite_eval=nonfinite)
+    assert record.meets_bounds(400, 2.0) is meets
+    assert recorded_round_meets_bounds(json.loads(json.dumps(asdict(record))), 400, 2.0) is meets
+    assert record.meets_bounds(400, 0.0) and recorded_round_meets_bounds(asdict(record), 400, 0.0)  # the point estimate
 
 
 @pytest.mark.parametrize("third_shift, returned", [(1.0, 3), (0.1, 3)])

@@ -203,6 +203,11 @@ class RoundRecord:
     seconds: float
     nonfinite_eval: int = 0  # evaluation samples left out of the estimates (NaN or infinite r or c)
 
+    def meets_bounds(self, eval_samples: int, feasible_z: float) -> bool:
+        """The ``best_feasible`` test of this round, ``G_k + z * std_k / sqrt(n_k) <= 0`` for every constraint, with
+        ``n_k = eval_samples - nonfinite_eval`` the samples its estimates rest on."""
+        return meets_bounds_at(self.gap, self.constraint_std, eval_samples - self.nonfinite_eval, feasible_z)
+
 
 @dataclass
 class CFOResult:
@@ -366,7 +371,7 @@ class CFO:
         if self.config.return_model != "best_feasible":
             return candidates  # nothing is returned by the test; a later resume under best_feasible judges them then
         z = self.config.feasible_z
-        passing = [h for h in history if meets_bounds_at(h.gap, h.constraint_std, self.config.eval_samples - h.nonfinite_eval, z)]
+        passing = [h for h in history if h.meets_bounds(self.config.eval_samples, z)]
         passing_k = {h.k for h in passing}
         for c in candidates:
             if c["k"] not in passing_k:

@@ -28,11 +28,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROW_FIELDS", "aggregate_rows", "json_text", "write_results", "format_table", "returned_round_lines", "returned_round_met", "meets_bounds_at"]
+__all__ = ["ROW_FIELDS", "aggregate_rows", "json_text", "write_results", "format_table", "returned_round_lines", "returned_round_met", "meets_bounds_at",
+           "recorded_round_meets_bounds"]
 
 ROW_FIELDS = [
     "method", "solver", "n_seeds", "reward_mean", "reward_std", "constraint_mean", "constraint_std", "bound",
@@ -158,6 +159,17 @@ def meets_bounds_at(gap: Sequence[float], constraint_std: Sequence[float], n: in
     return all(u <= 0 for u in upper_gaps(gap, constraint_std, n, feasible_z))
 
 
+def recorded_round_upper_gaps(record: Mapping[str, Any], eval_samples: int, feasible_z: float) -> list[float]:
+    """:func:`upper_gaps` of one round as a history file records it (``gap``, ``constraint_std``, ``nonfinite_eval``):
+    its estimates rest on ``n = eval_samples - nonfinite_eval`` samples, the non-finite ones having been left out."""
+    return upper_gaps(record["gap"], record["constraint_std"], eval_samples - record.get("nonfinite_eval", 0), feasible_z)
+
+
+def recorded_round_meets_bounds(record: Mapping[str, Any], eval_samples: int, feasible_z: float) -> bool:
+    """:func:`meets_bounds_at` of one round as a history file records it (see :func:`recorded_round_upper_gaps`)."""
+    return all(u <= 0 for u in recorded_round_upper_gaps(record, eval_samples, feasible_z))
+
+
 def returned_round_met(record: dict) -> bool:
     """Whether ``return_model: best_feasible`` returned this round (a history dict marked ``returned``) for meeting
     every bound: the loop's own verdict ``returned_feasible`` (with ``feasible_z`` where one was set), or, in histories
@@ -222,7 +234,7 @@ def _earlier_test_sentence(selected: dict, met: bool, feasible_z: float, eval_sa
     sqrt(n_k) <= 0`` (kept by an earlier ``feasible_z`` before the run was resumed with this one); empty otherwise."""
     if not met or eval_samples is None or "gap" not in selected or "constraint_std" not in selected:
         return ""
-    uppers = upper_gaps(selected["gap"], selected["constraint_std"], eval_samples - selected.get("nonfinite_eval", 0), feasible_z)
+    uppers = recorded_round_upper_gaps(selected, eval_samples, feasible_z)
     if all(u <= 0 for u in uppers):
         return ""
     shown = ", ".join(f"{u:+.3g}" for u in uppers)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cfo.jobs import Job, load_record
 from cfo.loop import HISTORY_NAME
-from cfo.results import meets_bounds_at
+from cfo.results import recorded_round_meets_bounds
 from cfo.solvers.base import SOLVER_STATE_NAME
 from cfo.tasks.molecules.design import MolRunConfig, expand_mol_jobs, load_mol_run_config
 from cfo.tasks.molecules.report import _constrained_xtb, _energy_constraint_name
@@ -71,8 +71,7 @@ def _rounds_status(job: Job, saved: dict, cfg: MolRunConfig) -> dict:
     run's ``feasible_z`` test (those ``return_model: best_feasible`` may return)."""
     history = saved["history"]
     last = history[-1] if history else None
-    passing = [h["k"] for h in history
-               if meets_bounds_at(h["gap"], h["constraint_std"], cfg.cfo.eval_samples - h.get("nonfinite_eval", 0), cfg.cfo.feasible_z)]
+    passing = [h["k"] for h in history if recorded_round_meets_bounds(h, cfg.cfo.eval_samples, cfg.cfo.feasible_z)]
     return {"job": job.name, "state": "rounds", "rounds_done": saved["rounds_done"], "rounds": cfg.cfo.rounds,
             "constraint_mean": last["constraint_mean"] if last else None, "reward_mean": last["reward_mean"] if last else None,
             "target": [c - g for c, g in zip(last["constraint_mean"], last["gap"])] if last else None,

@@ -28,11 +28,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["ROW_FIELDS", "aggregate_rows", "json_text", "write_results", "format_table", "returned_round_lines", "returned_round_met", "meets_bounds_at",
+           "section_heading", "contents_list",
            "recorded_round_meets_bounds"]
 
 ROW_FIELDS = [
@@ -144,6 +146,37 @@ def format_table(rows: list[dict], reward_name: str = "E[r]", constraint_name: s
         cells.append(f"{r['wall_s']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def section_heading(level: int, title: str, run_folder: str) -> str:
+    """A report section's Markdown heading: ``title`` followed by the run folder it was read from, so the sections of
+    a combined report (many alike in title) are told apart in its contents list and by their anchors."""
+    return f"{'#' * level} {title} · `{run_folder}`"
+
+
+def markdown_anchor(heading: str, taken: dict[str, int] | None = None) -> str:
+    """The link target GitHub gives a Markdown heading: the text lower-cased, every character but word characters,
+    hyphens and spaces dropped, spaces turned into hyphens; a repeat of an earlier anchor gets ``-1``, ``-2``, ... in
+    order (``taken`` counts the anchors seen so far and is updated)."""
+    text = re.sub(r"^#+\s*", "", heading.strip()).lower()
+    anchor = re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+    if taken is None:
+        return anchor
+    n = taken.get(anchor, 0)
+    taken[anchor] = n + 1
+    return anchor if n == 0 else f"{anchor}-{n}"
+
+
+def contents_list(sections: Sequence[str], level: int = 2) -> str:
+    """A collapsible contents list of a combined report: one link per heading of ``level`` found in ``sections``
+    (Markdown texts, in order), or an empty string when there are fewer than two."""
+    marker = "#" * level + " "
+    headings = [line for text in sections for line in text.splitlines() if line.startswith(marker)]
+    if len(headings) < 2:
+        return ""
+    taken: dict[str, int] = {}
+    items = [f"- [{h[len(marker):]}](#{markdown_anchor(h, taken)})" for h in headings]
+    return f"<details><summary>Contents ({len(items)} sections)</summary>\n\n" + "\n".join(items) + "\n\n</details>\n"
 
 
 def upper_gaps(gap: Sequence[float], constraint_std: Sequence[float], n: int, feasible_z: float) -> list[float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from cfo.plots import plot_history, plot_history_overlay, plot_pareto
-from cfo.results import format_table, returned_round_lines
+from cfo.results import format_table, returned_round_lines, section_heading
 from cfo.tasks import toy2d
 from cfo.jobs import slug
 from cfo.tasks.toy_experiment import PAPER_BUDGET_TABLE, PAPER_TOY_TABLE, ToyJob, ToyRunConfig, load_toy_config
@@ -351,11 +351,10 @@ def render_toy_report(run_dir: str | Path, image_dir: Path | None = None, image_
     def img(name: str, alt: str) -> str:
         return _image(out, name, image_dir, image_rel, prefix, alt)
 
-    head = "#" * level
     title = STUDY_TITLES[cfg.study]
     if cfg.study == "main" and "PRE" not in cfg.methods:
         title = f"Toy task: {', '.join(cfg.methods)} over {len(cfg.seeds)} seeds (seed robustness)"
-    lines = [f"{head} {title}", "", f"Run folder `{out.name}`. " + _config_line(cfg, machine), ""]
+    lines = [section_heading(level, title, out.name), "", f"Run folder `{out.name}`. " + _config_line(cfg, machine), ""]
     section = {"main": _main_section, "mu_sweep": _sweep_section, "budget_ablation": _ablation_section, "generation": _generation_section}[cfg.study]
     lines += section(cfg, rows, out, img)
     return "\n".join(lines).rstrip() + "\n"

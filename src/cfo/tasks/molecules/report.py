@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cfo.jobs import Job, slug
-from cfo.results import returned_round_lines, returned_round_met
+from cfo.results import returned_round_lines, returned_round_met, section_heading
 from cfo.plots import plot_history
 
 __all__ = ["format_mol_table", "write_mol_plots", "write_round_plots", "redraw_round_plots", "render_mol_report", "is_molecular_run"]
@@ -554,16 +554,16 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
             return f"![{alt}]({image_rel}/{prefix}_{name})"
         return f"![{alt}]({image_rel}/{name})"
 
-    head = "#" * level
     c = cfg["cfo"]
     measured = bounds.get("measured", {})
     relax = cfg["xtb_relax_steps"]
     scoring = "single point on the generated geometry" if not relax else f"after {relax} GFN2-xTB relaxation steps"
     referenced = cfg.get("energy_reference", "none") == "composition"
     kind = "composition-referenced energy" if referenced else "energy"
+    title = (f"Molecules: dipole under a GFN2-xTB {kind} bound ({cfg['n_atoms']} atoms"
+             + (f"; {_xtb_trained(cfg)} trained on real GFN2-xTB)" if cfg.get("reward_source") == "xtb" else ")"))
     lines = [
-        f"{head} Molecules: dipole under a GFN2-xTB {kind} bound ({cfg['n_atoms']} atoms"
-        + (f"; {_xtb_trained(cfg)} trained on real GFN2-xTB)" if cfg.get("reward_source") == "xtb" else ")"), "",
+        section_heading(level, title, out.name), "",
         f"Run folder `{out.name}`: methods {', '.join(cfg['methods'])}; seeds {cfg['seeds']}; K = {c['rounds']}, N = {c['steps_per_round']} "
         f"(budget M = {c['rounds'] * c['steps_per_round']} inner iterations for every fine-tuning method); alpha = {cfg['alpha']}; "
         f"{cfg['eval_samples']} final samples per method and seed ({cfg['eval_ode_steps']} midpoint ODE steps); machine: "

@@ -260,6 +260,7 @@ def report(
                                 "history.json with this version's plotting code (nothing is trained or sampled)"),
 ) -> None:
     """Turn saved run folders into Markdown tables and plots (ours beside the paper's); plots are copied next to --out."""
+    from cfo.tasks.molecules.compare import is_comparison_folder, render_comparison_report
     from cfo.tasks.molecules.report import is_molecular_run, redraw_round_plots, render_mol_report
     from cfo.tasks.toy_report import render_toy_report
 
@@ -290,6 +291,9 @@ def report(
                 redraw_round_plots(d)
             inside = os.path.relpath(d.resolve(), out.parent.resolve())
             render = render_mol_report if molecular else render_toy_report
+            if is_comparison_folder(d):
+                parts.append(render_comparison_report(d))
+                continue
             if inside.startswith(".."):  # plots copied next to the report
                 parts.append(render(d, image_dir=image_dir, image_rel=rel))
             else:  # the run folder lies below the report: link its plots in place
@@ -524,6 +528,24 @@ def mol_status(run_dir: Path = typer.Argument(..., help="a `cfo mol run` output 
 
     with _user_errors(ValueError, FileNotFoundError):
         typer.echo(format_run_status(run_status(run_dir)))
+
+
+@mol_app.command("compare")
+def mol_compare(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML of MolComparisonConfig: the bound and, per method, its run folders, methods and seeds"),
+    out: Path = typer.Option(..., help="folder for comparison.json and config.yaml (then `cfo report OUT`)"),
+) -> None:
+    """One table of methods gathered from finished `cfo mol run` folders, scored under one bound on the xTB values
+    stored with their final samples (nothing is trained, sampled or re-scored): means over seeds, the seeds meeting B,
+    the share of the unconstrained dipole gain each constrained method keeps."""
+    from cfo.tasks.molecules.compare import load_comparison_config, write_comparison
+
+    with _user_errors(ValueError, FileNotFoundError):
+        records = write_comparison(load_comparison_config(config), out)
+    for m in records["methods"]:
+        typer.echo(f"{m['label']}: {m['n_seeds']} seed(s), dipole {m['dipole']:.2f} D, c {m['c']:.3f} Ha "
+                   f"(B = {records['bound']:g}), B met in {m['seeds_met']} of {m['n_seeds']} seeds")
+    typer.echo(f"wrote {out / 'comparison.json'}; `cfo report {out}` renders it")
 
 
 @mol_app.command("run")

@@ -87,6 +87,8 @@ def test_cli_writes_a_comparison_folder_that_cfo_report_renders(tmp_path):
     text = (out / "report.md").read_text()
     assert "| CFO_NFT | 3 |" in text and "2 of 3 (1 within noise)" in text and "of NFT's" in text
     assert "| CFO_NFT | 1 | `mol_nft_xtb_recipe_strain_k18_confirm` CFO_NFT |" in text and "The paper" in text
+    assert "| 60 |" in text and "| 180 |" in text  # the methods' inner steps M, which differ here
+    assert (out / "comparison.png").stat().st_size > 10_000 and "](./comparison.png)" in text
     bad = tmp_path / "bad.yaml"
     bad.write_text("bound: 1.2\nmethods: []\n")
     res = CliRunner().invoke(app, ["mol", "compare", "--config", str(bad), "--out", str(out)])

@@ -290,10 +290,8 @@ def report(
             if replot and molecular:
                 redraw_round_plots(d)
             inside = os.path.relpath(d.resolve(), out.parent.resolve())
-            render = render_mol_report if molecular else render_toy_report
-            if is_comparison_folder(d):
-                parts.append(render_comparison_report(d))
-                continue
+            render = (render_comparison_report if is_comparison_folder(d) else render_mol_report if molecular
+                      else render_toy_report)
             if inside.startswith(".."):  # plots copied next to the report
                 parts.append(render(d, image_dir=image_dir, image_rel=rel))
             else:  # the run folder lies below the report: link its plots in place

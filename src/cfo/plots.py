@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_history", "plot_pareto", "plot_history_overlay"]
+__all__ = ["plot_history", "plot_pareto", "plot_history_overlay", "plot_methods_by_seed"]
 
 
 def _save(fig, path: Path, title: str | None = None) -> Path:
@@ -120,6 +120,41 @@ def plot_pareto(
             fmt=markers[i % len(markers)], ms=14, color=f"C{(i + 3) % 10}", mec="black", zorder=4, label=ref["method"],
         )
     ax.axvline(bound, color="red", ls="--", lw=1, label=f"B = {bound:g}")
+    ax.set_xlabel(f"{constraint_name} (lower is feasible)")
+    ax.set_ylabel(f"{reward_name} (higher is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_methods_by_seed(
+    methods: list[dict],
+    bound: float,
+    path: Path,
+    title: str = "methods over seeds",
+    reward_name: str = "E[r]",
+    constraint_name: str = "E[c]",
+    log_x: bool = False,
+) -> Path:
+    """Each method's seeds as small points (``c``, ``reward`` with their standard errors over samples) and its mean over
+    seeds as a large marker of the same colour; the bound ``B`` as a vertical line (feasible: left of it).
+
+    ``methods``: ``{"label", "c", "reward", "seeds": [{"c", "c_se", "reward", "reward_se"}]}`` (``None`` values skipped)."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    for i, m in enumerate(methods):
+        color = f"C{i % 10}"
+        seeds = [s for s in m["seeds"] if s["c"] is not None and s["reward"] is not None]
+        if seeds:
+            ax.errorbar([s["c"] for s in seeds], [s["reward"] for s in seeds],
+                        xerr=[s.get("c_se") or 0.0 for s in seeds], yerr=[s.get("reward_se") or 0.0 for s in seeds],
+                        fmt="o", ms=4, color=color, alpha=0.55, lw=0.8)
+        if m["c"] is not None and m["reward"] is not None:
+            ax.plot(m["c"], m["reward"], marker="D", ms=11, color=color, mec="black", ls="none", zorder=4,
+                    label=f"{m['label']} ({len(seeds)} seed{'s' if len(seeds) != 1 else ''})")
+    ax.axvline(bound, color="red", ls="--", lw=1, label=f"B = {bound:g}")
+    if log_x:
+        ax.set_xscale("log")
     ax.set_xlabel(f"{constraint_name} (lower is feasible)")
     ax.set_ylabel(f"{reward_name} (higher is better)")
     ax.set_title(title)

@@ -212,7 +212,23 @@ def write_comparison(cfg: MolComparisonConfig, out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     (out / "comparison.json").write_text(json_text(records))
+    write_comparison_plot(records, out / "comparison.png")
     return records
+
+
+def write_comparison_plot(records: dict, path: Path) -> Path:
+    """Dipole against the constrained energy: every method's seeds and their mean, beside the bound."""
+    from cfo.plots import plot_methods_by_seed
+
+    name = "referenced energy" if records["energy_reference"] == "composition" else "energy"
+    methods = [{"label": m["label"], "c": m["c"], "reward": m["dipole"],
+                "seeds": [{"c": s["c"], "c_se": s["c_se"], "reward": s["dipole"], "reward_se": s["dipole_se"]} for s in m["seeds"]]}
+               for m in records["methods"]]
+    positive = all(s["c"] > 0 for m in methods for s in m["seeds"] if s["c"] is not None)
+    spread = [s["c"] for m in methods for s in m["seeds"] if s["c"] is not None]
+    log_x = positive and bool(spread) and max(spread) > 4 * min(spread)
+    return plot_methods_by_seed(methods, records["bound"], path, title="final samples by xTB: seeds and their mean",
+                                reward_name="dipole (D), xTB", constraint_name=f"{name} (Ha), xTB", log_x=log_x)
 
 
 def load_comparison_config(path: str | Path) -> MolComparisonConfig:
@@ -244,9 +260,16 @@ def _met_cell(m: dict) -> str:
     return f"{met} of {n} ({', '.join(parts)})"
 
 
-def render_comparison_report(folder: str | Path, level: int = 2) -> str:
-    """A comparison folder as a Markdown section: the table of methods (means over seeds), the per-seed table, the
-    sources, and the paper's table beside it."""
+def _inner_steps(m: dict) -> str:
+    """The solver iterations ``M`` of a method's seeds ('60', or '60 / 180' where its sources differ; '–' unknown)."""
+    steps = sorted({s["inner_steps"] for s in m["seeds"] if s.get("inner_steps") is not None})
+    return " / ".join(str(v) for v in steps) if steps else "–"
+
+
+def render_comparison_report(folder: str | Path, level: int = 2, image_dir: Path | None = None, image_rel: str = ".") -> str:
+    """A comparison folder as a Markdown section: the table of methods (means over seeds), the plot, the per-seed table
+    with the sources, and the paper's table beside it. Plots are copied to ``image_dir`` (linked as ``image_rel/...``)
+    when given, else linked in place as ``image_rel/comparison.png``."""
     from cfo.results import section_heading
 
     folder = Path(folder)
@@ -263,13 +286,22 @@ def render_comparison_report(folder: str | Path, level: int = 2) -> str:
                  "samples is at most B; a miss is a violation when that mean exceeds B by more than 1.645 of its standard "
                  "errors, else within sampling noise. 'B met (seed mean)' is the paper's reading." + (f" {cfg.notes}" if cfg.notes else ""))
     lines += ["", f"| method | seeds | dipole (D), xTB | {name} (Ha), xTB, B = {b:g} | B met (seed mean) | seeds meeting B | "
-              "gain kept | validity | connected | QED | Lipinski | H fraction |", "|" + "---|" * 12]
+              "gain kept | validity | connected | QED | Lipinski | H fraction | inner steps |", "|" + "---|" * 13]
     for m in rec["methods"]:
         kept = "–" if m["gain_kept"] is None else f"{100 * m['gain_kept']:.0f}% of {m['unconstrained']}'s"
         qed, h = (_pm(m[k], None) for k in ("chem_qed", "chem_h_fraction"))
         lines.append(f"| {m['label']} | {m['n_seeds']} | {_pm(m['dipole'], m['dipole_se'])} | {_pm(m['c'], m['c_se'])} | "
                      f"{'yes' if m['seed_mean_met'] else 'no'} | {_met_cell(m)} | {kept} | {_pct(m['chem_validity'])} | "
-                     f"{_pct(m['chem_connected'])} | {qed} | {_pct(m['chem_lipinski'])} | {h} |")
+                     f"{_pct(m['chem_connected'])} | {qed} | {_pct(m['chem_lipinski'])} | {h} | {_inner_steps(m)} |")
+    if (folder / "comparison.png").exists():
+        if image_dir is not None:
+            import shutil
+
+            image_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(folder / "comparison.png", image_dir / f"{slug(folder.name)}_comparison.png")
+            lines += ["", f"![seeds and means of each method]({image_rel}/{slug(folder.name)}_comparison.png)"]
+        else:
+            lines += ["", f"![seeds and means of each method]({image_rel}/comparison.png)"]
     lines += ["", "Per seed (xTB, mean ± standard error over the seed's scored samples):", "",
               f"| method | seed | source | scored | dipole (D) | {name} (Ha) | refused as worst | met B | miss | per-sample feasible | inner steps |",
               "|" + "---|" * 11]

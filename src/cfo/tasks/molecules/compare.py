@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cfo.jobs import slug
 from cfo.results import json_text
-from cfo.tasks.molecules.report import ONE_SIDED_95, _paper_table, _pct, _pm
+from cfo.tasks.molecules.report import ONE_SIDED_95, paper_table_lines, percent, plus_minus
 
 __all__ = ["ComparisonSource", "ComparisonMethod", "MolComparisonConfig", "build_comparison", "write_comparison",
            "is_comparison_folder", "render_comparison_report"]
@@ -289,10 +289,10 @@ def render_comparison_report(folder: str | Path, level: int = 2, image_dir: Path
               "gain kept | validity | connected | QED | Lipinski | H fraction | inner steps |", "|" + "---|" * 13]
     for m in rec["methods"]:
         kept = "–" if m["gain_kept"] is None else f"{100 * m['gain_kept']:.0f}% of {m['unconstrained']}'s"
-        qed, h = (_pm(m[k], None) for k in ("chem_qed", "chem_h_fraction"))
-        lines.append(f"| {m['label']} | {m['n_seeds']} | {_pm(m['dipole'], m['dipole_se'])} | {_pm(m['c'], m['c_se'])} | "
-                     f"{'yes' if m['seed_mean_met'] else 'no'} | {_met_cell(m)} | {kept} | {_pct(m['chem_validity'])} | "
-                     f"{_pct(m['chem_connected'])} | {qed} | {_pct(m['chem_lipinski'])} | {h} | {_inner_steps(m)} |")
+        qed, h = (plus_minus(m[k], None) for k in ("chem_qed", "chem_h_fraction"))
+        lines.append(f"| {m['label']} | {m['n_seeds']} | {plus_minus(m['dipole'], m['dipole_se'])} | {plus_minus(m['c'], m['c_se'])} | "
+                     f"{'yes' if m['seed_mean_met'] else 'no'} | {_met_cell(m)} | {kept} | {percent(m['chem_validity'])} | "
+                     f"{percent(m['chem_connected'])} | {qed} | {percent(m['chem_lipinski'])} | {h} | {_inner_steps(m)} |")
     if (folder / "comparison.png").exists():
         if image_dir is not None:
             import shutil
@@ -309,9 +309,9 @@ def render_comparison_report(folder: str | Path, level: int = 2, image_dir: Path
         for s in m["seeds"]:
             worst = "–" if s["c_refused_as_worst"] is None else f"{s['c_refused_as_worst']:.3f}"
             lines.append(f"| {m['label']} | {s['seed']} | `{s['run']}` {s['method']} | {s['scored']} of {s['n']} | "
-                         f"{_pm(s['dipole'], s['dipole_se'])} | {_pm(s['c'], s['c_se'], 3)} | {worst} | "
-                         f"{'yes' if s['met'] else 'no'} | {s['miss'] or '–'} | {_pct(s['feasible_fraction'])} | "
+                         f"{plus_minus(s['dipole'], s['dipole_se'])} | {plus_minus(s['c'], s['c_se'], 3)} | {worst} | "
+                         f"{'yes' if s['met'] else 'no'} | {s['miss'] or '–'} | {percent(s['feasible_fraction'])} | "
                          f"{s.get('inner_steps') if s.get('inner_steps') is not None else '–'} |")
     lines += ["", "The paper (FlowMol on GEOM-Drugs, 45 atoms, surrogate-based values, 95 % CI; validity from a secondary source):", ""]
-    lines += _paper_table()
+    lines += paper_table_lines()
     return "\n".join(lines).rstrip() + "\n"

@@ -14,7 +14,8 @@ from cfo.plots import plot_history
 __all__ = ["format_mol_table", "write_mol_plots", "write_round_plots", "redraw_round_plots", "render_mol_report", "is_molecular_run"]
 
 
-def _pm(mean: float | None, se: float | None, nd: int = 2) -> str:
+def plus_minus(mean: float | None, se: float | None, nd: int = 2) -> str:
+    """A table cell ``mean ± se`` with ``nd`` decimals (``mean`` alone without ``se``; '–' for a missing or NaN mean)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
     return f"{mean:.{nd}f}" + ("" if se is None else f" ± {se:.{nd}f}")
@@ -24,7 +25,8 @@ def _fraction(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
-def _pct(v: float | None) -> str:
+def percent(v: float | None) -> str:
+    """A fraction as a whole percentage ('37%'; '–' for a missing or NaN value)."""
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.0f}%"
 
 
@@ -33,8 +35,8 @@ def _feasible_cell(fraction: float | None, scored: int, total: int) -> str:
     the fraction of all samples, counting each refused one as infeasible ('37% (32% of all)'): a refused sample may
     be a strained one, so the first figure alone can be optimistic."""
     if fraction is None or scored >= total or not total:
-        return _pct(fraction)
-    return f"{_pct(fraction)} ({_pct(round(fraction * scored) / total)} of all)"
+        return percent(fraction)
+    return f"{percent(fraction)} ({percent(round(fraction * scored) / total)} of all)"
 
 
 def _satisfied_cell(metrics: dict) -> str:
@@ -248,14 +250,14 @@ def format_mol_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m = r["metrics"]
-        cells = [r["method"], _pm(r["reward_mean"], r["reward_std"]), _pm(r["constraint_mean"], r["constraint_std"]),
+        cells = [r["method"], plus_minus(r["reward_mean"], r["reward_std"]), plus_minus(r["constraint_mean"], r["constraint_std"]),
                  "yes" if r["constraints"][0]["mean"] <= r["constraints"][0]["bound"] else "no",
-                 _pm(m["xtb_dipole"]["mean"], m["xtb_dipole"]["se"]), _pm(*_constrained_xtb(m)),
-                 _satisfied_cell(m), _pct(m["xtb_feasible_fraction"])]
-        cells += [_pm(m["xtb_energy"]["mean"], m["xtb_energy"]["se"])] if referenced else []
+                 plus_minus(m["xtb_dipole"]["mean"], m["xtb_dipole"]["se"]), plus_minus(*_constrained_xtb(m)),
+                 _satisfied_cell(m), percent(m["xtb_feasible_fraction"])]
+        cells += [plus_minus(m["xtb_energy"]["mean"], m["xtb_energy"]["se"])] if referenced else []
         cells += [f"{c['mean']:.3f} ({'yes' if c['mean'] <= c['bound'] else 'no'})" for c in r["constraints"][1:]]
-        cells += [_pct(m["chem_validity"]), _pct(m["chem_connected"]), _fraction(m.get("chem_h_fraction")), _pm(m["chem_qed"], None),
-                  _pct(m["chem_lipinski"]), f"{r['wall_s']:.0f}"]
+        cells += [percent(m["chem_validity"]), percent(m["chem_connected"]), _fraction(m.get("chem_h_fraction")), plus_minus(m["chem_qed"], None),
+                  percent(m["chem_lipinski"]), f"{r['wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -377,7 +379,8 @@ def is_molecular_run(run_dir: str | Path) -> bool:
     return isinstance(data, dict) and data.get("task") == "molecules"
 
 
-def _paper_table() -> list[str]:
+def paper_table_lines() -> list[str]:
+    """The paper's molecular table (FlowMol on GEOM-Drugs, B = -80 Ha) as Markdown table lines."""
     from cfo.tasks.molecules.design import PAPER_MOL_CHEMISTRY, PAPER_MOL_TABLE
 
     lines = ["| method | dipole (D) | energy (Ha), B = -80 | satisfied | QED | Lipinski | validity |", "|---|---|---|---|---|---|---|"]
@@ -399,9 +402,9 @@ def format_per_seed_table(per_seed: list[dict]) -> str:
         m = r["metrics"]
         failures = m.get("xtb_failures") or {}
         scored, total = int(m.get("xtb_scored", 0)), int(m.get("xtb_scored", 0)) + sum(failures.values())
-        lines.append(f"| {r['method']} | {r['seed']} | {scored} of {total} | {_pm(m['xtb_dipole']['mean'], m['xtb_dipole']['se'])} | "
-                     f"{_pm(*_constrained_xtb(m))} | {_satisfied_cell(m)} | "
-                     f"{_feasible_cell(m['xtb_feasible_fraction'], scored, total)} | {_pct(m['chem_validity'])} | {_fraction(m.get('chem_h_fraction'))} | {r['wall_s']:.0f} |")
+        lines.append(f"| {r['method']} | {r['seed']} | {scored} of {total} | {plus_minus(m['xtb_dipole']['mean'], m['xtb_dipole']['se'])} | "
+                     f"{plus_minus(*_constrained_xtb(m))} | {_satisfied_cell(m)} | "
+                     f"{_feasible_cell(m['xtb_feasible_fraction'], scored, total)} | {percent(m['chem_validity'])} | {_fraction(m.get('chem_h_fraction'))} | {r['wall_s']:.0f} |")
         if total and scored < 0.5 * total:
             notes.append(f"- {r['method']} seed {r['seed']}: xTB failed on {total - scored} of its {total} final samples "
                          f"({failures}); its xTB means describe the {scored} that were scored, and the mean over seeds inherits that.")
@@ -578,7 +581,7 @@ def render_mol_report(run_dir: str | Path, image_dir: Path | None = None, image_
         + "Wall times: training per seed (for CFO including its per-round estimates of G_k).", "",
         format_mol_table(rows), "",
         "The paper (FlowMol on GEOM-Drugs, 45 atoms, surrogate-based values, 95 % CI; validity from a secondary source):", "",
-        *_paper_table(), "",
+        *paper_table_lines(), "",
         *_notes(rows), *bound_reading_lines(rows, per_seed), "",
         *returned_round_lines(out, c.get("return_model", "last"), c.get("feasible_z", 0.0), c.get("eval_samples")),
     ]

@@ -923,3 +923,18 @@ def test_returned_round_offsets_match_the_run_folders_round_records_and_final_sc
         assert r["scored"] == pytest.approx(m["xtb_referenced_energy"]["mean"], abs=1e-4)
         assert r["refused_as_worst"] == pytest.approx(m["xtb_constraint_mean_refused_as_worst"], abs=1e-4)
         assert r["refused"] == 100 - m["xtb_scored"]
+
+
+def test_run_status_closes_with_the_rounds_left_in_all_at_the_running_jobs_pace():
+    """One CFO job at round 12 of 18 (500 s a round) and one CFO job not started: 6 + 18 = 24 rounds, 3.3 h; a
+    not-started unconstrained job adds no rounds, and without a running job there is no such line."""
+    from cfo.tasks.molecules.status import format_run_status
+
+    running = {"job": "CFO_AM_seed2", "state": "rounds", "rounds_done": 12, "rounds": 18, "constraint_mean": [1.4],
+               "target": [1.2], "reward_mean": 8.9, "lambda_next": [-5.0], "rho_next": [4.8], "passing_rounds": [6],
+               "round_seconds": 500.0}
+    waiting = [{"job": "CFO_AM_seed0", "state": "not started", "rounds": 18}, {"job": "AM_seed0", "state": "not started", "rounds": None}]
+    text = format_run_status([running, *waiting])
+    assert text.splitlines()[-1].startswith("In all: 24 CFO rounds left, about 3.3 h at CFO_AM_seed2's recent pace (1 CFO job not started")
+    assert "50 min of rounds left" in text
+    assert "In all" not in format_run_status(waiting)

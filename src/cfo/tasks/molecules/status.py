@@ -39,7 +39,8 @@ def run_status(out: str | Path) -> list[dict]:
         elif (saved / SOLVER_STATE_NAME).exists():
             entries.append({"job": job.name, "state": "mid-call"})
         else:
-            entries.append({"job": job.name, "state": "not started"})
+            entries.append({"job": job.name, "state": "not started",
+                            "rounds": cfg.cfo.rounds if job.label.startswith("CFO_") else None})
     return entries
 
 
@@ -124,4 +125,21 @@ def format_run_status(entries: list[dict]) -> str:
         else:
             text = "not started"
         lines.append(f"{e['job']}: {text}")
+    total = _rounds_left_in_all(entries)
+    if total is not None:
+        lines.append(total)
     return "\n".join(lines)
+
+
+def _rounds_left_in_all(entries: list[dict]) -> str | None:
+    """A closing line when CFO jobs have not started beside one that runs rounds: the rounds left in the run, timed at
+    the running job's recent pace (None otherwise)."""
+    running = [e for e in entries if e["state"] == "rounds" and e["round_seconds"]]
+    waiting = [e for e in entries if e["state"] == "not started" and e.get("rounds")]
+    if not running or not waiting:
+        return None
+    pace = running[0]["round_seconds"]
+    rounds = sum(e["rounds"] - e["rounds_done"] for e in running) + sum(e["rounds"] for e in waiting)
+    return (f"In all: {rounds} CFO rounds left, about {_duration(rounds * pace)} at {running[0]['job']}'s recent pace "
+            f"({len(waiting)} CFO job{'s' if len(waiting) != 1 else ''} not started; confirmations, the final xTB scoring "
+            "and any non-CFO jobs come on top)")

@@ -141,16 +141,18 @@ def plot_methods_by_seed(
     seeds as a large marker of the same colour; the bound ``B`` as a vertical line (feasible: left of it).
 
     ``methods``: ``{"label", "c", "reward", "seeds": [{"c", "c_se", "reward", "reward_se"}]}`` (``None`` values skipped)."""
-    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    many = len(methods) > 8  # legend beside the axes, and a marker shape per ten colours, so every row stays apart
+    fig, ax = plt.subplots(figsize=(11.5 if many else 6.8, 6.0 if many else 4.6))
+    shapes = ["D", "s", "^", "v", "P", "X", "*", "o"]
     for i, m in enumerate(methods):
-        color = f"C{i % 10}"
+        color, shape = f"C{i % 10}", shapes[(i // 10) % len(shapes)]
         seeds = [s for s in m["seeds"] if s["c"] is not None and s["reward"] is not None]
         if seeds:
             ax.errorbar([s["c"] for s in seeds], [s["reward"] for s in seeds],
                         xerr=[s.get("c_se") or 0.0 for s in seeds], yerr=[s.get("reward_se") or 0.0 for s in seeds],
                         fmt="o", ms=4, color=color, alpha=0.55, lw=0.8)
         if m["c"] is not None and m["reward"] is not None:
-            ax.plot(m["c"], m["reward"], marker="D", ms=11, color=color, mec="black", ls="none", zorder=4,
+            ax.plot(m["c"], m["reward"], marker=shape, ms=11, color=color, mec="black", ls="none", zorder=4,
                     label=f"{m['label']} ({len(seeds)} seed{'s' if len(seeds) != 1 else ''})")
     ax.axvline(bound, color="red", ls="--", lw=1, label=f"B = {bound:g}")
     if log_x:
@@ -159,5 +161,8 @@ def plot_methods_by_seed(
     ax.set_ylabel(f"{reward_name} (higher is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=8)
     return _save(fig, path)

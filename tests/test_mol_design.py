@@ -739,6 +739,7 @@ def test_every_shipped_molecular_run_config_loads_and_names_a_model_that_exists(
         model = root / cfg.model if cfg.model else assets.MODEL_PATH
         assert model.is_file(), f"{path.name}: model {model} missing"
     assert assets.MODEL_PATH.is_file() and assets.FIRST_MODEL_PATH.is_file()
+    from cfo.jobs import slug
     from cfo.tasks.molecules.compare import load_comparison_config
     from cfo.tasks.molecules.toolkit import sdf_path
 
@@ -747,7 +748,7 @@ def test_every_shipped_molecular_run_config_loads_and_names_a_model_that_exists(
     for path in comparisons:  # `cfo mol compare` configs: every source's samples are shipped
         for method in load_comparison_config(path).methods:
             for source in method.sources:
-                assert sdf_path(root / source.run / source.method) is not None, f"{path.name}: {source.run}/{source.method} missing"
+                assert sdf_path(root / source.run / slug(source.method)) is not None, f"{path.name}: {source.run}/{source.method} missing"
 
 
 def test_composition_reference_subtracts_the_fitted_element_energies_and_keeps_the_energy_gradient(data):

@@ -87,6 +87,16 @@ def plot_history_overlay(histories: dict[str, list[dict]], bounds: list[float], 
     return _save(fig, path, title)
 
 
+def _label_constraint_axes(ax, bound: float, title: str, reward_name: str, constraint_name: str) -> None:
+    """Reward against constraint axes: the bound ``B`` as a red dashed vertical line (feasible: left of it), the axis
+    labels saying which way is better, the title and a light grid."""
+    ax.axvline(bound, color="red", ls="--", lw=1, label=f"B = {bound:g}")
+    ax.set_xlabel(f"{constraint_name} (lower is feasible)")
+    ax.set_ylabel(f"{reward_name} (higher is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
 def plot_pareto(
     points: list[dict],
     references: list[dict],
@@ -119,11 +129,7 @@ def plot_pareto(
             ref["constraint_mean"], ref["reward_mean"], xerr=ref["constraint_std"], yerr=ref["reward_std"],
             fmt=markers[i % len(markers)], ms=14, color=f"C{(i + 3) % 10}", mec="black", zorder=4, label=ref["method"],
         )
-    ax.axvline(bound, color="red", ls="--", lw=1, label=f"B = {bound:g}")
-    ax.set_xlabel(f"{constraint_name} (lower is feasible)")
-    ax.set_ylabel(f"{reward_name} (higher is better)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    _label_constraint_axes(ax, bound, title, reward_name, constraint_name)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -154,13 +160,9 @@ def plot_methods_by_seed(
         if m["c"] is not None and m["reward"] is not None:
             ax.plot(m["c"], m["reward"], marker=shape, ms=11, color=color, mec="black", ls="none", zorder=4,
                     label=f"{m['label']} ({len(seeds)} seed{'s' if len(seeds) != 1 else ''})")
-    ax.axvline(bound, color="red", ls="--", lw=1, label=f"B = {bound:g}")
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel(f"{constraint_name} (lower is feasible)")
-    ax.set_ylabel(f"{reward_name} (higher is better)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    _label_constraint_axes(ax, bound, title, reward_name, constraint_name)
     if many:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     else:

@@ -93,3 +93,29 @@ def test_cli_writes_a_comparison_folder_that_cfo_report_renders(tmp_path):
     bad.write_text("bound: 1.2\nmethods: []\n")
     res = CliRunner().invoke(app, ["mol", "compare", "--config", str(bad), "--out", str(out)])
     assert res.exit_code != 0 and "methods" in res.output
+
+
+def test_the_comparison_plot_of_many_rows_keeps_every_row_apart(tmp_path, monkeypatch):
+    """Twelve rows: a colour and marker pair per row (ten colours, then a second marker), the legend beside the axes."""
+    import matplotlib.pyplot as plt
+
+    from cfo.plots import plot_methods_by_seed
+
+    rows = [{"label": f"row {i}", "c": 1.0 + 0.1 * i, "reward": 8.0 + 0.2 * i,
+             "seeds": [{"c": 1.0 + 0.1 * i, "c_se": 0.05, "reward": 8.0 + 0.2 * i, "reward_se": 0.3}]} for i in range(12)]
+    captured = {}
+    real_save = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        captured["fig"] = fig
+        return real_save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep)  # the figure is closed once saved: keep it to look at
+    path = plot_methods_by_seed(rows, 1.2, tmp_path / "many.png")
+    assert path.stat().st_size > 10_000
+    ax = captured["fig"].axes[0]
+    means = [line for line in ax.get_lines() if line.get_label().startswith("row ")]
+    pairs = {(line.get_color(), line.get_marker()) for line in means}
+    assert len(means) == 12 and len(pairs) == 12
+    legend = ax.get_legend()
+    assert legend is not None and legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1  # beside the axes

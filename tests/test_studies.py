@@ -206,7 +206,8 @@ def test_every_run_folder_and_image_of_the_results_page_is_in_the_repository():
         pytest.skip("not a git checkout")
     files = set(tracked.stdout.split())
     for folder in command.group(1).split():
-        assert f"{folder}/results.json" in files, f"{folder} is not committed"
+        # a run folder holds results.json, a `cfo mol compare` folder comparison.json
+        assert {f"{folder}/results.json", f"{folder}/comparison.json"} & files, f"{folder} is not committed"
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert f"docs/{link}" in files, f"image {link} of results.md is not committed"
 

@@ -939,3 +939,13 @@ def test_run_status_closes_with_the_rounds_left_in_all_at_the_running_jobs_pace(
     assert text.splitlines()[-1].startswith("In all: 24 CFO rounds left, about 3.3 h at CFO_AM_seed2's recent pace (1 CFO job not started")
     assert "50 min of rounds left" in text
     assert "In all" not in format_run_status(waiting)
+
+
+def test_classify_miss_is_the_one_sided_95_percent_test_of_a_mean_against_the_bound():
+    from cfo.tasks.molecules.report import classify_miss
+
+    assert classify_miss(1.2, 0.05, 1.2) is None  # E[c] = B meets B
+    assert classify_miss(1.28, 0.05, 1.2) == "noise"  # 1.6 se over B
+    assert classify_miss(1.29, 0.05, 1.2) == "violation"  # 1.8 se over B
+    assert classify_miss(1.21, None, 1.2) == "violation"  # no standard error: no miss is excused
+    assert classify_miss(-60.0, 1.0, -57.12) is None  # a total-energy bound: below B meets it

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cfo.jobs import slug
 from cfo.results import json_text
-from cfo.tasks.molecules.report import ONE_SIDED_95, paper_table_lines, percent, plus_minus
+from cfo.tasks.molecules.report import classify_miss, paper_table_lines, percent, plus_minus
 
 __all__ = ["ComparisonSource", "ComparisonMethod", "MolComparisonConfig", "build_comparison", "write_comparison",
            "is_comparison_folder", "render_comparison_report"]
@@ -119,9 +119,7 @@ def seed_record(mols: list, bound: float, energy_reference: str, element_energie
     d_mean, d_se = _mean_se([float(mols[k].GetProp("xtb_dipole_D")) for k in scored])
     worst = mean_counting_refused_as_worst(values, scored)
     met = c_mean is not None and c_mean <= bound
-    miss = None
-    if c_mean is not None and not met:
-        miss = "violation" if c_se is None or c_mean - bound > ONE_SIDED_95 * c_se else "noise"
+    miss = classify_miss(c_mean, c_se, bound) if c_mean is not None else None
     return {"n": len(mols), "scored": len(scored), "dipole": d_mean, "dipole_se": d_se, "c": c_mean, "c_se": c_se,
             "c_refused_as_worst": worst, "met": met, "met_refused_as_worst": worst is not None and worst <= bound,
             "miss": miss, "feasible_fraction": float(np.mean([values[k] <= bound for k in scored])) if scored else None}

@@ -14,7 +14,7 @@ from cfo.loop import HISTORY_NAME
 from cfo.results import recorded_round_meets_bounds
 from cfo.solvers.base import SOLVER_STATE_NAME
 from cfo.tasks.molecules.design import MolRunConfig, expand_mol_jobs, load_mol_run_config
-from cfo.tasks.molecules.report import _constrained_xtb, _energy_constraint_name
+from cfo.tasks.molecules.report import constrained_xtb, energy_constraint_name
 
 __all__ = ["run_status", "format_run_status"]
 
@@ -59,10 +59,10 @@ def _finished_status(job: Job, record: dict) -> dict:
     """A finished job: its final samples' xTB dipole and constrained energy (mean and standard error, read as the
     report reads them), the bound ``B``, whether the scored samples met it, and the round a CFO job returned."""
     row, metrics = record["row"], record["row"].get("metrics", {})
-    energy = _constrained_xtb(metrics) if "xtb_energy" in metrics else None
+    energy = constrained_xtb(metrics) if "xtb_energy" in metrics else None
     returned = [h["k"] for h in record.get("history") or [] if h.get("returned")]
     return {"job": job.name, "state": "finished", "bound": row["bound"], "dipole": metrics.get("xtb_dipole"), "energy": energy,
-            "energy_name": _energy_constraint_name([row]),
+            "energy_name": energy_constraint_name([row]),
             "satisfied": metrics.get("xtb_satisfied"), "returned_round": returned[0] if returned else None}
 
 

@@ -53,6 +53,17 @@ def test_per_seed_values_reproduce_what_the_runs_recorded_and_the_rows_aggregate
     pre, nft = by["PRE"]["dipole"], by["NFT"]["dipole"]
     assert cfo["gain_kept"] == pytest.approx((cfo["dipole"] - pre) / (nft - pre))
     assert by["NFT"]["gain_kept"] is None and by["PRE"]["n_seeds"] == 1 and by["PRE"]["dipole_se"] is None
+    # NFT ran seed 0 only, CFO_NFT seeds 1, 0, 2: the share is also given on the seed both ran
+    seed0 = next(s["dipole"] for s in cfo["seeds"] if s["seed"] == 0)
+    assert cfo["gain_seeds_differ"] and cfo["shared_seeds"] == [0]
+    assert cfo["gain_kept_shared"] == pytest.approx((seed0 - pre) / (nft - pre))
+    same = build_comparison(_config(methods=[
+        {"label": "PRE", "sources": [{"run": TOTAL, "method": "PRE", "seeds": [0]}]},
+        {"label": "NFT", "sources": [{"run": TOTAL, "method": "NFT", "seeds": [0]}]},
+        {"label": "CFO_NFT", "unconstrained": "NFT", "sources": [{"run": STRAIN, "method": "CFO_NFT", "seeds": [0]}]}]))
+    paired = same["methods"][2]
+    assert not paired["gain_seeds_differ"] and paired["gain_kept_shared"] is None
+    assert paired["gain_kept"] == pytest.approx(cfo["gain_kept_shared"])
 
 
 def test_the_total_energy_bound_reads_the_stored_total_energy():
@@ -85,7 +96,8 @@ def test_cli_writes_a_comparison_folder_that_cfo_report_renders(tmp_path):
     res = CliRunner().invoke(app, ["report", str(out)])
     assert res.exit_code == 0, res.output
     text = (out / "report.md").read_text()
-    assert "| CFO_NFT | 3 |" in text and "2 of 3 (1 within noise)" in text and "of NFT's" in text
+    assert "| CFO_NFT | 3 |" in text and "2 of 3 (1 within noise)" in text and "of NFT's (seeds differ; " in text
+    assert "% on shared seeds 0)" in text
     assert "| CFO_NFT | 1 | `mol_nft_xtb_recipe_strain_k18_confirm` CFO_NFT |" in text and "The paper" in text
     assert "| 60 |" in text and "| 180 |" in text  # the methods' inner steps M, which differ here
     assert (out / "comparison.png").stat().st_size > 10_000 and "](./comparison.png)" in text

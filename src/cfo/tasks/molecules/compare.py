@@ -164,10 +164,27 @@ def _across_seeds(values: list[float | None]) -> tuple[float | None, float | Non
     return _mean_se([v for v in values if v is not None])
 
 
+def kept_gain_share(dipole: float, free_dipole: float, reference_dipole: float) -> float | None:
+    """The share of the unconstrained method's dipole gain a constrained one keeps,
+    ``(dipole - reference) / (free - reference)``; ``None`` when the unconstrained method gained nothing."""
+    free_gain = free_dipole - reference_dipole
+    return (dipole - reference_dipole) / free_gain if free_gain > 0 else None
+
+
+def _seed_dipoles(method: dict) -> dict[int, float] | None:
+    """A method's per-seed xTB dipole means by seed; ``None`` when a seed number repeats (rows gathered from several
+    runs), since seeds cannot then be paired."""
+    seeds = [(s["seed"], s["dipole"]) for s in method["seeds"] if s["dipole"] is not None]
+    by_seed = dict(seeds)
+    return by_seed if len(by_seed) == len(seeds) else None
+
+
 def build_comparison(cfg: MolComparisonConfig) -> dict:
     """The comparison records: per method its per-seed records (:func:`seed_record` plus the source run's chemistry
     metrics) and their aggregate; then each constrained method's kept share of its unconstrained row's dipole gain,
-    ``(mean dipole - reference dipole) / (unconstrained mean dipole - reference dipole)``."""
+    ``(mean dipole - reference dipole) / (unconstrained mean dipole - reference dipole)`` (:func:`kept_gain_share`).
+    Where the two rows' seeds differ, the share is also given over the seeds they share (``gain_kept_shared``,
+    ``shared_seeds``), since a mean over other seeds can differ by more than the gain itself."""
     from cfo.tasks.molecules.energy import dataset_element_energies
 
     eps = dict(dataset_element_energies())
@@ -192,12 +209,19 @@ def build_comparison(cfg: MolComparisonConfig) -> dict:
     by_label = {m["label"]: m for m in methods}
     reference = by_label.get(cfg.reference)
     for m in methods:
-        m["gain_kept"] = None
+        m["gain_kept"], m["gain_seeds_differ"], m["shared_seeds"], m["gain_kept_shared"] = None, False, [], None
         free = by_label.get(m["unconstrained"]) if m["unconstrained"] else None
         if reference is None or free is None or None in (m["dipole"], free["dipole"], reference["dipole"]):
             continue
-        free_gain = free["dipole"] - reference["dipole"]
-        m["gain_kept"] = (m["dipole"] - reference["dipole"]) / free_gain if free_gain > 0 else None
+        m["gain_kept"] = kept_gain_share(m["dipole"], free["dipole"], reference["dipole"])
+        mine, theirs = _seed_dipoles(m), _seed_dipoles(free)
+        m["gain_seeds_differ"] = mine is None or theirs is None or set(mine) != set(theirs)
+        if m["gain_seeds_differ"] and mine is not None and theirs is not None:
+            m["shared_seeds"] = sorted(set(mine) & set(theirs))
+            if m["shared_seeds"]:
+                m["gain_kept_shared"] = kept_gain_share(float(np.mean([mine[s] for s in m["shared_seeds"]])),
+                                                        float(np.mean([theirs[s] for s in m["shared_seeds"]])),
+                                                        reference["dipole"])
     return {"bound": cfg.bound, "energy_reference": cfg.energy_reference, "reference": cfg.reference, "methods": methods}
 
 
@@ -258,6 +282,21 @@ def _met_cell(m: dict) -> str:
     return f"{met} of {n} ({', '.join(parts)})"
 
 
+def _kept_cell(m: dict) -> str:
+    """The gain-kept cell: the share of the unconstrained row's gain, and where the rows' seeds differ, that share
+    over their shared seeds (records written before seeds were compared carry no such fields)."""
+    if m["gain_kept"] is None:
+        return "–"
+    cell = f"{100 * m['gain_kept']:.0f}% of {m['unconstrained']}'s"
+    if m.get("gain_seeds_differ"):
+        shared = m.get("shared_seeds") or []
+        if m.get("gain_kept_shared") is not None:
+            cell += f" (seeds differ; {100 * m['gain_kept_shared']:.0f}% on shared seeds {', '.join(map(str, shared))})"
+        else:
+            cell += " (seeds differ, none shared)"
+    return cell
+
+
 def _inner_steps(m: dict) -> str:
     """The solver iterations ``M`` of a method's seeds ('60', or '60 / 180' where its sources differ; '–' unknown)."""
     steps = sorted({s["inner_steps"] for s in m["seeds"] if s.get("inner_steps") is not None})
@@ -286,7 +325,7 @@ def render_comparison_report(folder: str | Path, level: int = 2, image_dir: Path
     lines += ["", f"| method | seeds | dipole (D), xTB | {name} (Ha), xTB, B = {b:g} | B met (seed mean) | seeds meeting B | "
               "gain kept | validity | connected | QED | Lipinski | H fraction | inner steps |", "|" + "---|" * 13]
     for m in rec["methods"]:
-        kept = "–" if m["gain_kept"] is None else f"{100 * m['gain_kept']:.0f}% of {m['unconstrained']}'s"
+        kept = _kept_cell(m)
         qed, h = (plus_minus(m[k], None) for k in ("chem_qed", "chem_h_fraction"))
         lines.append(f"| {m['label']} | {m['n_seeds']} | {plus_minus(m['dipole'], m['dipole_se'])} | {plus_minus(m['c'], m['c_se'])} | "
                      f"{'yes' if m['seed_mean_met'] else 'no'} | {_met_cell(m)} | {kept} | {percent(m['chem_validity'])} | "

@@ -38,16 +38,27 @@ def _above(values: np.ndarray) -> str:
     return f"{int((values > 0).sum())} of {len(values)}"
 
 
+def _job_key(row: dict) -> tuple:
+    """What identifies one job's returned round and final samples across run folders (a job's record copied into
+    another folder repeats every value)."""
+    return tuple(row.get(k) for k in ("method", "seed", "round", "estimate", "scored", "refused_as_worst", "confirmed"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished `cfo mol run` folders")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
-    rows = []
+    rows, seen = [], {}
     for run in args.runs:
         if not (run / "history.json").exists():
             continue
         for r in returned_round_offsets(run):
+            key = _job_key(r)
+            if key in seen:  # a finished job copied into a later run folder: the same samples, counted once
+                print(f"{run.name[:52]:52s} {r['method']:8s} s{r['seed']} round {r['round']:2d} is {seen[key]}'s job (copied), counted there")
+                continue
+            seen[key] = run.name
             rows.append({"run": run.name, **r})
             d_scored = r["scored"] - r["estimate"] if r["scored"] is not None else float("nan")
             d_worst = r["refused_as_worst"] - r["estimate"] if r["refused_as_worst"] is not None else float("nan")

@@ -62,6 +62,13 @@ def test_per_seed_values_reproduce_what_the_runs_recorded_and_the_rows_aggregate
         {"label": "NFT", "sources": [{"run": TOTAL, "method": "NFT", "seeds": [0]}]},
         {"label": "CFO_NFT", "unconstrained": "NFT", "sources": [{"run": STRAIN, "method": "CFO_NFT", "seeds": [0]}]}]))
     paired = same["methods"][2]
+    repeated = build_comparison(_config(methods=[
+        {"label": "PRE", "sources": [{"run": TOTAL, "method": "PRE", "seeds": [0]}]},
+        {"label": "NFT", "sources": [{"run": TOTAL, "method": "NFT", "seeds": [0]}]},
+        {"label": "CFO_NFT", "unconstrained": "NFT", "sources": [{"run": STRAIN, "method": "CFO_NFT", "seeds": [0]},
+                                                                 {"run": STRAIN, "method": "CFO_NFT", "seeds": [0, 1]}]}]))
+    twice = repeated["methods"][2]  # seed 0 from two sources: not paired
+    assert twice["gain_seeds_differ"] and twice["shared_seeds"] is None and twice["gain_kept_shared"] is None
     assert not paired["gain_seeds_differ"] and paired["gain_kept_shared"] is None
     assert paired["gain_kept"] == pytest.approx(cfo["gain_kept_shared"])
 

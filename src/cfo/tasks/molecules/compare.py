@@ -184,7 +184,8 @@ def build_comparison(cfg: MolComparisonConfig) -> dict:
     metrics) and their aggregate; then each constrained method's kept share of its unconstrained row's dipole gain,
     ``(mean dipole - reference dipole) / (unconstrained mean dipole - reference dipole)`` (:func:`kept_gain_share`).
     Where the two rows' seeds differ, the share is also given over the seeds they share (``gain_kept_shared``,
-    ``shared_seeds``), since a mean over other seeds can differ by more than the gain itself."""
+    ``shared_seeds``; ``shared_seeds`` is ``None`` where a seed number repeats within a row, so seeds cannot be
+    paired), since a mean over other seeds can differ by more than the gain itself."""
     from cfo.tasks.molecules.energy import dataset_element_energies
 
     eps = dict(dataset_element_energies())
@@ -216,7 +217,9 @@ def build_comparison(cfg: MolComparisonConfig) -> dict:
         m["gain_kept"] = kept_gain_share(m["dipole"], free["dipole"], reference["dipole"])
         mine, theirs = _seed_dipoles(m), _seed_dipoles(free)
         m["gain_seeds_differ"] = mine is None or theirs is None or set(mine) != set(theirs)
-        if m["gain_seeds_differ"] and mine is not None and theirs is not None:
+        if mine is None or theirs is None:
+            m["shared_seeds"] = None  # a seed number repeats within a row: no pairing
+        elif m["gain_seeds_differ"]:
             m["shared_seeds"] = sorted(set(mine) & set(theirs))
             if m["shared_seeds"]:
                 m["gain_kept_shared"] = kept_gain_share(float(np.mean([mine[s] for s in m["shared_seeds"]])),
@@ -289,9 +292,11 @@ def _kept_cell(m: dict) -> str:
         return "–"
     cell = f"{100 * m['gain_kept']:.0f}% of {m['unconstrained']}'s"
     if m.get("gain_seeds_differ"):
-        shared = m.get("shared_seeds") or []
+        shared = m.get("shared_seeds")
         if m.get("gain_kept_shared") is not None:
             cell += f" (seeds differ; {100 * m['gain_kept_shared']:.0f}% on shared seeds {', '.join(map(str, shared))})"
+        elif shared is None:
+            cell += " (a seed number repeats within a row: seeds not paired)"
         else:
             cell += " (seeds differ, none shared)"
     return cell

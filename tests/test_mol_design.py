@@ -498,6 +498,24 @@ def test_bound_readings_tell_a_miss_within_noise_from_a_violation_and_read_seed_
     assert len(bound_reading_lines([rec("NFT", 0, 2.13, 0.1)], [])) == 1
 
 
+def test_first_bound_note_counts_the_seeds_of_an_aggregated_row():
+    """The report's first note names how many seeds met B, so a strict 'fails' for a row over seeds is not read
+    as every seed failing."""
+    from cfo.tasks.molecules.report import _notes
+
+    def row(method, ok, seeds=None):
+        m = {"xtb_satisfied": ok, "xtb_dipole": {"mean": None}}
+        if seeds:
+            m["xtb_satisfied_seeds"] = seeds
+        return {"method": method, "constraint": "strain", "metrics": m}
+
+    first = _notes([row("PRE", False), row("CFO_AM", False, [2, 3]), row("CFO_NFT", True, [3, 3])])[0]
+    assert "holds for CFO_NFT (3 of 3 seeds met it) and fails for PRE, CFO_AM (2 of 3 seeds met it)" in first
+    assert "every seed's final samples met B" in first
+    single = _notes([row("PRE", False), row("NFT", True)])[0]
+    assert single.endswith("holds for NFT and fails for PRE.")
+
+
 def test_report_replot_redraws_a_folders_round_plots_from_its_history(tmp_path):
     """``cfo report --replot`` redraws ``cfo_rounds_*.png`` of a shipped run folder (with confirmations in its history)
     from history.json, bounds.json and config.yaml alone; a folder without its history gets a clear error."""

@@ -460,15 +460,29 @@ def bound_reading_lines(rows: list[dict], per_seed: list[dict]) -> list[str]:
     return lines
 
 
+def _seed_count(row: dict) -> tuple[int, int] | None:
+    """(seeds that met B, seeds) of a row aggregated over several seeds, else None."""
+    met, n = row["metrics"].get("xtb_satisfied_seeds", (None, 1))
+    return (met, n) if n > 1 and met is not None else None
+
+
+def _with_seed_count(method: str, row: dict) -> str:
+    """``method``, with '(2 of 3 seeds met it)' when its row aggregates several seeds."""
+    count = _seed_count(row)
+    return method if count is None else f"{method} ({count[0]} of {count[1]} seeds met it)"
+
+
 def _notes(rows: list[dict]) -> list[str]:
     by = {r["method"]: r for r in rows}
     notes = []
     sat = [m for m, r in by.items() if r["metrics"]["xtb_satisfied"]]
     unsat = [m for m, r in by.items() if not r["metrics"]["xtb_satisfied"]]
-    holds = f"holds for {', '.join(sat)}" if sat else ""
-    fails = f"fails for {', '.join(unsat)}" if unsat else ""
+    holds = f"holds for {', '.join(_with_seed_count(m, by[m]) for m in sat)}" if sat else ""
+    fails = f"fails for {', '.join(_with_seed_count(m, by[m]) for m in unsat)}" if unsat else ""
     name = energy_constraint_name(rows)
-    notes.append(f"- By GFN2-xTB on the generated geometries, the {name} bound {' and '.join(p for p in (holds, fails) if p)}.")
+    notes.append(f"- By GFN2-xTB on the generated geometries, the {name} bound {' and '.join(p for p in (holds, fails) if p)}"
+                 + (" (a row over several seeds holds only when every seed's final samples met B)"
+                    if any(_seed_count(by[m]) for m in by) else "") + ".")
     strict_fails = [m for m in sat if by[m]["metrics"].get("xtb_satisfied_refused_as_worst") is False]
     if strict_fails:
         notes.append(f"- Counting each sample that xTB refused at the worst scored value (the rule of the round estimates), "

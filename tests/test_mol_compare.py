@@ -57,6 +57,7 @@ def test_per_seed_values_reproduce_what_the_runs_recorded_and_the_rows_aggregate
     seed0 = next(s["dipole"] for s in cfo["seeds"] if s["seed"] == 0)
     assert cfo["gain_seeds_differ"] and cfo["shared_seeds"] == [0]
     assert cfo["gain_kept_shared"] == pytest.approx((seed0 - pre) / (nft - pre))
+    assert list(cfo["gain_kept_by_seed"]) == [0] and cfo["gain_kept_by_seed"][0] == pytest.approx(cfo["gain_kept_shared"])
     same = build_comparison(_config(methods=[
         {"label": "PRE", "sources": [{"run": TOTAL, "method": "PRE", "seeds": [0]}]},
         {"label": "NFT", "sources": [{"run": TOTAL, "method": "NFT", "seeds": [0]}]},
@@ -69,6 +70,7 @@ def test_per_seed_values_reproduce_what_the_runs_recorded_and_the_rows_aggregate
                                                                  {"run": STRAIN, "method": "CFO_NFT", "seeds": [0, 1]}]}]))
     twice = repeated["methods"][2]  # seed 0 from two sources: not paired
     assert twice["gain_seeds_differ"] and twice["shared_seeds"] is None and twice["gain_kept_shared"] is None
+    assert twice["gain_kept_by_seed"] == {}
     assert not paired["gain_seeds_differ"] and paired["gain_kept_shared"] is None
     assert paired["gain_kept"] == pytest.approx(cfo["gain_kept_shared"])
 
@@ -105,6 +107,8 @@ def test_cli_writes_a_comparison_folder_that_cfo_report_renders(tmp_path):
     text = (out / "report.md").read_text()
     assert "| CFO_NFT | 3 |" in text and "2 of 3 (1 within noise)" in text and "of NFT's (seeds differ; " in text
     assert "% on shared seeds 0)" in text
+    seed0 = build_comparison(_config())["methods"][2]["gain_kept_by_seed"][0]
+    assert f"CFO_NFT against NFT: seed 0 {100 * seed0:.0f}%." in text  # the per-seed share under the table
     assert "| CFO_NFT | 1 | `mol_nft_xtb_recipe_strain_k18_confirm` CFO_NFT |" in text and "The paper" in text
     assert "| 60 |" in text and "| 180 |" in text  # the methods' inner steps M, which differ here
     assert (out / "comparison.png").stat().st_size > 10_000 and "](./comparison.png)" in text
@@ -138,3 +142,11 @@ def test_the_comparison_plot_of_many_rows_keeps_every_row_apart(tmp_path, monkey
     assert len(means) == 12 and len(pairs) == 12
     legend = ax.get_legend()
     assert legend is not None and legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1  # beside the axes
+
+
+def test_gain_kept_by_seed_pairs_only_the_seeds_both_rows_ran():
+    from cfo.tasks.molecules.compare import gain_kept_by_seed
+
+    shares = gain_kept_by_seed({0: 9.0, 1: 8.0, 3: 9.5}, {0: 10.0, 1: 7.5, 2: 11.0}, 8.0)
+    assert shares == {0: pytest.approx(0.5), 1: None}  # seed 1 of the unconstrained row gained nothing; 2, 3 unpaired
+    assert gain_kept_by_seed(None, {0: 10.0}, 8.0) == {}

@@ -179,6 +179,16 @@ def _seed_dipoles(method: dict) -> dict[int, float] | None:
     return by_seed if len(by_seed) == len(seeds) else None
 
 
+def gain_kept_by_seed(mine: dict[int, float] | None, theirs: dict[int, float] | None,
+                      reference_dipole: float) -> dict[int, float | None]:
+    """Per seed both rows ran, the share of the unconstrained row's gain that seed of the constrained row keeps,
+    ``(dipole_s - reference) / (free dipole_s - reference)`` (:func:`kept_gain_share`; the reference is the PRE row's
+    mean over its seeds). It shows the spread behind the share of the means; empty when seeds cannot be paired."""
+    if mine is None or theirs is None:
+        return {}
+    return {seed: kept_gain_share(mine[seed], theirs[seed], reference_dipole) for seed in sorted(set(mine) & set(theirs))}
+
+
 def build_comparison(cfg: MolComparisonConfig) -> dict:
     """The comparison records: per method its per-seed records (:func:`seed_record` plus the source run's chemistry
     metrics) and their aggregate; then each constrained method's kept share of its unconstrained row's dipole gain,
@@ -211,11 +221,13 @@ def build_comparison(cfg: MolComparisonConfig) -> dict:
     reference = by_label.get(cfg.reference)
     for m in methods:
         m["gain_kept"], m["gain_seeds_differ"], m["shared_seeds"], m["gain_kept_shared"] = None, False, [], None
+        m["gain_kept_by_seed"] = {}
         free = by_label.get(m["unconstrained"]) if m["unconstrained"] else None
         if reference is None or free is None or None in (m["dipole"], free["dipole"], reference["dipole"]):
             continue
         m["gain_kept"] = kept_gain_share(m["dipole"], free["dipole"], reference["dipole"])
         mine, theirs = _seed_dipoles(m), _seed_dipoles(free)
+        m["gain_kept_by_seed"] = gain_kept_by_seed(mine, theirs, reference["dipole"])
         m["gain_seeds_differ"] = mine is None or theirs is None or set(mine) != set(theirs)
         if mine is None or theirs is None:
             m["shared_seeds"] = None  # a seed number repeats within a row: no pairing
@@ -302,6 +314,21 @@ def _kept_cell(m: dict) -> str:
     return cell
 
 
+def _gain_by_seed_lines(methods: list[dict]) -> list[str]:
+    """A note under the table: each constrained row's gain kept on each seed it shares with its unconstrained row
+    ('–' where that seed of the unconstrained row gained nothing); nothing for records without per-seed shares."""
+    parts = []
+    for m in methods:
+        by_seed = m.get("gain_kept_by_seed") or {}
+        if by_seed:
+            cells = ", ".join(f"seed {s} {'–' if v is None else f'{100 * v:.0f}%'}" for s, v in by_seed.items())
+            parts.append(f"{m['label']} against {m['unconstrained']}: {cells}")
+    if not parts:
+        return []
+    return ["", "Gain kept seed by seed (each seed's dipole gain over the reference's mean, against the unconstrained "
+            f"row's same seed): {'; '.join(parts)}."]
+
+
 def _inner_steps(m: dict) -> str:
     """The solver iterations ``M`` of a method's seeds ('60', or '60 / 180' where its sources differ; '–' unknown)."""
     steps = sorted({s["inner_steps"] for s in m["seeds"] if s.get("inner_steps") is not None})
@@ -335,6 +362,7 @@ def render_comparison_report(folder: str | Path, level: int = 2, image_dir: Path
         lines.append(f"| {m['label']} | {m['n_seeds']} | {plus_minus(m['dipole'], m['dipole_se'])} | {plus_minus(m['c'], m['c_se'])} | "
                      f"{'yes' if m['seed_mean_met'] else 'no'} | {_met_cell(m)} | {kept} | {percent(m['chem_validity'])} | "
                      f"{percent(m['chem_connected'])} | {qed} | {percent(m['chem_lipinski'])} | {h} | {_inner_steps(m)} |")
+    lines += _gain_by_seed_lines(rec["methods"])
     if (folder / "comparison.png").exists():
         if image_dir is not None:
             import shutil

@@ -480,9 +480,9 @@ def _notes(rows: list[dict]) -> list[str]:
     holds = f"holds for {', '.join(_with_seed_count(m, by[m]) for m in sat)}" if sat else ""
     fails = f"fails for {', '.join(_with_seed_count(m, by[m]) for m in unsat)}" if unsat else ""
     name = energy_constraint_name(rows)
-    notes.append(f"- By GFN2-xTB on the generated geometries, the {name} bound {' and '.join(p for p in (holds, fails) if p)}"
-                 + (" (a row over several seeds holds only when every seed's final samples met B)"
-                    if any(_seed_count(by[m]) for m in by) else "") + ".")
+    notes.append(f"- By GFN2-xTB on the generated geometries, the {name} bound {' and '.join(p for p in (holds, fails) if p)}."
+                 + (" A row over several seeds holds only where every seed's final samples met B."
+                    if any(_seed_count(by[m]) for m in by) else ""))
     strict_fails = [m for m in sat if by[m]["metrics"].get("xtb_satisfied_refused_as_worst") is False]
     if strict_fails:
         notes.append(f"- Counting each sample that xTB refused at the worst scored value (the rule of the round estimates), "

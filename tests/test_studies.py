@@ -227,13 +227,13 @@ def test_a_run_resumed_on_another_machine_keeps_the_earlier_machine_in_its_recor
     first = json.loads((out / "machine.json").read_text())
     assert first == here and "earlier" not in first and _earlier_machines(first) == ""
 
-    other = here | {"cpu_model": "Other CPU", "cpu_capability": "AVX512"}
+    other = here | {"cpu_model": "Other CPU", "cpu_capability": "SVE256"}  # a capability no x86 machine reports
     monkeypatch.setattr(jobs, "machine_info", lambda device="cpu": dict(other))
     jobs.prepare_run_folder(cfg, out, "cpu")
     jobs.prepare_run_folder(cfg, out, "cpu")
     resumed = json.loads((out / "machine.json").read_text())
     assert {k: v for k, v in resumed.items() if k != "earlier"} == other and resumed["earlier"] == [here]
-    assert here["cpu_capability"] in _earlier_machines(resumed) and "AVX512" not in _earlier_machines(resumed)
+    assert here["cpu_capability"] in _earlier_machines(resumed) and "SVE256" not in _earlier_machines(resumed)
 
     (out / "machine.json").write_text(json_text({"host": "Linux x86_64", "cpu_count": 2}))  # written before the CPU fields
     jobs.prepare_run_folder(cfg, out, "cpu")
